@@ -1,0 +1,1 @@
+"""Benchmarks of dreambooth-fast against eager PyTorch (results in benchmarks/results/)."""

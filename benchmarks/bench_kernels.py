@@ -1,0 +1,228 @@
+"""Kernel benchmark: the fused ops (dreambooth_fast.ops) against eager PyTorch (dreambooth_fast.reference: the
+diffusers expressions, autograd for the backward), measured alternating in one run.
+
+Sizes are those of a training step: a 64 px base stage (batch 2-16) and a 256 px SR stage (batch 2-8), 3 image
+channels, in fp32 and bf16. add_noise is timed forward only (no gradient flows into the data and the noise in
+training). dreambooth_loss is timed forward, backward and both, on the epsilon half of a 6-channel UNet output
+(a strided view, as in training; it is made a leaf so that the slice's own backward, which is the same for
+both and belongs to the training-step benchmark, is not timed here), half the rows prior rows.
+
+Achieved GB/s counts the floor of memory traffic of the whole op (add_noise: read x0 and eps, write x_t;
+dreambooth_loss forward+backward: read pred and target, write the gradient) over the median time, beside
+the copy bandwidth (`dst.copy_(src)` of a large tensor) measured in the same run.
+
+    python -m benchmarks.bench_kernels [--device cpu|cuda] [--quick] [--repeats N] [--threads N] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import (
+    RESULTS_DIR,
+    Stats,
+    Timed,
+    append_rows,
+    copy_bandwidth,
+    default_device,
+    environment,
+    format_table,
+    measure,
+)
+from dreambooth_fast import ops, reference
+
+CHANNELS = 3
+UNET_OUT_CHANNELS = 6  # epsilon + learned variance
+STAGES = {"base64": (64, (2, 4, 8, 16)), "sr256": (256, (2, 4, 8))}
+QUICK_STAGES = {"base64": (64, (2, 16)), "sr256": (256, (2, 8))}
+SMOKE_STAGES = {"smoke": (8, (2,))}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+NUM_TRAIN_TIMESTEPS = 1000
+COPY_BYTES = {"cpu": 256 << 20, "cuda": 1 << 30, "smoke": 1 << 20}
+
+
+@dataclass(frozen=True)
+class Case:
+    stage: str
+    size: int
+    batch: int
+    dtype: str
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (self.batch, CHANNELS, self.size, self.size)
+
+    @property
+    def floor_bytes(self) -> int:
+        """Read two tensors of the shape once, write one once (the floor of both ops)."""
+        numel = self.batch * CHANNELS * self.size * self.size
+        return 3 * numel * DTYPES[self.dtype].itemsize
+
+
+def cases(stages: dict[str, tuple[int, tuple[int, ...]]], dtypes: list[str]) -> list[Case]:
+    return [Case(stage, size, batch, dtype) for stage, (size, batches) in stages.items() for batch in batches
+            for dtype in dtypes]
+
+
+def add_noise_candidates(case: Case, device: str) -> dict[str, Timed]:
+    dtype = DTYPES[case.dtype]
+    x0 = torch.randn(case.shape, device=device).to(dtype)
+    eps = torch.randn(case.shape, device=device).to(dtype)
+    timesteps = torch.randint(0, NUM_TRAIN_TIMESTEPS, (case.batch,), device=device)
+    betas = torch.linspace(1e-4, 0.02, NUM_TRAIN_TIMESTEPS, dtype=torch.float64)
+    alphas_cumprod = torch.cumprod(1 - betas, 0).to(device=device, dtype=torch.float32)
+    return {
+        impl: Timed(lambda fn=module.add_noise: fn(x0, eps, timesteps, alphas_cumprod, "epsilon"))
+        for impl, module in (("fused", ops), ("eager", reference))
+    }
+
+
+def loss_candidates(case: Case, device: str, direction: str) -> dict[str, Timed]:
+    dtype = DTYPES[case.dtype]
+    unet_out = torch.randn((case.batch, UNET_OUT_CHANNELS, case.size, case.size), device=device).to(dtype)
+    pred = unet_out[:, :CHANNELS].detach().requires_grad_()  # strided rows, like the epsilon half in training
+    target = torch.randn(case.shape, device=device).to(dtype)
+    n_instance = case.batch // 2
+    state = {}
+
+    def forward(fn):
+        return fn(pred, target, None, n_instance, 1.0)
+
+    def clear_grad():
+        pred.grad = None
+
+    def candidate(fn) -> Timed:
+        if direction == "fwd":
+            return Timed(lambda: forward(fn))
+        if direction == "bwd":
+            def setup():
+                clear_grad()
+                state["loss"] = forward(fn)
+
+            return Timed(lambda: state["loss"].backward(), setup)
+        return Timed(lambda: forward(fn).backward(), clear_grad)
+
+    return {"fused": candidate(ops.dreambooth_loss), "eager": candidate(reference.dreambooth_loss)}
+
+
+def bench_case(case: Case, device: str, *, rounds: int, warmup: int, min_round_s: float) -> list[dict]:
+    """One row per (op, direction, implementation) of the case, without the run-wide columns."""
+    torch.manual_seed(0)
+    jobs = [("add_noise", "fwd", add_noise_candidates(case, device))]
+    jobs += [("dreambooth_loss", d, loss_candidates(case, device, d)) for d in ("fwd", "bwd", "fwd+bwd")]
+    rows = []
+    for op, direction, candidates in jobs:
+        stats = measure(candidates, device, rounds=rounds, warmup=warmup, min_round_s=min_round_s)
+        whole_op = (op, direction) in (("add_noise", "fwd"), ("dreambooth_loss", "fwd+bwd"))
+        for impl, s in stats.items():
+            rows.append(result_row(case, op, direction, impl, s, stats["eager"], whole_op))
+    return rows
+
+
+def result_row(case: Case, op: str, direction: str, impl: str, s: Stats, eager: Stats, whole_op: bool) -> dict:
+    return {
+        "suite": "kernels",
+        "stage": case.stage,
+        "op": op,
+        "direction": direction,
+        "impl": impl,
+        "dtype": case.dtype,
+        "shape": "x".join(map(str, case.shape)),
+        "median_us": round(s.median * 1e6, 2),
+        "min_us": round(s.minimum * 1e6, 2),
+        "max_us": round(s.maximum * 1e6, 2),
+        "q1_us": round(s.q1 * 1e6, 2),
+        "q3_us": round(s.q3 * 1e6, 2),
+        "samples": s.samples,
+        "rounds": s.rounds,
+        "speedup_vs_eager": round(eager.median / s.median, 3),
+        # GB/s of the op's floor traffic; only where the timed work is the whole op.
+        "floor_bytes": case.floor_bytes if whole_op else "",
+        "gbps": round(case.floor_bytes / s.median / 1e9, 2) if whole_op else "",
+    }
+
+
+def run(
+    device: str, *, quick: bool = False, smoke: bool = False, repeats: int | None = None, out: Path | None = None
+) -> list[dict]:
+    """Runs the kernel benchmark, appends its rows to `out` (default benchmarks/results/kernels.csv), prints a
+    table, and returns the rows. `repeats` is the number of alternating rounds, each about 20 ms of calls of
+    each implementation (one call each in smoke mode)."""
+    stages = SMOKE_STAGES if smoke else QUICK_STAGES if quick else STAGES
+    rounds = repeats or (1 if smoke else 5 if quick else 15)
+    warmup = 1 if smoke else 3
+    min_round_s = 0.0 if smoke else 0.02
+    out = Path(out) if out is not None else RESULTS_DIR / "kernels.csv"
+    device_type = torch.device(device).type
+    native = ops.native_status().get(device_type, False)
+    if not native:
+        print(f"warning: no native ops built for {device_type}: 'fused' runs the reference", file=sys.stderr)
+
+    copy_gbps = copy_bandwidth(device, COPY_BYTES["smoke" if smoke else device_type]) / 1e9
+    env = environment(device)
+    rows = []
+    for case in cases(stages, list(DTYPES)):
+        for row in bench_case(case, device, rounds=rounds, warmup=warmup, min_round_s=min_round_s):
+            pct = round(100 * row["gbps"] / copy_gbps, 1) if row["gbps"] != "" else ""
+            rows.append({**env, **row, "native": native, "copy_gbps": round(copy_gbps, 2), "pct_copy": pct})
+    append_rows(out, rows)
+    print(f"{env['device_name']} ({device}, {env['threads']} threads), torch {env['torch']}, commit {env['commit']}")
+    print(f"copy bandwidth: {copy_gbps:.1f} GB/s; native ops for {device_type}: {native}")
+    print(table(rows))
+    print(f"appended {len(rows)} rows to {out}")
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    """One line per (case, op, direction): fused and eager median (min-max) in us, speedup, fused GB/s."""
+    eager = {_key(r): r for r in rows if r["impl"] == "eager"}
+    lines = []
+    for r in rows:
+        if r["impl"] != "fused":
+            continue
+        e = eager[_key(r)]
+        lines.append([
+            r["stage"], r["shape"], r["dtype"], r["op"], r["direction"],
+            f"{r['median_us']:.1f} ({r['min_us']:.1f}-{r['max_us']:.1f})",
+            f"{e['median_us']:.1f} ({e['min_us']:.1f}-{e['max_us']:.1f})",
+            f"{r['speedup_vs_eager']:.2f}x",
+            "" if r["gbps"] == "" else f"{r['gbps']:.1f}",
+            "" if r["pct_copy"] == "" else f"{r['pct_copy']:.0f}%",
+        ])
+    header = ["stage", "shape", "dtype", "op", "dir", "fused us (min-max)", "eager us (min-max)", "speedup",
+              "fused GB/s", "% copy"]
+    return format_table(header, lines)
+
+
+def _key(row: dict) -> tuple:
+    return row["stage"], row["shape"], row["dtype"], row["op"], row["direction"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_kernels", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=default_device())
+    parser.add_argument("--quick", action="store_true", help="a few sizes, 5 rounds")
+    parser.add_argument("--smoke", action="store_true", help="the tiniest size, one call each: proves it runs (CI)")
+    parser.add_argument("--repeats", type=int, default=None, help="alternating timed rounds per measurement")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--out", type=Path, default=None, help="CSV to append to (default: results/kernels.csv)")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available to this torch")
+    if args.repeats is not None and args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be at least 1")
+        torch.set_num_threads(args.threads)
+    run(args.device, quick=args.quick, smoke=args.smoke, repeats=args.repeats, out=args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+// Helpers shared by the CUDA kernels: 16-byte vector access, row layout and launch sizing.
+#pragma once
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace dreambooth_fast::cuda {
+
+constexpr int kThreads = 256;
+// Resident blocks per SM that a grid-stride launch aims for (kThreads * 8 = 2048 threads, the SM maximum).
+constexpr int kBlocksPerSM = 8;
+
+// VEC elements of T moved as one 16-byte load or store.
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Vec {
+  T val[VEC];
+};
+
+template <typename T>
+constexpr int vec_width() {
+  return 16 / static_cast<int>(sizeof(T));
+}
+
+inline bool aligned16(const void* p) {
+  return reinterpret_cast<std::uintptr_t>(p) % 16 == 0;
+}
+
+// True when every row t[i] is one contiguous block whatever the batch stride, e.g. the epsilon half
+// pred[:, :3] of a 6-channel UNet output.
+inline bool rows_contiguous(const at::Tensor& t) {
+  int64_t expected = 1;
+  for (int64_t d = t.dim() - 1; d >= 1; --d) {
+    if (t.size(d) != 1 && t.stride(d) != expected) return false;
+    expected *= t.size(d);
+  }
+  return true;
+}
+
+// Grid of a pass over `rows` rows of `items_per_row` work items: blockIdx.y walks the rows (grid-stride past
+// 65535), blockIdx.x grid-strides within a row; about kBlocksPerSM blocks per SM in all, at least one per row.
+inline dim3 row_grid(int64_t rows, int64_t items_per_row, int device) {
+  int sm_count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
+  const int64_t grid_y = std::min<int64_t>(rows, 65535);
+  const int64_t wanted_x = (items_per_row + kThreads - 1) / kThreads;
+  const int64_t budget_x = int64_t(sm_count) * kBlocksPerSM / grid_y;
+  const int64_t grid_x = std::max<int64_t>(1, std::min({wanted_x, budget_x, int64_t(65535)}));
+  return dim3(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y));
+}
+
+}  // namespace dreambooth_fast::cuda

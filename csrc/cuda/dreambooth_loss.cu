@@ -1,0 +1,147 @@
+// CUDA kernels of dreambooth_loss: one pass reads pred and target once, writes dL/dpred = 2 c_i (P - Y) once and
+// leaves one partial sum per block; a second single-block pass adds the partials in a fixed order, so the loss
+// is bitwise reproducible (no float atomics).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+#include "../checks.h"
+#include "common.cuh"
+
+namespace dreambooth_fast::cuda {
+namespace {
+
+// Sum over a block of kThreads threads in a fixed order (a shuffle tree per warp, then the warp sums);
+// the result is valid in thread 0.
+template <typename acc_t>
+__device__ acc_t block_sum(acc_t value) {
+  __shared__ acc_t warp_sums[kThreads / 32];
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) value += __shfl_down_sync(0xffffffffu, value, offset);
+  if (lane == 0) warp_sums[warp] = value;
+  __syncthreads();
+  if (warp == 0) {
+    value = lane < kThreads / 32 ? warp_sums[lane] : acc_t(0);
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) value += __shfl_down_sync(0xffffffffu, value, offset);
+  }
+  __syncthreads();  // warp_sums is reused by the next call
+  return value;
+}
+
+// blockIdx.y walks the rows, blockIdx.x grid-strides over a row in VEC-element steps. Rows of pred and
+// target are contiguous blocks `row_stride` elements apart; grad is contiguous.
+template <typename scalar_t, int VEC>
+__global__ void loss_partials_kernel(const scalar_t* __restrict__ pred, int64_t pred_row_stride,
+                                     const scalar_t* __restrict__ target, int64_t target_row_stride,
+                                     const at::opmath_type<scalar_t>* __restrict__ weights, int64_t n_instance,
+                                     at::opmath_type<scalar_t> subject_scale, at::opmath_type<scalar_t> prior_coef,
+                                     scalar_t* __restrict__ grad, at::opmath_type<scalar_t>* __restrict__ partials,
+                                     int64_t rows, int64_t row_size) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  using vec_t = Vec<scalar_t, VEC>;
+  const int64_t vecs_per_row = row_size / VEC;
+  for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
+    const opmath_t c =
+        row < n_instance ? (weights == nullptr ? opmath_t(1) : weights[row]) * subject_scale : prior_coef;
+    const opmath_t two_c = 2 * c;
+    const vec_t* pred_row = reinterpret_cast<const vec_t*>(pred + row * pred_row_stride);
+    const vec_t* target_row = reinterpret_cast<const vec_t*>(target + row * target_row_stride);
+    vec_t* grad_row = reinterpret_cast<vec_t*>(grad + row * row_size);
+    opmath_t sum_sq = 0;
+    for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < vecs_per_row;
+         i += int64_t(gridDim.x) * blockDim.x) {
+      const vec_t pv = pred_row[i];
+      const vec_t yv = target_row[i];
+      vec_t gv;
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        const opmath_t d = static_cast<opmath_t>(pv.val[k]) - static_cast<opmath_t>(yv.val[k]);
+        sum_sq += d * d;
+        gv.val[k] = static_cast<scalar_t>(two_c * d);
+      }
+      grad_row[i] = gv;
+    }
+    sum_sq = block_sum(sum_sq);
+    if (threadIdx.x == 0) partials[row * gridDim.x + blockIdx.x] = c * sum_sq;
+  }
+}
+
+template <typename scalar_t>
+__global__ void loss_finalize_kernel(const at::opmath_type<scalar_t>* __restrict__ partials, int64_t n,
+                                     scalar_t* __restrict__ loss) {
+  at::opmath_type<scalar_t> sum = 0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) sum += partials[i];
+  sum = block_sum(sum);
+  if (threadIdx.x == 0) *loss = static_cast<scalar_t>(sum);
+}
+
+template <typename scalar_t, int VEC>
+void launch_loss(const at::Tensor& pred, const at::Tensor& target, const std::optional<at::Tensor>& weights,
+                 int64_t n_instance, double prior_weight, at::Tensor& grad, at::Tensor& loss) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t rows = pred.size(0);
+  const int64_t row_size = pred.numel() / rows;
+  const int64_t n_prior = rows - n_instance;
+  const double subject_scale = 1.0 / (double(n_instance) * double(row_size));
+  const double prior_coef = n_prior > 0 ? prior_weight / (double(n_prior) * double(row_size)) : 0.0;
+  const dim3 grid = row_grid(rows, row_size / VEC, pred.get_device());
+  at::Tensor partials = at::empty({rows * int64_t(grid.x)}, pred.options().dtype(c10::CppTypeToScalarType<opmath_t>::value));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  loss_partials_kernel<scalar_t, VEC><<<grid, kThreads, 0, stream>>>(
+      pred.const_data_ptr<scalar_t>(), pred.stride(0), target.const_data_ptr<scalar_t>(), target.stride(0),
+      weights.has_value() ? weights->const_data_ptr<opmath_t>() : nullptr, n_instance,
+      static_cast<opmath_t>(subject_scale), static_cast<opmath_t>(prior_coef), grad.mutable_data_ptr<scalar_t>(),
+      partials.mutable_data_ptr<opmath_t>(), rows, row_size);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  loss_finalize_kernel<scalar_t><<<1, kThreads, 0, stream>>>(partials.const_data_ptr<opmath_t>(), partials.numel(),
+                                                             loss.mutable_data_ptr<scalar_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// 16-byte accesses need every row start of pred, target and grad on a 16-byte boundary.
+bool can_vectorize(const at::Tensor& t, int vec, int64_t row_size) {
+  return row_size % vec == 0 && aligned16(t.const_data_ptr()) && (t.stride(0) * t.element_size()) % 16 == 0;
+}
+
+std::tuple<at::Tensor, at::Tensor> dreambooth_loss_cuda(const at::Tensor& pred_arg, const at::Tensor& target_arg,
+                                                        const std::optional<at::Tensor>& weights_arg,
+                                                        int64_t n_instance, double prior_weight) {
+  check_dreambooth_loss_args(pred_arg, target_arg, weights_arg, n_instance);
+  const c10::cuda::CUDAGuard guard(pred_arg.device());
+  const at::Tensor pred = rows_contiguous(pred_arg) ? pred_arg : pred_arg.contiguous();
+  const at::Tensor target = rows_contiguous(target_arg) ? target_arg : target_arg.contiguous();
+  const at::ScalarType opmath_dtype = at::toOpMathType(pred.scalar_type());
+  std::optional<at::Tensor> weights;
+  if (weights_arg.has_value()) weights = weights_arg->to(opmath_dtype).contiguous();
+  at::Tensor grad = at::empty(pred.sizes(), pred.options());
+  at::Tensor loss = at::empty({}, pred.options());
+  const int64_t row_size = pred.numel() / pred.size(0);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "dreambooth_loss_cuda", [&] {
+    constexpr int VEC = vec_width<scalar_t>();
+    if (can_vectorize(pred, VEC, row_size) && can_vectorize(target, VEC, row_size) &&
+        aligned16(grad.const_data_ptr())) {
+      launch_loss<scalar_t, VEC>(pred, target, weights, n_instance, prior_weight, grad, loss);
+    } else {
+      launch_loss<scalar_t, 1>(pred, target, weights, n_instance, prior_weight, grad, loss);
+    }
+  });
+  return {loss, grad};
+}
+
+}  // namespace
+}  // namespace dreambooth_fast::cuda
+
+TORCH_LIBRARY_IMPL(dreambooth_fast, CUDA, m) {
+  m.impl("dreambooth_loss", &dreambooth_fast::cuda::dreambooth_loss_cuda);
+}

@@ -1,0 +1,149 @@
+// C++ test of the native ops, called through the dispatcher as Python calls them: values worked out by hand,
+// and bad arguments failing with a c10::Error that names the argument. Run by ctest (see CMakeLists.txt).
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <cstdio>
+#include <functional>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <tuple>
+
+namespace {
+
+int failures = 0;
+
+void expect(bool ok, const std::string& what) {
+  if (!ok) {
+    ++failures;
+    std::fprintf(stderr, "FAIL: %s\n", what.c_str());
+  }
+}
+
+void expect_close(const at::Tensor& got, const at::Tensor& want, double tol, const std::string& what) {
+  const bool ok = got.sizes() == want.sizes() && at::allclose(got.to(at::kDouble), want.to(at::kDouble), tol, tol);
+  expect(ok, what + ": got " + got.toString() + " " + std::to_string(got.to(at::kDouble).sum().item<double>()));
+}
+
+void expect_error(const std::function<void()>& call, const std::string& needle, const std::string& what) {
+  try {
+    call();
+    expect(false, what + ": no error");
+  } catch (const c10::Error& err) {
+    const std::string message = err.what_without_backtrace();
+    expect(message.find(needle) != std::string::npos, what + ": message was: " + message);
+  }
+}
+
+using AddNoise = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                    const at::Tensor&, std::string_view);
+using Loss = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                                int64_t, double);
+
+std::tuple<at::Tensor, at::Tensor> add_noise(const at::Tensor& x0, const at::Tensor& eps, const at::Tensor& t,
+                                             const at::Tensor& ac, std::string_view prediction_type) {
+  static auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("dreambooth_fast::add_noise", "").typed<AddNoise>();
+  return op.call(x0, eps, t, ac, prediction_type);
+}
+
+std::tuple<at::Tensor, at::Tensor> loss(const at::Tensor& pred, const at::Tensor& target,
+                                        const std::optional<at::Tensor>& weights, int64_t n_instance,
+                                        double prior_weight) {
+  static auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("dreambooth_fast::dreambooth_loss", "").typed<Loss>();
+  return op.call(pred, target, weights, n_instance, prior_weight);
+}
+
+at::Tensor tensor2d(std::initializer_list<double> values, int64_t rows) {
+  return at::tensor(std::vector<double>(values), at::kFloat).reshape({rows, -1});
+}
+
+void test_add_noise_values() {
+  // alphas_cumprod[1] = 0.64 -> a = 0.8, s = 0.6; alphas_cumprod[0] = 0.25 -> a = 0.5, s = sqrt(0.75).
+  const at::Tensor ac = at::tensor({0.25f, 0.64f, 0.36f});
+  const at::Tensor t = at::tensor({int64_t{1}, int64_t{0}});
+  const at::Tensor x0 = tensor2d({1, 2, 3, 4}, 2);
+  const at::Tensor eps = tensor2d({0.5, -1, 2, 0}, 2);
+  const double s1 = std::sqrt(0.75);
+  auto [xt, v] = add_noise(x0, eps, t, ac, "v_prediction");
+  expect_close(xt, tensor2d({1.1, 1.0, 1.5 + 2 * s1, 2.0}, 2), 1e-6, "add_noise x_t");
+  expect_close(v, tensor2d({-0.2, -2.0, 1.0 - 3 * s1, -4 * s1}, 2), 1e-6, "add_noise v");
+  auto [xt_eps, v_eps] = add_noise(x0, eps, t, ac, "epsilon");
+  expect_close(xt_eps, xt, 0, "add_noise x_t does not depend on the prediction type");
+  expect(v_eps.numel() == 0, "add_noise returns an empty v for epsilon");
+}
+
+void test_add_noise_long_rows() {
+  // Long rows go through the vector loop and several parallel tasks: x_t = a per row when x0 = 1, eps = 0.
+  const at::Tensor ac = at::tensor({0.25f, 0.64f, 0.36f});
+  const at::Tensor t = at::tensor({int64_t{0}, int64_t{1}, int64_t{2}});
+  const at::Tensor want = at::tensor({0.5f, 0.8f, 0.6f}).reshape({3, 1}).expand({3, 50001});
+  for (const auto dtype : {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf}) {
+    const at::Tensor x0 = at::ones({3, 50001}, dtype);
+    auto [xt, v] = add_noise(x0, at::zeros_like(x0), t, ac, "sample");
+    expect(xt.scalar_type() == dtype, "add_noise keeps the dtype");
+    expect_close(xt, want, dtype == at::kFloat || dtype == at::kDouble ? 1e-6 : 4e-3,
+                 std::string("add_noise long rows ") + c10::toString(dtype));
+  }
+}
+
+void test_loss_values() {
+  // D = 2; subject rows 0, 1 with weights 1, 0.5 (c = 1/4, 1/8), one prior row with weight 2 (c = 1):
+  // L = 5/4 + 25/8 + 2 = 6.375, dL/dpred = 2 c (pred - target).
+  const at::Tensor pred = tensor2d({1, 2, 3, 4, 1, -1}, 3);
+  const at::Tensor target = at::zeros({3, 2});
+  const at::Tensor weights = at::tensor({1.0f, 0.5f});
+  auto [value, grad] = loss(pred, target, weights, 2, 2.0);
+  expect(value.dim() == 0 && value.scalar_type() == at::kFloat, "loss is a 0-dim float tensor");
+  expect_close(value, at::scalar_tensor(6.375), 1e-6, "loss value");
+  expect_close(grad, tensor2d({0.5, 1.0, 0.75, 1.0, 2.0, -2.0}, 3), 1e-6, "loss gradient");
+  // The same rows as the first two columns of a wider tensor: a strided batch dimension.
+  const at::Tensor wide = at::cat({pred, at::full({3, 2}, 7.0f)}, 1).narrow(1, 0, 2);
+  expect(!wide.is_contiguous(), "strided pred");
+  auto [wide_value, wide_grad] = loss(wide, target, weights, 2, 2.0);
+  expect_close(wide_value, value, 0, "loss of a strided pred");
+  expect_close(wide_grad, grad, 0, "gradient of a strided pred");
+}
+
+void test_loss_long_rows() {
+  const at::Tensor pred = at::ones({4, 30001});
+  auto [value, grad] = loss(pred, at::zeros_like(pred), std::nullopt, 4, 1.0);
+  expect_close(value, at::scalar_tensor(1.0), 1e-6, "mean of ones");
+  expect_close(grad, at::full({4, 30001}, 2.0 / (4 * 30001)), 1e-6, "gradient of the mean");
+}
+
+void test_bad_arguments() {
+  const at::Tensor ac = at::tensor({0.25f, 0.64f, 0.36f});
+  const at::Tensor x0 = at::zeros({2, 3});
+  const at::Tensor t = at::tensor({int64_t{0}, int64_t{1}});
+  expect_error([&] { add_noise(x0, at::zeros({2, 4}), t, ac, "epsilon"); }, "eps has shape", "eps shape");
+  expect_error([&] { add_noise(x0, x0, at::tensor({int64_t{0}, int64_t{3}}), ac, "epsilon"); },
+               "timesteps[1] = 3 is outside the alphas_cumprod table [0, 3)", "timestep range");
+  expect_error([&] { add_noise(x0, x0, t, ac, "flow"); }, "prediction_type must be", "prediction type");
+  expect_error([&] { add_noise(x0.to(at::kInt), x0, t, ac, "epsilon"); }, "x0 must be float32", "x0 dtype");
+  expect_error([&] { loss(x0, x0, std::nullopt, 0, 1.0); }, "n_instance must be in [1, batch = 2], got 0",
+               "n_instance range");
+  expect_error([&] { loss(x0, at::zeros({2, 4}), std::nullopt, 2, 1.0); }, "target has shape", "target shape");
+  expect_error([&] { loss(x0, x0, at::ones({2}), 1, 1.0); }, "weights must have shape [n_instance] = [1]",
+               "weights shape");
+}
+
+}  // namespace
+
+int main() {
+  test_add_noise_values();
+  test_add_noise_long_rows();
+  test_loss_values();
+  test_loss_long_rows();
+  test_bad_arguments();
+  if (failures > 0) {
+    std::fprintf(stderr, "%d check(s) failed\n", failures);
+    return 1;
+  }
+  std::printf("all checks passed\n");
+  return 0;
+}

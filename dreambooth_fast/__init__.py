@@ -1,0 +1,3 @@
+"""dreambooth-fast: fast DreamBooth for cascaded text-to-image diffusion models."""
+
+__version__ = "0.1.0"

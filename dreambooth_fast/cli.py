@@ -1,0 +1,232 @@
+"""The `dbfast` command line. Commands are thin: they parse options and call the module that does the work."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import click
+
+from . import __version__
+from .errors import UserError
+
+
+class _Group(click.Group):
+    """Turns a UserError into one line on stderr and exit code 2, never a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        # Library warnings (a small photo, a truncated prompt) print as one line each, not with file:line.
+        warnings.showwarning = lambda message, *args, **kwargs: click.echo(f"warning: {message}", err=True)
+        try:
+            return super().invoke(ctx)
+        except UserError as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="dbfast")
+def main() -> None:
+    """Fast DreamBooth for cascaded text-to-image diffusion models (DeepFloyd IF layout).
+
+    \b
+    Typical use:
+      dbfast train --images photos/ --class dog --output runs/my-dog
+      dbfast generate "a [V] dog on the beach" --model runs/my-dog
+    """
+
+
+@main.command()
+def doctor() -> None:
+    """Print the environment: torch and device, native ops built per device, optional backends, free disk."""
+    from .doctor import report
+
+    click.echo(report())
+
+
+def _stages(value: str) -> tuple[str, ...]:
+    return tuple(s.strip() for s in value.split(",") if s.strip())
+
+
+@main.command()
+@click.option("--images", type=click.Path(), help="Directory of 3-5 photos of the subject (jpg, png, webp).")
+@click.option("--class", "class_noun", help="The subject's class noun, e.g. dog: prompts are 'a [V] dog' and 'a dog'.")
+@click.option("--model", type=click.Path(),
+              help="Cascade directory in DeepFloyd IF's diffusers layout (stage I, optional stage_2/). "
+                   "[default: the embedded toy model, else a tiny random cascade]")
+@click.option("--sr-model", type=click.Path(), help="IF stage II directory when it is not MODEL/stage_2 (e.g. IF-II-L-v1.0).")
+@click.option("--output", type=click.Path(), help="Output directory: the tuned cascade plus dreambooth.json.  [default: runs/dreambooth]")
+@click.option("--config", "config_file", type=click.Path(), help="TOML file of these options (keys as the long option names).")
+@click.option("--stages", help="Stages to train, comma separated: base, sr.  [default: base,sr]")
+@click.option("--identifier", help="Use this identifier instead of searching the vocabulary for rare tokens.")
+@click.option("--identifier-tokens", type=int, help="Rare tokens in the identifier, 1-3 (the paper's k).  [default: 1]")
+@click.option("--prior/--no-prior", "prior_preservation", default=None,
+              help="Class-specific prior preservation loss (the paper's method).  [default: on]")
+@click.option("--prior-weight", type=float, help="lambda, the prior loss weight.  [default: 1.0, the paper's]")
+@click.option("--num-class-images", type=int,
+              help="Class images to generate (paper ~1000; diffusers 100, recommends 200-300).  [default: 100]")
+@click.option("--class-images-dir", type=click.Path(), help="Use these class images instead of generating them.")
+@click.option("--class-sample-steps", type=int, help="Stage I sampling steps per class image.  [default: 50]")
+@click.option("--class-guidance-scale", type=float, help="Guidance scale of the class images.  [default: 7.0]")
+@click.option("--sr-sample-steps", type=int, help="Stage II sampling steps per class image.  [default: 25]")
+@click.option("--steps", type=int, help="Optimizer steps per stage (paper ~1000).  [default: 1000]")
+@click.option("--sr-steps", type=int, help="Optimizer steps for the SR stage.  [default: --steps]")
+@click.option("--learning-rate", "--lr", type=float, help="Adam learning rate (paper, Imagen: 1e-5).  [default: 1e-5]")
+@click.option("--lr-warmup-steps", type=int, help="Linear warm-up steps, then constant.  [default: 0]")
+@click.option("--batch-size", type=int, help="Subject rows per step (plus as many prior rows).  [default: 1]")
+@click.option("--gradient-accumulation", type=int, help="Micro-batches per optimizer step.  [default: 1]")
+@click.option("--max-grad-norm", type=float, help="Gradient clipping norm.  [default: 1.0]")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]),
+              help="Autocast precision; fp16 uses loss scaling.  [default: fp32]")
+@click.option("--gradient-checkpointing", is_flag=True, default=None, help="Trade compute for activation memory.")
+@click.option("--min-snr-gamma", type=float, help="Min-SNR-gamma loss weighting of the subject rows (e.g. 5).")
+@click.option("--lora-rank", type=int, help="Train a LoRA adapter of this rank instead of the whole UNet.  [default: 0]")
+@click.option("--merge", "merge_lora", is_flag=True, default=None, help="With --lora-rank: write merged weights, not the adapter.")
+@click.option("--use-8bit-adam", is_flag=True, default=None, help="8-bit Adam (bitsandbytes, an optional extra).")
+@click.option("--sr-noise-level", type=int,
+              help="SR conditioning noise augmentation on IF's 0-999 scale (paper: lowered to 1e-5 -> 0).  [default: 0]")
+@click.option("--flip", is_flag=True, default=None, help="Add horizontally flipped copies of the subject photos.")
+@click.option("--skip-bad-images", is_flag=True, default=None, help="Skip unreadable photos (with a warning) instead of stopping.")
+@click.option("--checkpoint-every", type=int, help="Steps between checkpoints.  [default: 250]")
+@click.option("--validation-prompt", help="Prompt for validation grids ('[V]' is replaced by the identifier).")
+@click.option("--validation-every", type=int, help="Steps between validation grids (0: never).  [default: 0]")
+@click.option("--seed", type=int, help="Seed of everything random in the run.  [default: 0]")
+@click.option("--device", help="auto, cpu, cuda or cuda:N.  [default: auto]")
+@click.option("--resume", is_flag=True, help="Continue the run in --output from its last checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Replace the run already in --output.")
+def train(config_file: str | None, resume: bool, overwrite: bool, **options) -> None:
+    """Fine-tune a cascade on a subject with DreamBooth: bind a rare-token identifier to the subject with the
+    class-specific prior preservation loss, stage by stage (base, then super-resolution)."""
+    from .config import TrainConfig, load_toml
+    from .train import train as run_training
+
+    values = load_toml(config_file) if config_file else {}
+    if options.get("stages") is not None:
+        options["stages"] = _stages(options["stages"])
+    values.update({k: v for k, v in options.items() if v is not None})
+    out = run_training(TrainConfig(**values), resume=resume, overwrite=overwrite)
+    click.echo(f"done: {out}  (try: dbfast generate \"a [V] {values.get('class_noun', '')} on the beach\" --model {out})")
+
+
+@main.command()
+@click.argument("prompt")
+@click.option("--model", type=click.Path(), required=True, help="A cascade directory, e.g. the output of dbfast train.")
+@click.option("--sr-model", type=click.Path(), help="IF stage II directory when it is not MODEL/stage_2.")
+@click.option("-n", "--num-images", default=4, show_default=True, type=click.IntRange(1), help="Images to generate.")
+@click.option("--stages", default="base,sr", show_default=True, help="Stop after the base stage with --stages base.")
+@click.option("--steps", default=50, show_default=True, type=click.IntRange(1), help="Stage I sampling steps (IF: 100).")
+@click.option("--sr-steps", default=25, show_default=True, type=click.IntRange(1), help="Stage II sampling steps (IF: 50).")
+@click.option("--guidance", default=7.0, show_default=True, help="Stage I classifier-free guidance scale.")
+@click.option("--sr-guidance", default=4.0, show_default=True, help="Stage II classifier-free guidance scale.")
+@click.option("--noise-level", default=250, show_default=True, type=click.IntRange(0, 999),
+              help="Stage II noise augmentation of the upscaled image (IF's default 250).")
+@click.option("--seed", default=0, show_default=True, help="Seed; image k uses its own generator seeded seed + k.")
+@click.option("--backend", default="torch", show_default=True, type=click.Choice(["torch", "compile", "onnx", "trt"]),
+              help="UNet backend: eager torch, torch.compile, ONNX Runtime or TensorRT (after dbfast export).")
+@click.option("--export-dir", type=click.Path(), help="Where dbfast export wrote ONNX/TensorRT files [default: MODEL/export].")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--out", type=click.Path(), help="Output directory for the PNGs and grid.png  [default: MODEL/samples].")
+def generate(prompt: str, model: str, sr_model: str | None, num_images: int, stages: str, steps: int, sr_steps: int,
+             guidance: float, sr_guidance: float, noise_level: int, seed: int, backend: str, export_dir: str | None,
+             device: str, out: str | None) -> None:
+    """Generate images for PROMPT through the cascade; a literal [V] in PROMPT becomes the model's identifier."""
+    from .generate import generate_images
+
+    paths = generate_images(prompt, model, sr_model=sr_model, n=num_images, stages=_stages(stages), steps=steps,
+                            sr_steps=sr_steps, guidance=guidance, sr_guidance=sr_guidance, noise_level=noise_level,
+                            seed=seed, backend=backend, export_dir=export_dir, device=device, out=out)
+    click.echo(f"wrote {len(paths) - 1} images and {paths[-1]}")
+
+
+@main.command()
+@click.option("--model", "model_dir", required=True, type=click.Path(),
+              help="Cascade directory (DeepFloyd IF stage I layout) whose tokenizer/ to search.")
+@click.option("--n", "n_tokens", default=1, show_default=True, type=click.IntRange(1, 3),
+              help="How many rare tokens to concatenate into the identifier (the paper: 1-3).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the uniform sampling of rare token ids.")
+@click.option("--limit", default=20, show_default=True, help="How many candidates to list (0: all).")
+@click.option("--check", "check_word", metavar="WORD", help="Check this identifier instead of choosing one.")
+def identifier(model_dir: str, n_tokens: int, seed: int, limit: int, check_word: str | None) -> None:
+    """List the rare-token identifier candidates of a model's tokenizer and why each was kept, and the chosen
+    one; or, with --check, say whether WORD tokenises as an identifier should."""
+    from pathlib import Path
+
+    from .identifier import candidates_report, check_identifier, choose_identifier, describe
+    from .models import check_stage_dir, load_tokenizer
+
+    check_stage_dir(Path(model_dir), "base")
+    tokenizer = load_tokenizer(model_dir)
+    if check_word is not None:
+        for warning in check_identifier(tokenizer, check_word):
+            click.echo(f"warning: {warning}", err=True)
+        click.echo(describe(tokenizer, check_word))
+        return
+    click.echo(candidates_report(tokenizer, seed=seed, limit=limit))
+    click.echo(f"chosen: {choose_identifier(tokenizer, n_tokens=n_tokens, seed=seed)}")
+
+
+@main.command(name="eval")
+@click.option("--model", type=click.Path(), help="Trained output (cascade dir with dreambooth.json) to generate from.")
+@click.option("--sr-model", type=click.Path(), help="Stage II directory, when not in MODEL/stage_2.")
+@click.option("--real-images", required=True, type=click.Path(), help="Directory of the real subject photos.")
+@click.option("--clip", "clip_dir", required=True, type=click.Path(),
+              help="Local CLIPModel directory (config, weights, tokenizer, preprocessor_config.json).")
+@click.option("--dino", "dino_dir", required=True, type=click.Path(),
+              help="Local DINO ViT directory, e.g. facebook/dino-vits16 saved with its image processor.")
+@click.option("--lpips", "lpips_dir", type=click.Path(),
+              help="Directory with alexnet.pth|.safetensors (torchvision AlexNet) and lpips_alex.pth|.safetensors "
+                   "(lpips v0.1 alex.pth) for DIV; without it DIV is reported as 'DIV (1-DINO)'.")
+@click.option("--live", is_flag=True, help="Use the live-subject prompts (pets) instead of the object prompts.")
+@click.option("--n", default=4, show_default=True, type=click.IntRange(1), help="Images per prompt.")
+@click.option("--generated", type=click.Path(),
+              help="Score this directory of already generated images (its manifest.json) instead of generating.")
+@click.option("--out", type=click.Path(), help="Results JSON [default: MODEL/eval.json or GENERATED/eval.json].")
+@click.option("--identifier", help="The subject's identifier [default: from MODEL/dreambooth.json].")
+@click.option("--class", "class_noun", help="The subject's class noun [default: from MODEL/dreambooth.json].")
+@click.option("--backend", default="torch", show_default=True, type=click.Choice(["torch", "compile", "onnx", "trt"]),
+              help="UNet backend for generation, as in dbfast generate.")
+@click.option("--export-dir", type=click.Path(), help="Exports for onnx/trt [default: MODEL/export].")
+@click.option("--steps", type=click.IntRange(1), help="Stage I sampling steps [default: IF's 100].")
+@click.option("--sr-steps", type=click.IntRange(1), help="Stage II sampling steps [default: IF's 50].")
+@click.option("--seed", default=0, show_default=True, help="Image k of prompt i uses seed + i*n + k.")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1), help="Images per sampler call.")
+@click.option("--device", default="auto", show_default=True, help="Device for generation and the encoders.")
+def eval_(model, sr_model, real_images, clip_dir, dino_dir, lpips_dir, live, n, generated, out, identifier,
+          class_noun, backend, export_dir, steps, sr_steps, seed, batch_size, device) -> None:
+    """Measure a model the DreamBooth paper's way: DINO, CLIP-I, CLIP-T, PRES and DIV over 4 images for each of
+    the 25 protocol prompts, printed beside the paper's rows and written as JSON."""
+    from .evaluate import format_table, run_eval
+
+    generate = {} if generated else dict(backend=backend, sr_model_dir=sr_model, export_dir=export_dir,
+                                         base_steps=steps, sr_steps=sr_steps, seed=seed, batch_size=batch_size)
+    results, path = run_eval(model, real_images, clip_dir, dino_dir, lpips=lpips_dir, live=live, n=n,
+                             generated=generated, out=out, identifier=identifier, class_noun=class_noun,
+                             device=device, **generate)
+    click.echo(format_table(results))
+    click.echo(f"results: {path}")
+
+
+@main.command(name="export")
+@click.option("--model", required=True, type=click.Path(), help="Cascade directory, e.g. the output of dbfast train.")
+@click.option("--sr-model", type=click.Path(), help="IF stage II directory when it is not MODEL/stage_2.")
+@click.option("--onnx", "to_onnx", is_flag=True, help="Export fp32 ONNX graphs (for --backend onnx; no GPU needed).")
+@click.option("--trt", "to_trt", is_flag=True, help="Build TensorRT engines (NVIDIA GPU and TensorRT 10 or later).")
+@click.option("--out", type=click.Path(), help="Output folder  [default: MODEL/export].")
+@click.option("--precision", type=click.Choice(["fp16", "fp32"]),
+              help="Engine precision; with --onnx, also an ONNX graph in it.  [default: fp16]")
+@click.option("--batch-sizes", help="Prompt batch MIN:OPT:MAX the engines serve; the UNet batch is twice that "
+                                    "(classifier-free guidance).  [default: 1:4:8]")
+@click.option("--opset", type=int, help="ONNX opset, 18 or later.  [default: 18]")
+@click.option("--refit", is_flag=True, default=None,
+              help="Build refittable engines, and refit them instead of rebuilding when only the weights changed.")
+@click.option("--preset", type=click.Path(), help="JSON file of these options (export/presets/); given options win.")
+def export_(model: str, sr_model: str | None, to_onnx: bool, to_trt: bool, out: str | None, preset: str | None,
+            **options) -> None:
+    """Export the cascade's UNets to ONNX (each checked against PyTorch) and to TensorRT engines, for
+    dbfast generate --backend onnx|trt. What is already exported from the same weights is kept."""
+    from .export import default_export_dir, export_cascade, load_preset
+
+    values = load_preset(preset) if preset else {}
+    values.update({k: v for k, v in options.items() if v is not None})
+    export_cascade(model, sr_model_dir=sr_model, out_dir=out, onnx=to_onnx, trt=to_trt, log=click.echo, **values)
+    click.echo(f"done: {out or default_export_dir(model)}")

@@ -1,0 +1,116 @@
+"""Every training option in one dataclass, loadable from a TOML file (`dbfast train --config run.toml`).
+
+Defaults follow the paper where it is explicit (Imagen: lr 1e-5, lambda = 1, ~1000 steps) and diffusers'
+DreamBooth script where the paper is silent; the CLI help of each option says which.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import tomllib
+
+from .errors import UserError
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+STAGES = ("base", "sr")
+
+
+@dataclass
+class TrainConfig:
+    images: str = ""
+    class_noun: str = ""
+    model: str | None = None
+    sr_model: str | None = None
+    output: str = "runs/dreambooth"
+    stages: tuple[str, ...] = STAGES
+    identifier: str | None = None
+    identifier_tokens: int = 1
+    prior_preservation: bool = True
+    prior_weight: float = 1.0
+    num_class_images: int = 100
+    class_images_dir: str | None = None
+    class_sample_steps: int = 50
+    class_guidance_scale: float = 7.0
+    sr_sample_steps: int = 25
+    steps: int = 1000
+    sr_steps: int | None = None
+    learning_rate: float = 1e-5
+    lr_warmup_steps: int = 0
+    batch_size: int = 1
+    gradient_accumulation: int = 1
+    max_grad_norm: float = 1.0
+    precision: str = "fp32"
+    gradient_checkpointing: bool = False
+    min_snr_gamma: float | None = None
+    lora_rank: int = 0
+    merge_lora: bool = False
+    use_8bit_adam: bool = False
+    sr_noise_level: int = 0
+    flip: bool = False
+    skip_bad_images: bool = False
+    checkpoint_every: int = 250
+    validation_prompt: str | None = None
+    validation_every: int = 0
+    seed: int = 0
+    device: str = "auto"
+
+    def validate(self) -> TrainConfig:
+        if not self.images:
+            raise UserError("--images is required: a directory with 3-5 photos of the subject")
+        if not self.class_noun or not self.class_noun.strip():
+            raise UserError("--class is required: the subject's class noun, for example --class dog")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        unknown = [s for s in self.stages if s not in STAGES]
+        if unknown or not self.stages:
+            raise UserError(
+                f"--stages takes a comma list of {', '.join(STAGES)}, got {','.join(self.stages) or '(empty)'}"
+            )
+        for name in ("steps", "batch_size", "gradient_accumulation", "identifier_tokens", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not 1 <= self.identifier_tokens <= 3:
+            raise UserError(f"--identifier-tokens must be 1, 2 or 3 (the paper's k), got {self.identifier_tokens}")
+        if self.prior_preservation and self.num_class_images < 1 and not self.class_images_dir:
+            raise UserError("--num-class-images must be at least 1 with prior preservation (or pass --no-prior)")
+        if self.learning_rate <= 0:
+            raise UserError(f"--learning-rate must be positive, got {self.learning_rate}")
+        if self.lora_rank < 0:
+            raise UserError(f"--lora-rank must be 0 (full fine-tuning) or positive, got {self.lora_rank}")
+        if self.merge_lora and self.lora_rank == 0:
+            raise UserError("--merge needs --lora-rank: there is no adapter to merge in full fine-tuning")
+        if not 0 <= self.sr_noise_level < 1000:
+            raise UserError(f"--sr-noise-level must be in [0, 1000), got {self.sr_noise_level}")
+        return self
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["stages"] = list(self.stages)
+        return data
+
+
+def field_names() -> set[str]:
+    return {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def load_toml(path: str | Path) -> dict:
+    """Read a TOML file of TrainConfig fields (dashes or underscores); unknown keys are an error."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"--config {path} does not exist") from None
+    except tomllib.TOMLDecodeError as err:
+        raise UserError(f"--config {path} is not valid TOML: {err}") from None
+    data = {key.replace("-", "_"): value for key, value in data.items()}
+    if "class" in data:
+        data["class_noun"] = data.pop("class")
+    unknown = sorted(set(data) - field_names())
+    if unknown:
+        raise UserError(f"--config {path}: unknown option(s) {', '.join(unknown)}")
+    if "stages" in data and isinstance(data["stages"], str):
+        data["stages"] = tuple(s.strip() for s in data["stages"].split(","))
+    return data

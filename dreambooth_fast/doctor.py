@@ -1,0 +1,45 @@
+"""`dbfast doctor`: what this installation can do, in a few lines."""
+
+from __future__ import annotations
+
+import importlib.util
+import platform
+import shutil
+
+import torch
+
+from . import __version__
+
+
+def _package_version(name: str) -> str:
+    if importlib.util.find_spec(name) is None:
+        return "not installed"
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "installed"
+
+
+def report(disk_path: str = ".") -> str:
+    from .ops import native_status
+
+    native = native_status()
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.processor() or 'x86-64'})"
+    free_gib = shutil.disk_usage(disk_path).free / 2**30
+    tensorrt = _package_version("tensorrt")
+    lines = [
+        f"dreambooth-fast {__version__}",
+        f"python          {platform.python_version()}",
+        f"torch           {torch.__version__} (cuda {torch.version.cuda or 'none'})",
+        f"device          {device}",
+        f"native ops cpu  {'built' if native['cpu'] else 'NOT built: using the PyTorch reference'}",
+        f"native ops cuda {'built' if native['cuda'] else 'not built'}",
+        f"diffusers       {_package_version('diffusers')}",
+        f"transformers    {_package_version('transformers')}",
+        f"onnxruntime     {_package_version('onnxruntime')}",
+        f"tensorrt        {tensorrt}",
+        f"free disk       {free_gib:.1f} GiB at {disk_path}",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,155 @@
+"""ONNX export of one cascade UNet: named inputs, dynamic batch, opset >= 18, external data past 2 GiB.
+
+Exporter: torch.onnx.export with dynamo=True (torch.export + onnxscript, the default in torch 2.9+). It was
+chosen over the TorchScript tracer because torch.export checks shape-dependent Python branches (diffusers has
+some on the batch size) against the declared dynamic batch range instead of silently baking the traced value,
+the graph comes out a third the size, and `optimize=True` runs the onnxscript optimizer (constant folding,
+dead-code and unused-initializer removal) as the clean-up pass. diffusers' attention processors (SDPA and the
+added-KV processor IF uses) export unchanged.
+
+Graph interface (the same for ONNX Runtime and TensorRT):
+  sample                [batch, C, H, W]       model dtype (fp32 or fp16)
+  timestep              [batch]                float32 (the UNet embeds it in float32 either way)
+  encoder_hidden_states [batch, 77, D]         model dtype; T5 embeddings of the prompt
+  class_labels          [batch]                float32; stage II only: the noise-augmentation level
+  out_sample            [batch, 6, H, W]       model dtype; epsilon and the learned-range variance
+
+The text encoder is not exported: it runs once per prompt (not once per denoising step), T5-XXL in fp16 is
+known to overflow, and its embeddings are computed once and cached as tensors by the sampler, so the UNets,
+which run 100+ times per image, are all that is worth exporting.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from ..models import check_stage_dir, find_sr_dir
+
+DEFAULT_OPSET = 18
+EXTERNAL_DATA_THRESHOLD = 2**31  # protobuf cannot hold a model of 2 GiB or more in one file
+TEXT_LENGTH = 77  # IF pads prompts to 77 tokens
+OUTPUT_NAME = "out_sample"
+
+
+def require_onnx() -> None:
+    """Raise a UserError naming the install command when the optional ONNX packages are missing."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as err:
+        raise UserError(f"ONNX export and the onnx backend need onnx, onnxscript and onnxruntime ({err}); "
+                        "install them with `pip install 'dreambooth-fast[onnx]'`") from None
+
+
+def cascade_stages(model_dir: str | Path, sr_model_dir: str | Path | None = None) -> list[tuple[str, Path]]:
+    """The stage directories of a cascade: ("base", model_dir) and ("sr", sr_model_dir or model_dir/stage_2)
+    when there is one; each checked to be an IF stage directory."""
+    base_dir = Path(model_dir)
+    check_stage_dir(base_dir, "base")
+    stages = [("base", base_dir)]
+    sr_dir = find_sr_dir(base_dir, sr_model_dir)
+    if sr_dir is not None:
+        check_stage_dir(sr_dir, "sr")
+        stages.append(("sr", sr_dir))
+    return stages
+
+
+@dataclass(frozen=True)
+class UNetSpec:
+    """The input shapes of one UNet, from its config."""
+
+    in_channels: int
+    sample_size: int
+    text_dim: int
+    has_class_labels: bool
+    text_length: int = TEXT_LENGTH
+
+    @property
+    def input_names(self) -> list[str]:
+        names = ["sample", "timestep", "encoder_hidden_states"]
+        return names + ["class_labels"] if self.has_class_labels else names
+
+    def shapes(self, batch: int) -> dict[str, tuple[int, ...]]:
+        shapes = {
+            "sample": (batch, self.in_channels, self.sample_size, self.sample_size),
+            "timestep": (batch,),
+            "encoder_hidden_states": (batch, self.text_length, self.text_dim),
+        }
+        if self.has_class_labels:
+            shapes["class_labels"] = (batch,)
+        return shapes
+
+    def example_inputs(self, batch: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> dict[str, torch.Tensor]:
+        """Random inputs of the graph's names, shapes and dtypes; timesteps and noise levels spread over [0, 999]."""
+        gen = torch.Generator().manual_seed(seed)
+        levels = torch.linspace(999, 0, batch).round()
+        inputs = {
+            "sample": torch.randn(self.shapes(batch)["sample"], generator=gen).to(dtype),
+            "timestep": levels,
+            "encoder_hidden_states": torch.randn(self.shapes(batch)["encoder_hidden_states"], generator=gen).to(dtype),
+        }
+        if self.has_class_labels:
+            inputs["class_labels"] = levels.flip(0)
+        return inputs
+
+
+def unet_spec(unet, text_length: int = TEXT_LENGTH) -> UNetSpec:
+    """Read a UNet2DConditionModel's input shapes from its config."""
+    config = unet.config
+    return UNetSpec(
+        in_channels=config.in_channels, sample_size=config.sample_size,
+        text_dim=config.encoder_hid_dim or config.cross_attention_dim,
+        has_class_labels=config.class_embed_type is not None, text_length=text_length,
+    )
+
+
+def onnx_file_name(precision: str) -> str:
+    return f"unet.{precision}.onnx"
+
+
+class _UNetGraph(torch.nn.Module):
+    """The UNet with positional tensor inputs and one tensor output, as the exported graph has them."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states, class_labels=None):
+        return self.unet(sample, timestep, encoder_hidden_states, class_labels=class_labels, return_dict=False)[0]
+
+
+def model_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+def export_unet_onnx(unet, spec: UNetSpec, path: str | Path, *, opset: int = DEFAULT_OPSET,
+                     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> list[Path]:
+    """Export `unet` (in its current dtype) to `path`, check it with onnx.checker by path, return the files
+    written: `path`, plus `path`.data when the weights reach `external_data_threshold` bytes."""
+    require_onnx()
+    import onnx
+
+    if opset < DEFAULT_OPSET:
+        raise UserError(f"--opset {opset}: need {DEFAULT_OPSET} or later")
+    path = Path(path)
+    dtype = next(unet.parameters()).dtype
+    inputs = spec.example_inputs(2, dtype)  # batch 2: torch.export specialises sizes 0 and 1
+    batch = torch.export.Dim("batch", min=1)
+    external = model_bytes(unet) >= external_data_threshold
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # exporter chatter about diffusers internals; failures still raise
+        program = torch.onnx.export(
+            _UNetGraph(unet).eval(), tuple(inputs.values()), input_names=list(inputs), output_names=[OUTPUT_NAME],
+            opset_version=opset, dynamo=True, dynamic_shapes=tuple({0: batch} for _ in inputs), optimize=True,
+            verbose=False,
+        )
+    program.save(path, external_data=external)
+    onnx.checker.check_model(str(path), full_check=True)
+    data = path.with_name(path.name + ".data")
+    return [path, data] if external else [path]

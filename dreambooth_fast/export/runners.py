@@ -1,0 +1,183 @@
+"""Runners over exported UNets, with the runner contract of the sampler
+`unet_fn(sample, timestep, encoder_hidden_states, class_labels=None) -> Tensor` (the UNet's full 6-channel output).
+
+  onnx  ONNX Runtime on an exported graph: the CUDA provider when asked for and installed (onnxruntime-gpu),
+        else the CPU; outputs come back on the sample's device and in its dtype
+  trt   a TensorRT engine with buffers allocated once per batch size and, by default, a CUDA graph per batch
+        size (one execution context each, as a captured graph fixes shapes and addresses)
+
+The eager and torch.compile backends need no export and stay with the sampler (sample.torch_unet_fn,
+generate.unet_runner). Before loading, `make_unet_runner` checks that the export was made from the weights
+now in the stage directory (and, for TensorRT, with this TensorRT on this GPU); a stale export is refused
+with the command that refreshes it, never used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+from .manifest import manifest_path, read_manifest, stale_reasons, weights_record
+from .onnx_export import onnx_file_name, require_onnx
+from .tensorrt_build import engine_file_name, import_tensorrt, tensorrt_environment
+
+EXPORT_BACKENDS = ("onnx", "trt")
+UnetFn = Callable[..., torch.Tensor]
+_NUMPY_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+def unet_inputs(names: list[str], sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
+                class_labels=None) -> dict[str, torch.Tensor]:
+    """The graph inputs for one call: timestep (a number, a 0-d, [1] or [batch] tensor) and class labels
+    broadcast to [batch] float32."""
+    batch = sample.shape[0]
+
+    def per_sample(value) -> torch.Tensor:
+        value = torch.as_tensor(value, device=sample.device).float().reshape(-1)
+        return value.expand(batch) if value.numel() == 1 else value
+
+    inputs = {"sample": sample, "timestep": per_sample(timestep), "encoder_hidden_states": encoder_hidden_states}
+    if "class_labels" in names:
+        if class_labels is None:
+            raise ValueError("this UNet (stage II) needs class_labels, the noise-augmentation level")
+        inputs["class_labels"] = per_sample(class_labels)
+    return inputs
+
+
+class OnnxRunner:
+    """ONNX Runtime session over an exported UNet graph; returns tensors on the sample's device and dtype."""
+
+    def __init__(self, onnx_path: str | Path, device: str = "cpu"):
+        require_onnx()
+        import onnxruntime as ort
+
+        providers = ["CPUExecutionProvider"]
+        if torch.device(device).type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(onnx_path), options, providers=providers)
+        self.input_types = {i.name: _NUMPY_DTYPES.get(i.type, np.float32) for i in self.session.get_inputs()}
+
+    def __call__(self, sample, timestep, encoder_hidden_states, class_labels=None) -> torch.Tensor:
+        inputs = unet_inputs(list(self.input_types), sample, timestep, encoder_hidden_states, class_labels)
+        feed = {name: value.detach().cpu().numpy().astype(self.input_types[name], copy=False)
+                for name, value in inputs.items()}
+        (output,) = self.session.run(None, feed)
+        return torch.from_numpy(output).to(device=sample.device, dtype=sample.dtype)
+
+
+@dataclass
+class _BatchState:
+    context: object
+    buffers: dict[str, torch.Tensor]
+    graph: torch.cuda.CUDAGraph | None
+
+
+class TensorRTRunner:
+    """A TensorRT engine as a UNet runner. Per batch size: an execution context, input/output buffers allocated
+    once, and (cuda_graphs=True) the engine's launch captured as a CUDA graph and replayed on later calls."""
+
+    def __init__(self, engine_path: str | Path, *, cuda_graphs: bool = True):
+        trt = import_tensorrt()
+        self.engine_path = Path(engine_path)
+        self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(self.engine_path.read_bytes())
+        if self.engine is None:
+            raise UserError(f"{self.engine_path}: TensorRT cannot load this engine; rebuild it: `dbfast export --trt`")
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.output_name = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
+        torch_dtypes = {trt.float32: torch.float32, trt.float16: torch.float16}
+        self.dtypes = {n: torch_dtypes[self.engine.get_tensor_dtype(n)] for n in names}
+        low, _, high = self.engine.get_tensor_profile_shape("sample", 0)
+        self.batch_range = (low[0], high[0])
+        self.cuda_graphs = cuda_graphs
+        self.device = torch.device("cuda", torch.cuda.current_device())
+        self.states: dict[int, _BatchState] = {}
+
+    def _prepare(self, batch: int) -> _BatchState:
+        context = self.engine.create_execution_context()
+        buffers = {}
+        for name in self.input_names:
+            shape = (batch, *tuple(self.engine.get_tensor_shape(name))[1:])
+            context.set_input_shape(name, shape)
+            buffers[name] = torch.zeros(shape, dtype=self.dtypes[name], device=self.device)
+        output_shape = tuple(context.get_tensor_shape(self.output_name))
+        buffers[self.output_name] = torch.empty(output_shape, dtype=self.dtypes[self.output_name], device=self.device)
+        for name, buffer in buffers.items():
+            context.set_tensor_address(name, buffer.data_ptr())
+        # One launch after setting shapes lets TensorRT finish its deferred set-up before a graph is captured.
+        if not context.execute_async_v3(torch.cuda.current_stream().cuda_stream):
+            raise RuntimeError(f"{self.engine_path}: TensorRT execution failed at batch {batch}")
+        graph = None
+        if self.cuda_graphs:
+            torch.cuda.current_stream().synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                context.execute_async_v3(torch.cuda.current_stream().cuda_stream)
+        return _BatchState(context, buffers, graph)
+
+    def __call__(self, sample, timestep, encoder_hidden_states, class_labels=None) -> torch.Tensor:
+        batch = sample.shape[0]
+        if not self.batch_range[0] <= batch <= self.batch_range[1]:
+            raise UserError(f"{self.engine_path}: UNet batch {batch} is outside the engine's profile "
+                            f"{self.batch_range[0]}..{self.batch_range[1]}; rebuild with `dbfast export --trt "
+                            "--batch-sizes MIN:OPT:MAX` covering it")
+        inputs = unet_inputs(self.input_names, sample, timestep, encoder_hidden_states, class_labels)
+        state = self.states.get(batch)
+        if state is None:
+            state = self.states[batch] = self._prepare(batch)
+        for name, value in inputs.items():
+            state.buffers[name].copy_(value)
+        if state.graph is not None:
+            state.graph.replay()
+        elif not state.context.execute_async_v3(torch.cuda.current_stream().cuda_stream):
+            raise RuntimeError(f"{self.engine_path}: TensorRT execution failed at batch {batch}")
+        return state.buffers[self.output_name].to(device=sample.device, dtype=sample.dtype, copy=True)
+
+
+def _pick_precision(stage_out: Path, file_name: Callable[[str], str], default: str) -> str:
+    """The precision whose export exists, when exactly one does; else `default`."""
+    found = [p for p in ("fp16", "fp32") if manifest_path(stage_out / file_name(p)).is_file()]
+    return found[0] if len(found) == 1 else default
+
+
+def _checked_manifest(path: Path, stage: str, stage_dir: Path | None, flag: str, current: dict | None = None) -> None:
+    """Refuse a missing or stale export: other weights than the stage directory's (default: the directory it
+    was exported from), or another TensorRT/GPU than `current` describes."""
+    manifest = read_manifest(manifest_path(path))
+    fix = f"run `dbfast export --model MODEL {flag}` for this cascade"
+    if manifest is None or not path.is_file():
+        raise UserError(f"{path}: no {stage} export here; {fix}")
+    stage_dir = Path(stage_dir if stage_dir is not None else manifest["source"])
+    if not (stage_dir / "unet").is_dir():
+        raise UserError(f"{path}: cannot check it against its weights, {stage_dir}/unet is gone; {fix}")
+    current = {**(current or {}), "weights_sha256": weights_record(stage_dir, manifest["weights"])["sha256"]}
+    reasons = stale_reasons(manifest, current)
+    if reasons:
+        raise UserError(f"{path} is stale ({'; '.join(reasons)}); {fix}")
+
+
+def make_unet_runner(backend: str, stage: str, export_dir: str | Path, *, stage_dir: str | Path | None = None,
+                     precision: str | None = None, device: str = "cpu", cuda_graphs: bool = True) -> UnetFn:
+    """The runner of one cascade stage ("base" or "sr") from `export_dir` (the `dbfast export --out` folder) on
+    backend "onnx" or "trt". `stage_dir` is the stage's model directory whose weights the export must match
+    (default: the directory it was exported from, as its manifest records). `precision` picks the export
+    (default: the only one there, else fp32 for onnx and fp16 for trt). `device` "cuda" runs onnx on ONNX
+    Runtime's CUDA provider when installed; trt always runs on the current CUDA device."""
+    if backend not in EXPORT_BACKENDS:
+        raise UserError(f"--backend {backend}: exported backends are {', '.join(EXPORT_BACKENDS)}")
+    trt = import_tensorrt() if backend == "trt" else None
+    stage_out = Path(export_dir) / stage
+    if backend == "onnx":
+        path = stage_out / onnx_file_name(precision or _pick_precision(stage_out, onnx_file_name, "fp32"))
+        _checked_manifest(path, stage, stage_dir, "--onnx")
+        return OnnxRunner(path, device)
+    path = stage_out / engine_file_name(precision or _pick_precision(stage_out, engine_file_name, "fp16"))
+    _checked_manifest(path, stage, stage_dir, "--trt", tensorrt_environment(trt))
+    return TensorRTRunner(path, cuda_graphs=cuda_graphs)

@@ -1,0 +1,107 @@
+"""`dbfast generate`: prompt -> base stage -> SR stage -> PNGs and a grid, over any UNet backend."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+from .images import make_grid, save_png, save_pngs, to_pil
+from .models import find_sr_dir, load_cascade
+from .sample import sample_base, sample_sr, torch_unet_fn
+from .text import encode_negative, encode_prompts
+from .train import RUN_FILE, resolve_device
+
+IDENTIFIER_PLACEHOLDER = "[V]"
+
+
+def expand_prompt(prompt: str, model_dir: Path) -> str:
+    """Replace the literal [V] with the identifier the run in `model_dir` was trained with."""
+    if IDENTIFIER_PLACEHOLDER not in prompt:
+        return prompt
+    run_file = model_dir / RUN_FILE
+    if not run_file.is_file():
+        raise UserError(
+            f"the prompt uses [V] but {model_dir} has no {RUN_FILE} (not a dbfast train output); "
+            "write the identifier itself"
+        )
+    return prompt.replace(IDENTIFIER_PLACEHOLDER, json.loads(run_file.read_text())["identifier"])
+
+
+def unet_runner(backend: str, unet: torch.nn.Module, stage_dir: Path, export_dir: Path, stage: str):
+    """The UNet as a `unet_fn` for the sampler: eager, torch.compile'd, ONNX Runtime or TensorRT."""
+    if backend == "torch":
+        return torch_unet_fn(unet)
+    if backend == "compile":
+        return torch_unet_fn(torch.compile(unet))
+    from .export import make_unet_runner
+
+    return make_unet_runner(backend, stage, export_dir, device=str(unet.device))
+
+
+def generate_images(
+    prompt: str,
+    model: str | Path,
+    *,
+    sr_model: str | Path | None = None,
+    n: int = 4,
+    stages: tuple[str, ...] = ("base", "sr"),
+    steps: int = 50,
+    sr_steps: int = 25,
+    guidance: float = 7.0,
+    sr_guidance: float = 4.0,
+    noise_level: int = 250,
+    seed: int = 0,
+    backend: str = "torch",
+    export_dir: str | Path | None = None,
+    device: str = "auto",
+    out: str | Path | None = None,
+) -> list[Path]:
+    """Write `n` images for `prompt` plus grid.png; return the image paths with the grid last."""
+    model = Path(model)
+    unknown = set(stages) - {"base", "sr"}
+    if unknown or "base" not in stages:
+        raise UserError(f"--stages must be base or base,sr, got {','.join(stages)}")
+    if "sr" in stages and find_sr_dir(model, sr_model) is None:
+        raise UserError(f"{model} has no stage II (stage_2/): pass --sr-model DIR or --stages base")
+    text = expand_prompt(prompt, model)
+    dev = resolve_device(device)
+    cascade = load_cascade(model, sr_model, device=str(dev), stages=stages)
+    export_dir = Path(export_dir) if export_dir else model / "export"
+    cond = encode_prompts(cascade.tokenizer, cascade.text_encoder, [text] * n)
+    uncond = encode_negative(cascade.tokenizer, cascade.text_encoder)
+    cascade.text_encoder = None
+    # One generator per image, seeded seed + k: image k is the same whatever n is.
+    generators = [torch.Generator().manual_seed(seed + k) for k in range(n)]
+    base_fn = unet_runner(backend, cascade.base_unet, cascade.base_dir, export_dir, "base")
+    images = sample_base(
+        base_fn,
+        cascade.base_scheduler,
+        cond,
+        uncond,
+        size=cascade.base_size,
+        steps=steps,
+        guidance_scale=guidance,
+        generator=generators,
+    )
+    if "sr" in stages:
+        sr_fn = unet_runner(backend, cascade.sr_unet, cascade.sr_dir, export_dir, "sr")
+        images = sample_sr(
+            sr_fn,
+            cascade.sr_scheduler,
+            cascade.sr_noising_scheduler,
+            images,
+            cond,
+            uncond,
+            size=cascade.sr_size,
+            steps=sr_steps,
+            guidance_scale=sr_guidance,
+            noise_level=noise_level,
+            generator=generators,
+        )
+    out_dir = Path(out) if out else model / "samples"
+    paths = save_pngs(images, out_dir, prefix="image-")
+    grid = save_png(make_grid(to_pil(images), cols=min(n, 4)), out_dir / "grid.png")
+    return paths + [grid]

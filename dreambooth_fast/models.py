@@ -1,0 +1,181 @@
+"""Loading and saving cascades in DeepFloyd IF's diffusers layout, offline, from local directories only.
+
+A cascade directory is an IF stage I directory (model_index.json, unet/, text_encoder/, tokenizer/,
+scheduler/) that may hold an IF stage II directory in `stage_2/`. Real IF ships the stages as separate
+directories (IF-I-XL-v1.0, IF-II-L-v1.0): pass the second as `sr_model_dir`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import lora
+from .errors import UserError
+
+STAGE_2_DIR = "stage_2"
+BASE_PARTS = ("unet", "scheduler", "tokenizer")
+SR_PARTS = ("unet", "scheduler", "image_noising_scheduler")
+WEIGHT_NAMES = (
+    "diffusion_pytorch_model.safetensors",
+    "model.safetensors",
+    "diffusion_pytorch_model.bin",
+    "pytorch_model.bin",
+)
+
+
+@dataclass
+class Cascade:
+    tokenizer: object
+    text_encoder: torch.nn.Module | None
+    base_unet: torch.nn.Module | None
+    base_scheduler: object
+    sr_unet: torch.nn.Module | None
+    sr_scheduler: object | None
+    sr_noising_scheduler: object | None
+    base_dir: Path
+    sr_dir: Path | None
+
+    @property
+    def base_size(self) -> int:
+        return int(_read_json(self.base_dir / "unet" / "config.json")["sample_size"])
+
+    @property
+    def sr_size(self) -> int | None:
+        if self.sr_dir is None:
+            return None
+        return int(_read_json(self.sr_dir / "unet" / "config.json")["sample_size"])
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing: the model directory is not in the DeepFloyd IF diffusers layout") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is not valid JSON ({err.msg}, line {err.lineno}): restore the file") from None
+
+
+def _has_weights(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in WEIGHT_NAMES) or any(folder.glob("*.safetensors"))
+
+
+def check_stage_dir(path: Path, stage: str) -> None:
+    """Raise a UserError naming what is missing when `path` is not an IF stage directory of that stage."""
+    if not path.is_dir():
+        raise UserError(
+            f"model directory {path} does not exist (expected a DeepFloyd IF directory in diffusers layout)"
+        )
+    index = _read_json(path / "model_index.json")
+    parts = BASE_PARTS if stage == "base" else SR_PARTS
+    missing = [p for p in parts if not (path / p).is_dir() or index.get(p) in (None, [None, None])]
+    if missing:
+        kind = "stage I (IFPipeline)" if stage == "base" else "stage II (IFSuperResolutionPipeline)"
+        raise UserError(f"{path} is not an IF {kind} directory: missing {', '.join(missing)}")
+    for folder in ["unet"] + (["text_encoder"] if stage == "base" and (path / "text_encoder").is_dir() else []):
+        if not _has_weights(path / folder):
+            raise UserError(f"no weight files in {path / folder} (expected *.safetensors): the download is incomplete")
+    in_channels = _read_json(path / "unet" / "config.json").get("in_channels")
+    if stage == "sr" and in_channels != 6:
+        raise UserError(f"{path}/unet has {in_channels} input channels; an IF stage II UNet has 6")
+
+
+def find_sr_dir(model_dir: Path, sr_model_dir: str | Path | None) -> Path | None:
+    if sr_model_dir is not None:
+        return Path(sr_model_dir)
+    candidate = Path(model_dir) / STAGE_2_DIR
+    return candidate if candidate.is_dir() else None
+
+
+def load_tokenizer(model_dir: str | Path):
+    from transformers import T5Tokenizer
+
+    return T5Tokenizer.from_pretrained(Path(model_dir) / "tokenizer", local_files_only=True)
+
+
+def load_text_encoder(model_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    from transformers import T5EncoderModel
+
+    folder = Path(model_dir) / "text_encoder"
+    if not folder.is_dir():
+        raise UserError(f"{folder} is missing: stage I must ship its T5 text encoder")
+    encoder = T5EncoderModel.from_pretrained(
+        folder, local_files_only=True, use_safetensors=_prefer_safetensors(folder), dtype=dtype
+    )
+    return encoder.to(device).eval().requires_grad_(False)
+
+
+def _prefer_safetensors(folder: Path) -> bool:
+    # Pickle-format weights are read only as a last resort, and then through weights_only loading.
+    return any(folder.glob("*.safetensors"))
+
+
+def load_unet(stage_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    from diffusers import UNet2DConditionModel
+
+    folder = Path(stage_dir) / "unet"
+    unet = UNet2DConditionModel.from_pretrained(
+        folder, local_files_only=True, torch_dtype=dtype, use_safetensors=_prefer_safetensors(folder)
+    )
+    # A LoRA run's output holds the adapter beside the untouched UNet: apply it, folded into the weights.
+    if lora.load_saved_adapter(unet, Path(stage_dir)):
+        lora.merge_adapter(unet)
+    return unet.to(device)
+
+
+def load_scheduler(stage_dir: str | Path, subfolder: str = "scheduler"):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_pretrained(Path(stage_dir), subfolder=subfolder, local_files_only=True)
+
+
+def load_cascade(
+    model_dir: str | Path,
+    sr_model_dir: str | Path | None = None,
+    *,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    stages: tuple[str, ...] = ("base", "sr"),
+    with_text_encoder: bool = True,
+) -> Cascade:
+    """Load the parts of a cascade that `stages` need. A stage II directory is optional unless "sr" is asked
+    for explicitly with `sr_model_dir`."""
+    base_dir = Path(model_dir)
+    check_stage_dir(base_dir, "base")
+    sr_dir = find_sr_dir(base_dir, sr_model_dir) if "sr" in stages else None
+    if sr_dir is not None:
+        check_stage_dir(sr_dir, "sr")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return Cascade(
+        tokenizer=load_tokenizer(base_dir),
+        text_encoder=load_text_encoder(base_dir, device, dtype) if with_text_encoder else None,
+        base_unet=load_unet(base_dir, device, dtype) if "base" in stages else None,
+        base_scheduler=load_scheduler(base_dir),
+        sr_unet=load_unet(sr_dir, device, dtype) if sr_dir is not None else None,
+        sr_scheduler=load_scheduler(sr_dir) if sr_dir is not None else None,
+        sr_noising_scheduler=load_scheduler(sr_dir, "image_noising_scheduler") if sr_dir is not None else None,
+        base_dir=base_dir,
+        sr_dir=sr_dir,
+    )
+
+
+def weights_fingerprint(folder: str | Path, sample_bytes: int = 1 << 20) -> str:
+    """A cheap identity of a component's weights: its config plus, per weight file, the size and a hash of
+    the first and last MiB (a full hash of a 9 GB T5 would cost more than the training it keys)."""
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        digest.update(path.name.encode())
+        size = path.stat().st_size
+        digest.update(str(size).encode())
+        with path.open("rb") as f:
+            digest.update(f.read(sample_bytes))
+            if size > 2 * sample_bytes:
+                f.seek(-sample_bytes, os.SEEK_END)
+                digest.update(f.read(sample_bytes))
+    return digest.hexdigest()

@@ -1,0 +1,140 @@
+"""The fused training ops: `add_noise` (noise the batch, make the target) and `dreambooth_loss` (subject rows plus
+prior rows in one pass, gradient written in the same pass).
+
+They run the native kernels of `dreambooth_fast._C` (csrc/) where those are built for the tensor's device, else
+the same math in plain PyTorch (reference.py); `native_status()` says which devices have native kernels. The
+native ops are registered with torch.library (fake tensors, autograd), so they work under autograd and
+torch.compile(fullgraph=True).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from . import reference
+
+try:
+    from . import _C
+except ImportError as err:  # not built, or built against another torch
+    _C = None
+    warnings.warn(
+        f"dreambooth_fast: the native extension did not load ({err}); using the plain PyTorch reference ops. "
+        "Rebuild it with `pip install --no-build-isolation -e .`",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+_OPS = ("dreambooth_fast::add_noise", "dreambooth_fast::dreambooth_loss")
+
+
+def _has_kernels(dispatch_key: str) -> bool:
+    return _C is not None and all(torch._C._dispatch_has_kernel_for_dispatch_key(op, dispatch_key) for op in _OPS)
+
+
+# Device type -> native kernels built. Read once here: a lookup at call time would break torch.compile graphs.
+_NATIVE = {"cpu": _has_kernels("CPU"), "cuda": _has_kernels("CUDA")}
+
+
+def native_status() -> dict[str, bool]:
+    """Which devices run the native kernels: {"cpu": bool, "cuda": bool}."""
+    return dict(_NATIVE)
+
+
+def native_cpu_kernels() -> str | None:
+    """The instruction set of the native CPU kernels on this machine ("AVX2" or "DEFAULT"), None when not built."""
+    return _C.cpu_kernels if _C is not None else None
+
+
+def add_noise(
+    x0: torch.Tensor,
+    eps: torch.Tensor,
+    timesteps: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    prediction_type: str = "epsilon",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_t, target) with x_t = sqrt(ac[t]) x0 + sqrt(1 - ac[t]) eps per sample (ac = alphas_cumprod) and the
+    training target of prediction_type: eps ("epsilon"), v = sqrt(ac[t]) eps - sqrt(1 - ac[t]) x0
+    ("v_prediction") or x0 ("sample"). Math in float32 (float64 for float64), outputs in x0's dtype; x_t and v are
+    contiguous. timesteps (int64/int32) and the table (float32/float64) are moved to x0's device."""
+    if not _NATIVE.get(x0.device.type, False):
+        return reference.add_noise(x0, eps, timesteps, alphas_cumprod, prediction_type)
+    x_t, v = torch.ops.dreambooth_fast.add_noise(
+        x0, eps, timesteps.to(x0.device), alphas_cumprod.to(x0.device), prediction_type
+    )
+    if prediction_type == "v_prediction":
+        return x_t, v
+    return x_t, x0 if prediction_type == "sample" else eps
+
+
+def dreambooth_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    n_instance: int | None = None,
+    prior_weight: float = 1.0,
+) -> torch.Tensor:
+    """Scalar loss: the mean over subject rows [0, n_instance) of weights[i] * mean_j (pred - target)^2 (weights
+    None = 1), plus prior_weight times the mean squared error over the remaining prior rows; n_instance None means
+    every row is a subject row. Float32 accumulation, result in pred's dtype. pred may be a strided view (the
+    epsilon half of a 6-channel output). weights are constants: no gradient flows to them."""
+    if not _NATIVE.get(pred.device.type, False):
+        return reference.dreambooth_loss(pred, target, weights, n_instance, prior_weight)
+    n_instance = pred.shape[0] if n_instance is None else n_instance
+    weights = None if weights is None else weights.detach().to(pred.device)
+    loss, _ = torch.ops.dreambooth_fast.dreambooth_loss(pred, target, weights, n_instance, float(prior_weight))
+    return loss
+
+
+def _add_noise_coefficients(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, like: torch.Tensor):
+    """sqrt(ac[t]) and sqrt(1 - ac[t]) shaped to broadcast over `like`, in its math dtype."""
+    math_dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    ac = alphas_cumprod.to(math_dtype)[timesteps].reshape(-1, *([1] * (like.dim() - 1)))
+    return ac.sqrt(), (1 - ac).sqrt()
+
+
+def _add_noise_setup_context(ctx, inputs, output) -> None:
+    _, _, timesteps, alphas_cumprod, prediction_type = inputs
+    ctx.save_for_backward(timesteps, alphas_cumprod)
+    ctx.velocity = prediction_type == "v_prediction"
+
+
+def _add_noise_backward(ctx, grad_xt, grad_v):
+    # x_t = a x0 + s eps and v = a eps - s x0 are linear in x0 and eps.
+    timesteps, alphas_cumprod = ctx.saved_tensors
+    a, s = _add_noise_coefficients(timesteps, alphas_cumprod, grad_xt)
+    grad_x0, grad_eps = a * grad_xt, s * grad_xt
+    if ctx.velocity:
+        grad_x0, grad_eps = grad_x0 - s * grad_v, grad_eps + a * grad_v
+    return grad_x0.to(grad_xt.dtype), grad_eps.to(grad_xt.dtype), None, None, None
+
+
+def _loss_setup_context(ctx, inputs, output) -> None:
+    _, grad_pred = output
+    ctx.save_for_backward(grad_pred)
+    ctx.mark_non_differentiable(grad_pred)
+
+
+def _loss_backward(ctx, grad_loss, _):
+    (grad_pred,) = ctx.saved_tensors
+    grad = grad_pred * grad_loss
+    return grad, -grad if ctx.needs_input_grad[1] else None, None, None, None
+
+
+if _C is not None:
+
+    @torch.library.register_fake("dreambooth_fast::add_noise")
+    def _add_noise_fake(x0, eps, timesteps, alphas_cumprod, prediction_type):
+        return x0.new_empty(x0.shape), x0.new_empty(x0.shape if prediction_type == "v_prediction" else (0,))
+
+    @torch.library.register_fake("dreambooth_fast::dreambooth_loss")
+    def _dreambooth_loss_fake(pred, target, weights, n_instance, prior_weight):
+        return pred.new_empty(()), pred.new_empty(pred.shape)
+
+    torch.library.register_autograd(
+        "dreambooth_fast::add_noise", _add_noise_backward, setup_context=_add_noise_setup_context
+    )
+    torch.library.register_autograd(
+        "dreambooth_fast::dreambooth_loss", _loss_backward, setup_context=_loss_setup_context
+    )

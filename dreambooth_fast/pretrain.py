@@ -1,0 +1,295 @@
+"""Pretrain the embedded default model from scratch on the toy world, in DeepFloyd IF's layout.
+
+    python -m dreambooth_fast.pretrain --out DIR [--steps N] [--resume] [--threads 1]
+
+What is trained, as IF trains its stages, at toy size:
+- a SentencePiece tokenizer on the toy captions plus filler text (so rare tokens exist, as in T5's vocabulary);
+- a small T5 encoder jointly with the 32 px base UNet (IF's T5 is frozen and pretrained; ours has no
+  pretraining to borrow, so the base stage's loss teaches it), captions dropped 10% of the time for
+  classifier-free guidance;
+- the 32->64 px SR UNet on the same (detached) text embeddings, its low-res input upsampled and
+  noise-augmented to a level drawn uniformly over the noising schedule, the level its class label.
+Both UNets predict epsilon in the first half of their 6-channel learned-range output (MSE); the variance half
+is pulled to -1 (the posterior variance, a fixed-variance choice; IF learns it with the VLB).
+
+Every step draws its batch and noise from (seed, step), so a resumed run is the run that was not stopped. The
+checkpoint (DIR/checkpoint.pt, EMA weights included) is written every --checkpoint-every steps; the IF layout
+(EMA weights) and DIR/pretrain.json (the cost: steps, wall time, threads) are written at the end. To export a
+stopped run as it is: --resume --steps <its last checkpointed step>.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import toy_world
+from .fileio import atomic_write, atomic_write_dir, atomic_write_json
+from .models import STAGE_2_DIR
+from .text import MAX_LENGTH, preprocess_prompt
+from .tiny_cascade import _training_text, if_scheduler_config
+
+BASE_SIZE = 32
+SR_SIZE = 64
+TEXT_DIM = 64
+VOCAB_SIZE = 1000
+CHECKPOINT = "checkpoint.pt"
+COST_FILE = "pretrain.json"
+LAYOUT = ("model_index.json", "unet", "text_encoder", "tokenizer", "scheduler", STAGE_2_DIR)
+
+
+def text_encoder_config(vocab_size: int) -> dict:
+    return dict(vocab_size=vocab_size, d_model=TEXT_DIM, d_kv=16, d_ff=2 * TEXT_DIM, num_layers=2, num_heads=4,
+                relative_attention_num_buckets=16, dropout_rate=0.0, feed_forward_proj="gated-gelu",
+                pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+
+
+def _unet_config(sample_size: int, widths: list[int], down: list[str], up: list[str], sr: bool) -> dict:
+    config = dict(
+        sample_size=sample_size, layers_per_block=1, block_out_channels=widths, down_block_types=down,
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn", up_block_types=up, in_channels=6 if sr else 3,
+        out_channels=6, cross_attention_dim=widths[-1], encoder_hid_dim=TEXT_DIM, attention_head_dim=16,
+        addition_embed_type="text", addition_embed_type_num_heads=2, cross_attention_norm="group_norm",
+        resnet_time_scale_shift="scale_shift", act_fn="gelu", norm_num_groups=8,
+    )
+    if sr:
+        config.update(class_embed_type="timestep", mid_block_scale_factor=1.414, time_embedding_act_fn="gelu")
+    return config
+
+
+def base_unet_config() -> dict:
+    """IF-I's block layout at toy size: a ResNet level at 32 px, cross-attention levels at 16 and 8 px."""
+    return _unet_config(BASE_SIZE, [32, 64, 64],
+                        ["ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D", "SimpleCrossAttnDownBlock2D"],
+                        ["SimpleCrossAttnUpBlock2D", "SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"], sr=False)
+
+
+def sr_unet_config() -> dict:
+    """IF-II's block layout at toy size: ResNet levels at 64 and 32 px, cross-attention at 16 px."""
+    return _unet_config(SR_SIZE, [16, 32, 64],
+                        ["ResnetDownsampleBlock2D", "ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"],
+                        ["SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D", "ResnetUpsampleBlock2D"], sr=True)
+
+
+def train_tokenizer(folder: Path, seed: int, vocab_size: int = VOCAB_SIZE) -> None:
+    """A T5-style SentencePiece model (pad=0, eos=1, unk=2) on toy captions plus the filler text and random
+    letter strings of tiny_cascade (a rare tail of short pieces, as T5's vocabulary has)."""
+    import io
+
+    import sentencepiece as spm
+
+    rng = random.Random(seed)
+    captions = [toy_world.caption(toy_world.random_scene(rng, train=False), rng) for _ in range(6000)]
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(captions + _training_text(seed)), model_writer=buf, vocab_size=vocab_size,
+        model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0,
+        hard_vocab_limit=False, minloglevel=2, num_threads=1,
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "spiece.model").write_bytes(buf.getvalue())
+
+
+def toy_batch(seed: int, step: int, n: int, drop: float = 0.1) -> tuple[torch.Tensor, list[str]]:
+    """Step `step`'s training batch: 64 px images in [-1, 1] and captions ("" with probability `drop`)."""
+    rng = random.Random(seed * 1_000_003 + step)
+    images, captions = [], []
+    for _ in range(n):
+        scene = toy_world.random_scene(rng)
+        images.append(np.asarray(toy_world.render(scene, SR_SIZE)))
+        captions.append("" if rng.random() < drop else toy_world.caption(scene, rng))
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return x, captions
+
+
+class Models(torch.nn.Module):
+    def __init__(self, vocab_size: int):
+        from diffusers import UNet2DConditionModel
+        from transformers import T5Config, T5EncoderModel
+
+        super().__init__()
+        self.text_encoder = T5EncoderModel(T5Config(**text_encoder_config(vocab_size)))
+        self.base_unet = UNet2DConditionModel(**base_unet_config())
+        self.sr_unet = UNet2DConditionModel(**sr_unet_config())
+
+
+def add_noise(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor):
+    a = alphas_cumprod[t].view(-1, 1, 1, 1)
+    return a.sqrt() * x0 + (1 - a).sqrt() * eps, eps
+
+
+def _epsilon_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    eps, var = pred[:, :3], pred[:, 3:]
+    return F.mse_loss(eps, target) + 0.1 * F.mse_loss(var, torch.full_like(var, -1.0))
+
+
+def _ema_update(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for name, value in model.state_dict().items():
+            if value.dtype.is_floating_point:
+                ema[name].lerp_(value, 1 - decay)
+            else:
+                ema[name].copy_(value)
+
+
+def export_layout(models: Models, ema: dict[str, torch.Tensor], tokenizer_dir: Path, out: Path) -> None:
+    """Write the EMA weights in IF's layout into `out` (each component swapped in atomically)."""
+    from diffusers import DDPMScheduler, IFPipeline, IFSuperResolutionPipeline
+    from transformers import T5Tokenizer
+
+    final = copy.deepcopy(models)
+    final.load_state_dict(ema)
+    tokenizer = T5Tokenizer.from_pretrained(tokenizer_dir, extra_ids=0)
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        built = Path(tmp)
+        IFPipeline(
+            tokenizer=tokenizer, text_encoder=final.text_encoder, unet=final.base_unet,
+            scheduler=DDPMScheduler(**if_scheduler_config(sample_max_value=1.5)),
+            safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False,
+        ).save_pretrained(built, safe_serialization=True)
+        IFSuperResolutionPipeline(
+            tokenizer=tokenizer, text_encoder=None, unet=final.sr_unet,
+            scheduler=DDPMScheduler(**if_scheduler_config(sample_max_value=1.0)),
+            image_noising_scheduler=DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2"),
+            safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False,
+        ).save_pretrained(built / STAGE_2_DIR, safe_serialization=True)
+        for name in LAYOUT:
+            if (built / name).is_dir():
+                atomic_write_dir(out / name, lambda dst, src=built / name: shutil.copytree(src, dst))
+            else:
+                atomic_write(out / name, lambda dst, src=built / name: shutil.copyfile(src, dst))
+
+
+def pretrain(out: str | Path, steps: int = 3000, *, resume: bool = False, seed: int = 0, threads: int = 1,
+             base_batch: int = 16, sr_batch: int = 6, lr: float = 8e-4, warmup: int = 200,
+             ema_decay: float = 0.995, checkpoint_every: int = 50) -> Path:
+    """Pretrain (or resume) the toy cascade into `out`; return `out`."""
+    from transformers import T5Tokenizer
+
+    torch.set_num_threads(threads)
+    out = Path(out)
+    ckpt_path = out / CHECKPOINT
+    if resume and not ckpt_path.is_file():
+        raise SystemExit(f"--resume: {ckpt_path} does not exist; start without --resume")
+    if not resume and ckpt_path.is_file():
+        raise SystemExit(f"{out} already holds a pretraining run: pass --resume to continue it")
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer_dir = out / "tokenizer"
+    if not resume:
+        atomic_write_dir(tokenizer_dir, lambda tmp: train_tokenizer(tmp, seed))
+    tokenizer = T5Tokenizer.from_pretrained(tokenizer_dir, extra_ids=0)
+
+    torch.manual_seed(seed)
+    models = Models(len(tokenizer))
+    base_params = [*models.text_encoder.parameters(), *models.base_unet.parameters()]
+    opt_base = torch.optim.AdamW(base_params, lr=lr, weight_decay=0.0)
+    opt_sr = torch.optim.AdamW(models.sr_unet.parameters(), lr=lr, weight_decay=0.0)
+    ema = {k: v.detach().clone() for k, v in models.state_dict().items()}
+    start, wall, losses = 0, 0.0, {"base": [], "sr": []}
+    if resume:
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        models.load_state_dict(state["model"])
+        ema = state["ema"]
+        opt_base.load_state_dict(state["opt_base"])
+        opt_sr.load_state_dict(state["opt_sr"])
+        start, wall, losses = state["step"], state["wall_s"], state["losses"]
+
+    base_sched = if_scheduler_config()
+    from diffusers import DDPMScheduler
+
+    alphas = DDPMScheduler(**base_sched).alphas_cumprod
+    noising = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2").alphas_cumprod
+
+    def save(step: int, elapsed: float) -> None:
+        state = {"model": models.state_dict(), "ema": ema, "opt_base": opt_base.state_dict(),
+                 "opt_sr": opt_sr.state_dict(), "step": step, "wall_s": elapsed, "losses": losses}
+        atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
+
+    models.train()
+    t0 = time.time() - wall
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc="pretrain", mininterval=10)
+    for step in bar:
+        for group in (*opt_base.param_groups, *opt_sr.param_groups):
+            group["lr"] = lr * min(1.0, (step + 1) / warmup)
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        x64, captions = toy_batch(seed, step, base_batch)
+        x32 = F.interpolate(x64, (BASE_SIZE, BASE_SIZE), mode="area")
+        tokens = tokenizer([preprocess_prompt(c) for c in captions], padding="max_length", max_length=MAX_LENGTH,
+                           truncation=True, return_tensors="pt")
+        embeds = models.text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask)[0]
+
+        t = torch.randint(0, len(alphas), (base_batch,), generator=gen)
+        noisy, target = add_noise(x32, torch.randn(x32.shape, generator=gen), t, alphas)
+        base_loss = _epsilon_loss(models.base_unet(noisy, t, encoder_hidden_states=embeds).sample, target)
+        opt_base.zero_grad(set_to_none=True)
+        base_loss.backward()
+        torch.nn.utils.clip_grad_norm_(base_params, 1.0)
+        opt_base.step()
+
+        # SR: the first rows of the same batch, low-res upsampled as IF's pipeline does, then noise-augmented.
+        hi = x64[:sr_batch]
+        low = F.interpolate(x32[:sr_batch], (SR_SIZE, SR_SIZE), mode="bilinear", align_corners=True)
+        levels = torch.randint(0, len(noising), (sr_batch,), generator=gen)
+        low, _ = add_noise(low, torch.randn(low.shape, generator=gen), levels, noising)
+        t = torch.randint(0, len(alphas), (sr_batch,), generator=gen)
+        noisy, target = add_noise(hi, torch.randn(hi.shape, generator=gen), t, alphas)
+        pred = models.sr_unet(torch.cat([noisy, low], 1), t, encoder_hidden_states=embeds[:sr_batch].detach(),
+                              class_labels=levels).sample
+        sr_loss = _epsilon_loss(pred, target)
+        opt_sr.zero_grad(set_to_none=True)
+        sr_loss.backward()
+        torch.nn.utils.clip_grad_norm_(models.sr_unet.parameters(), 1.0)
+        opt_sr.step()
+
+        _ema_update(ema, models, min(ema_decay, (1 + step) / (10 + step)))
+        losses["base"].append(round(base_loss.item(), 5))
+        losses["sr"].append(round(sr_loss.item(), 5))
+        if (step + 1) % 10 == 0:
+            bar.set_postfix(base=f"{np.mean(losses['base'][-50:]):.4f}", sr=f"{np.mean(losses['sr'][-50:]):.4f}")
+        if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
+            save(step + 1, time.time() - t0)
+    bar.close()
+    wall = time.time() - t0 if steps > start else wall
+
+    export_layout(models, ema, tokenizer_dir, out)
+    n_params = {name: sum(p.numel() for p in module.parameters()) for name, module in models.named_children()}
+    atomic_write_json(out / COST_FILE, {
+        "steps": steps, "wall_s": round(wall, 1), "threads": threads, "device": "cpu",
+        "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "seed": seed,
+        "base_batch": base_batch, "sr_batch": sr_batch, "lr": lr, "warmup": warmup, "ema_decay": ema_decay,
+        "parameters": n_params, "torch": torch.__version__,
+        "final_loss": {k: round(float(np.mean(v[-100:])), 5) for k, v in losses.items() if v},
+        "command": f"python -m dreambooth_fast.pretrain --out {out} --steps {steps} --threads {threads}",
+    })
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, help="output directory (IF layout + checkpoint.pt + pretrain.json)")
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--base-batch", type=int, default=16)
+    parser.add_argument("--sr-batch", type=int, default=6)
+    parser.add_argument("--checkpoint-every", type=int, default=50)
+    args = parser.parse_args(argv)
+    pretrain(args.out, args.steps, resume=args.resume, seed=args.seed, threads=args.threads,
+             base_batch=args.base_batch, sr_batch=args.sr_batch, checkpoint_every=args.checkpoint_every)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""Class images for prior preservation: generated once by the frozen cascade for "a [class noun]", cached.
+
+The cache directory is keyed by what decides the images (the frozen weights, the prompt, the sampler
+settings, the seed); `key.json` beside the images records those inputs. Images are saved as they are made,
+batch by batch, each batch drawn from its own seed, so an interrupted run resumes where it stopped and
+gives the same images as an uninterrupted one. Stage I images are kept at the base resolution (`base/`) and,
+when the SR stage is trained, their upscaling by the frozen SR stage at the SR resolution (`sr/`): the SR
+stage's prior pairs are (class image at base resolution, its frozen-SR upscaling), so it keeps its general
+skill on the class.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .fileio import atomic_write_json
+from .images import save_pngs
+from .models import Cascade, weights_fingerprint
+from .sample import sample_base, sample_sr, torch_unet_fn
+
+
+@dataclass(frozen=True)
+class PriorSettings:
+    prompt: str
+    base_steps: int
+    guidance_scale: float
+    sr_steps: int
+    sr_guidance_scale: float
+    sr_noise_level: int
+    with_sr: bool
+    seed: int
+    batch_size: int
+
+
+def default_cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "dreambooth-fast" / "class-images"
+
+
+def cache_key(cascade: Cascade, settings: PriorSettings) -> dict:
+    """Everything that decides the class images. The dtype is left out on purpose: fp32 and bf16 sampling
+    of the same weights draw the same distribution."""
+    return {
+        "base_unet": weights_fingerprint(cascade.base_dir / "unet"),
+        "sr_unet": weights_fingerprint(cascade.sr_dir / "unet") if settings.with_sr else None,
+        "text_encoder": weights_fingerprint(cascade.base_dir / "text_encoder"),
+        **asdict(settings),
+    }
+
+
+def cache_dir_for(key: dict, root: Path) -> Path:
+    digest = hashlib.sha256(repr(sorted(key.items())).encode()).hexdigest()[:16]
+    return root / digest
+
+
+def _done(folder: Path, n: int) -> int:
+    """How many leading images (0000.png, 0001.png, ...) are already there (names as images.save_pngs writes them)."""
+    i = 0
+    while i < n and (folder / f"{i:04d}.png").is_file():
+        i += 1
+    return i
+
+
+@torch.no_grad()
+def generate_class_images(
+    cascade: Cascade,
+    class_embeds: torch.Tensor,
+    negative_embeds: torch.Tensor,
+    n: int,
+    settings: PriorSettings,
+    cache_root: Path | None = None,
+) -> Path:
+    """Make sure `n` class images exist in the cache and return their directory (base/ and, with SR, sr/).
+
+    `class_embeds` and `negative_embeds` are one row each (the class prompt and the empty prompt)."""
+    key = cache_key(cascade, settings)
+    folder = cache_dir_for(key, cache_root or default_cache_root())
+    folders = [folder / "base"] + ([folder / "sr"] if settings.with_sr else [])
+    done = min(_done(f, n) for f in folders)
+    if done >= n:
+        return folder
+    atomic_write_json(folder / "key.json", key)
+    base_fn = torch_unet_fn(cascade.base_unet)
+    sr_fn = torch_unet_fn(cascade.sr_unet) if settings.with_sr else None
+    place = {"device": cascade.base_unet.device, "dtype": cascade.base_unet.dtype}
+    start = done - done % settings.batch_size  # batches are the unit of resumption
+    bar = tqdm(total=n, initial=start, desc=f"class images for {settings.prompt!r}", unit="img")
+    for first in range(start, n, settings.batch_size):
+        count = min(settings.batch_size, n - first)
+        generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + first)
+        cond = class_embeds.to(**place).expand(count, -1, -1)
+        uncond = negative_embeds.to(**place)
+        base = sample_base(
+            base_fn,
+            cascade.base_scheduler,
+            cond,
+            uncond,
+            size=cascade.base_size,
+            steps=settings.base_steps,
+            guidance_scale=settings.guidance_scale,
+            generator=generator,
+            progress=False,
+        )
+        if sr_fn is not None:
+            sr = sample_sr(
+                sr_fn,
+                cascade.sr_scheduler,
+                cascade.sr_noising_scheduler,
+                base,
+                cond,
+                uncond,
+                size=cascade.sr_size,
+                steps=settings.sr_steps,
+                guidance_scale=settings.sr_guidance_scale,
+                noise_level=settings.sr_noise_level,
+                generator=generator,
+                progress=False,
+            )
+            save_pngs(sr, folder / "sr", prefix="", start=first)
+        # The base image is written last: a batch counts as done once base/ has it.
+        save_pngs(base, folder / "base", prefix="", start=first)
+        bar.update(count)
+    bar.close()
+    return folder

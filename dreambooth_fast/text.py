@@ -1,0 +1,41 @@
+"""Prompt embeddings exactly as diffusers' `IFPipeline.encode_prompt` computes them (with clean_caption=False).
+
+That means: each prompt lower-cased and stripped (diffusers does this even without caption cleaning, so an
+identifier must survive lower-casing), tokenised with padding to `max_length` (77, what IF's T5 was trained
+with) and truncation, and the attention mask passed to the encoder. Embeddings come back in the text
+encoder's dtype, on its device.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+MAX_LENGTH = 77
+
+
+def preprocess_prompt(prompt: str) -> str:
+    """The text diffusers actually tokenises for `prompt` when caption cleaning is off."""
+    return prompt.lower().strip()
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer, text_encoder, prompts: list[str], max_length: int = MAX_LENGTH) -> torch.Tensor:
+    """T5 embeddings of `prompts`, shape (len(prompts), max_length, dim); warns when a prompt is truncated."""
+    texts = [preprocess_prompt(p) for p in prompts]
+    inputs = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True,
+                       add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+    for text, ids in zip(texts, tokenizer(texts, add_special_tokens=True).input_ids):
+        if len(ids) > max_length:
+            removed = tokenizer.decode(ids[max_length - 1:-1])
+            warnings.warn(f"prompt {text!r} is longer than {max_length} tokens; this part was cut: {removed!r}",
+                          stacklevel=2)
+    device = text_encoder.device
+    embeds = text_encoder(inputs.input_ids.to(device), attention_mask=inputs.attention_mask.to(device))[0]
+    return embeds.to(dtype=text_encoder.dtype)
+
+
+def encode_negative(tokenizer, text_encoder, n: int = 1, max_length: int = MAX_LENGTH) -> torch.Tensor:
+    """The unconditional (empty prompt) embedding IF uses for classifier-free guidance, repeated `n` times."""
+    return encode_prompts(tokenizer, text_encoder, [""] * n, max_length)

@@ -1,0 +1,149 @@
+"""The toy world's measured miniature of the paper: sample a cascade, read the pictures with the judge.
+
+For any cascade trained on the toy world (the embedded default model, or a DreamBooth run made from it):
+- prompt fidelity on the held-out (shape, colour) captions: shape right, colour right, both right.
+For a DreamBooth run (a directory with dreambooth.json) also, with its identifier and class noun:
+- subject fidelity: share of recontextualisation samples ("a [V] heart on a red striped background") that
+  show the subject, and share with the requested background colour (and pattern);
+- PRES: share of class-prompt samples ("a heart") that show the subject (language drift);
+- DIV: share of pairs of class-prompt samples whose judged (object colour, background, pattern) differ.
+Judged at the base stage's 32 px (the judge reads that resolution without loss; see tests/test_judge.py).
+
+    python -m dreambooth_fast.toy_eval --model DIR [--n 4] [--out DIR/toy_eval.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import toy_world as world
+from .errors import UserError
+from .fileio import atomic_write_json
+from .judge import Verdict, judge
+
+STEPS = 50
+GUIDANCE = 7.0
+BATCH = 16
+RUN_FILE = "dreambooth.json"
+# New places for the subject: none of these is a background of its 4 images (toy_world.SUBJECT_BACKGROUNDS).
+RECONTEXT = (("red", "plain"), ("white", "plain"), ("red", "striped"), ("white", "dotted"), ("green", "checked"),
+             ("black", "striped"), ("blue", "dotted"), ("orange", "plain"))
+
+
+def sample_images(cascade, prompts: list[str], seed: int, steps: int = STEPS,
+                  guidance: float = GUIDANCE) -> list[np.ndarray]:
+    """Base-stage samples (HxWx3 uint8), image i drawn with seed + i."""
+    from .sample import generate_cascade
+
+    images = []
+    for start in range(0, len(prompts), BATCH):
+        chunk = prompts[start:start + BATCH]
+        generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
+        x = generate_cascade(cascade, chunk, stages=("base",), base_steps=steps, base_guidance=guidance,
+                             generator=generators, progress=False)["base"]
+        images += list(((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
+    return images
+
+
+def prompt_fidelity(cascade, n: int = 4, seed: int = 0, **sampling) -> dict:
+    """Shape, colour and both right on the held-out (shape, colour) captions, `n` samples per pair."""
+    cases = world.held_out_prompts(seed, per_pair=n)
+    verdicts = [judge(im) for im in sample_images(cascade, [p for p, _ in cases], seed, **sampling)]
+    shape = [v.shape == s.shape for v, (_, s) in zip(verdicts, cases)]
+    colour = [v.colour == s.colour for v, (_, s) in zip(verdicts, cases)]
+    return {"n": len(cases), "shape": float(np.mean(shape)), "colour": float(np.mean(colour)),
+            "shape_and_colour": float(np.mean([a and b for a, b in zip(shape, colour)]))}
+
+
+def diversity(verdicts: list[Verdict]) -> float:
+    """Share of pairs whose judged (object colour, background colour, pattern) differ."""
+    keys = [(v.colours, v.background, v.pattern) for v in verdicts]
+    pairs = list(itertools.combinations(keys, 2))
+    return float(np.mean([a != b for a, b in pairs])) if pairs else 0.0
+
+
+def subject_metrics(cascade, ident: str, class_noun: str, n: int = 4, seed: int = 0, **sampling) -> dict:
+    """Subject and background fidelity on the recontextualisation prompts; PRES and DIV on the class prompt."""
+    cases = [(f"a {ident} {class_noun} on {world.with_article(world.background_phrase(c, p))}", c, p)
+             for c, p in RECONTEXT for _ in range(n)]
+    verdicts = [judge(im) for im in sample_images(cascade, [p for p, _, _ in cases], seed, **sampling)]
+    class_verdicts = [judge(im) for im in
+                      sample_images(cascade, [f"a {class_noun}"] * (len(RECONTEXT) * n), seed + 10_000, **sampling)]
+    return {
+        "n": len(cases),
+        "subject": float(np.mean([v.subject for v in verdicts])),
+        "background": float(np.mean([v.background == c for v, (_, c, _) in zip(verdicts, cases)])),
+        "background_and_pattern": float(np.mean([v.background == c and v.pattern == p
+                                                 for v, (_, c, p) in zip(verdicts, cases)])),
+        "subject_and_background": float(np.mean([v.subject and v.background == c
+                                                 for v, (_, c, _) in zip(verdicts, cases)])),
+        "n_class": len(class_verdicts),
+        "pres": float(np.mean([v.subject for v in class_verdicts])),
+        "div": diversity(class_verdicts),
+    }
+
+
+def evaluate(model_dir: str | Path, *, n: int = 4, seed: int = 0, steps: int = STEPS, guidance: float = GUIDANCE,
+             out: str | Path | None = None) -> tuple[dict, Path]:
+    """Measure a toy-world cascade (and, for a DreamBooth run, its subject); write the results as JSON."""
+    from .models import load_cascade
+
+    model_dir = Path(model_dir)
+    torch.manual_seed(seed)
+    random.seed(seed)
+    cascade = load_cascade(model_dir, stages=("base",))
+    results: dict = {"model": str(model_dir), "steps": steps, "guidance": guidance, "seed": seed,
+                     "prompt_fidelity": prompt_fidelity(cascade, n, seed, steps=steps, guidance=guidance)}
+    run_file = model_dir / RUN_FILE
+    if run_file.is_file():
+        run = json.loads(run_file.read_text())
+        results["identifier"], results["class_noun"] = run["identifier"], run["class_noun"]
+        results["prior_preservation"] = run.get("config", {}).get("prior_preservation")
+        results["dreambooth"] = subject_metrics(cascade, run["identifier"], run["class_noun"], n, seed, steps=steps,
+                                                guidance=guidance)
+    path = Path(out) if out else model_dir / "toy_eval.json"
+    atomic_write_json(path, results)
+    return results, path
+
+
+def format_results(results: dict) -> str:
+    pf = results["prompt_fidelity"]
+    lines = [f"model: {results['model']}",
+             f"held-out prompt fidelity ({pf['n']} samples): shape {pf['shape']:.0%}, colour {pf['colour']:.0%}, "
+             f"both {pf['shape_and_colour']:.0%}"]
+    if "dreambooth" in results:
+        d = results["dreambooth"]
+        lines += [f"subject fidelity ({d['n']} recontextualisation samples): subject {d['subject']:.0%}, "
+                  f"requested background {d['background']:.0%} (with pattern {d['background_and_pattern']:.0%}), "
+                  f"both {d['subject_and_background']:.0%}",
+                  f"class prompt ({d['n_class']} samples): PRES {d['pres']:.0%}, DIV {d['div']:.2f}"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Judge a toy-world cascade (see dreambooth_fast/toy_eval.py).")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--n", type=int, default=4, help="samples per prompt")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--guidance", type=float, default=GUIDANCE)
+    parser.add_argument("--out")
+    args = parser.parse_args(argv)
+    try:
+        results, path = evaluate(args.model, n=args.n, seed=args.seed, steps=args.steps, guidance=args.guidance,
+                                 out=args.out)
+    except UserError as err:
+        raise SystemExit(f"error: {err}") from None
+    print(format_results(results))
+    print(f"results: {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,556 @@
+"""DreamBooth fine-tuning of a cascade, stage by stage (base, then super-resolution).
+
+One run: validate every input before anything is written; pick or check the identifier; encode the prompts
+once and free the text encoder; make (or reuse) the class images with the frozen cascade; then per stage
+train the UNet on subject rows plus prior rows with the fused ops, checkpointing atomically, and write the
+tuned UNet into the output directory, which mirrors the input's IF layout plus dreambooth.json.
+
+The step (per micro-batch): sample t and noise for subject + prior rows -> `ops.add_noise` -> UNet (the
+SR stage's input is [x_t, noise-augmented upscaled low-res image], the augmentation level its class label)
+-> epsilon half of the 6-channel output -> `ops.dreambooth_loss` -> backward -> clip -> optimizer -> lr.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import __version__, data, identifier, lora, ops
+from .checkpoint import load_checkpoint, mark_stage_done, read_latest, save_checkpoint
+from .config import TrainConfig
+from .errors import UserError
+from .fileio import atomic_write_dir, atomic_write_json, link_or_copy_tree
+from .images import make_grid, save_png, to_pil
+from .models import STAGE_2_DIR, Cascade, check_stage_dir, find_sr_dir, load_cascade, load_tokenizer
+from .prior import PriorSettings, generate_class_images
+from .sample import BASE_GUIDANCE, SR_GUIDANCE, SR_NOISE_LEVEL, sample_base, sample_sr, torch_unet_fn
+from .snr import min_snr_weights
+from .text import encode_negative, encode_prompts
+
+RUN_FILE = "dreambooth.json"
+CHECKPOINTS = "checkpoints"
+VALIDATION = "validation"
+# What a run adds beside the model layout; not copied when a tuned model is the input of another run.
+RUN_ARTIFACTS = (RUN_FILE, CHECKPOINTS, VALIDATION)
+VALIDATION_STEPS = 25
+CLASS_IMAGE_BATCH = 4
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Options that may change between a run and its --resume (they do not change what is learnt).
+RESUMABLE_CHANGES = {"steps", "sr_steps", "checkpoint_every", "validation_every", "validation_prompt", "device"}
+
+
+@dataclass
+class Prompts:
+    identifier: str
+    instance: str
+    class_: str
+    instance_embeds: torch.Tensor
+    class_embeds: torch.Tensor
+    negative_embeds: torch.Tensor
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(
+            f"--device {name}: no CUDA device is available here (torch {torch.__version__}); use --device cpu"
+        )
+    return torch.device(name)
+
+
+def default_model_dir() -> Path:
+    """The model used without --model: the embedded default when the package ships one, else a tiny random
+    cascade built once into the user cache (useful for trying the tool, not for pictures)."""
+    from .prior import default_cache_root
+    from .tiny_cascade import build_tiny_cascade
+
+    path = default_cache_root().parent / "tiny-cascade"
+    if not (path / "model_index.json").is_file() or not (path / STAGE_2_DIR / "model_index.json").is_file():
+        tqdm.write(f"no --model given: building a tiny random IF cascade at {path} (a stand-in for a real model)")
+        shutil.rmtree(path, ignore_errors=True)
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        build_tiny_cascade(tmp)
+        tmp.rename(path)
+    return path
+
+
+def check_output_dir(output: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to write into a directory that holds something else; --overwrite replaces only a dbfast run."""
+    if not output.exists():
+        if resume:
+            raise UserError(f"--resume: {output} does not exist; start a new run without --resume")
+        return
+    if not output.is_dir():
+        raise UserError(f"--output {output} is a file; choose a directory")
+    is_run = (output / RUN_FILE).is_file() or (output / CHECKPOINTS).is_dir()
+    if resume:
+        if not (output / CHECKPOINTS / "latest.json").is_file():
+            raise UserError(f"--resume: {output} has no checkpoint to resume from")
+        return
+    if any(output.iterdir()):
+        if not is_run:
+            raise UserError(f"--output {output} is not empty and holds no dbfast run; choose another directory")
+        if not overwrite:
+            raise UserError(
+                f"--output {output} already holds a run: pass --resume to continue it or --overwrite to replace it"
+            )
+
+
+def _stage_dir(out: Path, stage: str) -> Path:
+    return out if stage == "base" else out / STAGE_2_DIR
+
+
+def _pick_stages(cfg: TrainConfig, has_sr: bool) -> list[str]:
+    if "sr" in cfg.stages and not has_sr:
+        if cfg.stages == ("sr",):
+            raise UserError(f"--stages sr: {cfg.model} has no stage II (stage_2/); pass --sr-model DIR")
+        tqdm.write(f"{cfg.model} has no stage II (stage_2/): training the base stage only")
+    return [s for s in ("base", "sr") if s in cfg.stages and (s == "base" or has_sr)]
+
+
+def make_prompts(cascade: Cascade, cfg: TrainConfig) -> Prompts:
+    """The identifier (given, or the rare-token search's pick), both prompts and their embeddings."""
+    tok = cascade.tokenizer
+    ident = cfg.identifier or identifier.choose_identifier(tok, n_tokens=cfg.identifier_tokens, seed=cfg.seed)
+    instance, class_ = identifier.instance_prompt(ident, cfg.class_noun), identifier.class_prompt(cfg.class_noun)
+    embeds = encode_prompts(tok, cascade.text_encoder, [instance, class_])
+    negative = encode_negative(tok, cascade.text_encoder)
+    return Prompts(ident, instance, class_, embeds[:1], embeds[1:], negative)
+
+
+def _class_images(folder: Path, sub: str, size: int) -> torch.Tensor:
+    loaded = data.load_subject_images(folder / sub if (folder / sub).is_dir() else folder, option="--class-images-dir")
+    return data.prepare(loaded, size)
+
+
+def _upscaled(low_res: torch.Tensor, size: int) -> torch.Tensor:
+    # The SR conditioning image: a low-resolution image brought back to the SR size as IF's pipeline does.
+    return F.interpolate(low_res, (size, size), mode="bilinear", align_corners=True)
+
+
+@dataclass
+class StageData:
+    """Training rows of one stage: targets x0 and, for SR, the upscaled low-res conditioning per row."""
+
+    subject: torch.Tensor
+    subject_cond: torch.Tensor | None
+    prior: torch.Tensor | None
+    prior_cond: torch.Tensor | None
+
+
+def stage_data(
+    stage: str, cascade: Cascade, images: list, class_dir: Path | None, flip: bool, user_class_images: bool
+) -> StageData:
+    base_size = cascade.base_size
+    if stage == "base":
+        prior = _class_images(class_dir, "base", base_size) if class_dir else None
+        return StageData(data.prepare(images, base_size, flip=flip), None, prior, None)
+    sr_size = cascade.sr_size
+    subject = data.prepare(images, sr_size, flip=flip)
+    subject_cond = _upscaled(data.prepare(images, base_size, flip=flip), sr_size)
+    if class_dir is None:
+        return StageData(subject, subject_cond, None, None)
+    prior = _class_images(class_dir, "sr", sr_size)
+    # Generated pairs: the base image and its frozen-SR upscaling. User-given class images: downsampled.
+    low = (
+        _class_images(class_dir, "base", base_size)
+        if not user_class_images
+        else F.interpolate(prior, (base_size, base_size), mode="area")
+    )
+    return StageData(subject, subject_cond, prior, _upscaled(low, sr_size))
+
+
+def _lr_lambda(warmup: int):
+    return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+
+
+def _optimizer(params: list, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    if cfg.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise UserError("--use-8bit-adam needs bitsandbytes: pip install 'dreambooth-fast[bnb]'") from None
+        return bnb.optim.Adam8bit(params, lr=lr)
+    # The paper trains with Adam (no weight decay).
+    return torch.optim.Adam(params, lr=lr)
+
+
+class StageTrainer:
+    """Trains one stage's UNet; `run` returns the final loss."""
+
+    def __init__(
+        self,
+        stage: str,
+        unet: torch.nn.Module,
+        scheduler,
+        noising_scheduler,
+        rows: StageData,
+        prompts: Prompts,
+        cfg: TrainConfig,
+        device: torch.device,
+        out: Path,
+        completed: list[str],
+        validation: dict | None,
+    ):
+        self.stage, self.unet, self.cfg, self.device, self.out = stage, unet, cfg, device, out
+        self.rows, self.prompts, self.completed, self.validation = rows, prompts, completed, validation
+        self.scheduler = scheduler
+        self.alphas_cumprod = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
+        self.prediction_type = scheduler.config.prediction_type
+        self.noising_ac = (
+            noising_scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
+            if noising_scheduler is not None
+            else None
+        )
+        self.total_steps = (cfg.sr_steps or cfg.steps) if stage == "sr" else cfg.steps
+        self.generator = torch.Generator().manual_seed(cfg.seed + (0 if stage == "base" else 1))
+        if cfg.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        if cfg.lora_rank:
+            self.params = lora.add_lora(unet, cfg.lora_rank)
+        else:
+            unet.requires_grad_(True)
+            self.params = list(unet.parameters())
+        unet.train()
+        self.optimizer = _optimizer(self.params, cfg, cfg.learning_rate)
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg.lr_warmup_steps))
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+        self.step = 0
+        self.skipped = 0
+
+    # -- state ------------------------------------------------------------------------------------------
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return lora.adapter_state(self.unet) if self.cfg.lora_rank else self.unet.state_dict()
+
+    def save(self) -> None:
+        state = {
+            "step": self.step,
+            "skipped": self.skipped,
+            "optimizer": self.optimizer.state_dict(),
+            "lr_schedule": self.lr_schedule.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "generator": self.generator.get_state(),
+            "config": self.cfg.to_dict(),
+        }
+        save_checkpoint(self.out / CHECKPOINTS, self.stage, self.step, self.trainable_state(), state, self.completed)
+
+    def restore(self, weights: dict[str, torch.Tensor], state: dict) -> None:
+        if self.cfg.lora_rank:
+            lora.load_adapter_state(self.unet, weights)
+        else:
+            self.unet.load_state_dict(weights)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.generator.set_state(state["generator"])
+        self.step, self.skipped = state["step"], state["skipped"]
+
+    # -- one step ---------------------------------------------------------------------------------------
+    def _batch(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, int]:
+        """x0 (subject rows then prior rows), SR conditioning, text embeddings, number of subject rows."""
+        g, bs, rows = self.generator, self.cfg.batch_size, self.rows
+        pick = torch.randint(len(rows.subject), (bs,), generator=g)
+        x0, cond = [rows.subject[pick]], [rows.subject_cond[pick]] if rows.subject_cond is not None else None
+        embeds = [self.prompts.instance_embeds.expand(bs, -1, -1)]
+        if rows.prior is not None:
+            pick = torch.randint(len(rows.prior), (bs,), generator=g)
+            x0.append(rows.prior[pick])
+            if cond is not None:
+                cond.append(rows.prior_cond[pick])
+            embeds.append(self.prompts.class_embeds.expand(bs, -1, -1))
+        cond_t = torch.cat(cond).to(self.device) if cond is not None else None
+        return torch.cat(x0).to(self.device), cond_t, torch.cat(embeds).to(self.device), bs
+
+    def loss(self) -> torch.Tensor:
+        x0, cond, embeds, n_instance = self._batch()
+        g, n = self.generator, x0.shape[0]
+        timesteps = torch.randint(0, len(self.alphas_cumprod), (n,), generator=g).to(self.device)
+        noise = torch.randn(x0.shape, generator=g).to(self.device)
+        x_t, target = ops.add_noise(x0, noise, timesteps, self.alphas_cumprod, self.prediction_type)
+        class_labels = None
+        if cond is not None:
+            # Noise-conditioning augmentation of the low-res image, at the level given as the class label.
+            class_labels = torch.full((n,), self.cfg.sr_noise_level, dtype=torch.long, device=self.device)
+            aug_noise = torch.randn(cond.shape, generator=g).to(self.device)
+            noisy_cond, _ = ops.add_noise(cond, aug_noise, class_labels, self.noising_ac, "epsilon")
+            x_t = torch.cat([x_t, noisy_cond], dim=1)
+        dtype = AUTOCAST[self.cfg.precision]
+        with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            out = self.unet(x_t, timesteps, encoder_hidden_states=embeds, class_labels=class_labels).sample
+        pred = out[:, : target.shape[1]]  # the epsilon half; the other half is the learned variance
+        if pred.dtype != target.dtype:
+            pred = pred.float()
+        weights = None
+        if self.cfg.min_snr_gamma:
+            weights = min_snr_weights(
+                timesteps[:n_instance], self.alphas_cumprod, self.cfg.min_snr_gamma, self.prediction_type
+            )
+        has_prior = self.rows.prior is not None
+        return ops.dreambooth_loss(pred, target, weights, n_instance if has_prior else None, self.cfg.prior_weight)
+
+    def optimizer_step(self) -> float:
+        total = 0.0
+        for _ in range(self.cfg.gradient_accumulation):
+            loss = self.loss()
+            value = loss.item()
+            if not math.isfinite(value) and not self.scaler.is_enabled():
+                raise UserError(
+                    f"stage {self.stage}, step {self.step + 1}: the loss is {value}; try a lower "
+                    f"--learning-rate, --precision fp32, or --max-grad-norm 1"
+                )
+            self.scaler.scale(loss / self.cfg.gradient_accumulation).backward()
+            total += value / self.cfg.gradient_accumulation
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if scale is not None and self.scaler.get_scale() < scale:
+            self.skipped += 1  # fp16 overflow: the scaler skipped this update and lowered the scale
+        self.optimizer.zero_grad(set_to_none=True)
+        self.lr_schedule.step()
+        self.step += 1
+        return total
+
+    # -- the loop ---------------------------------------------------------------------------------------
+    def run(self) -> float:
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train {self.stage}", unit="step")
+        loss = float("nan")
+        try:
+            while self.step < self.total_steps:
+                loss = self.optimizer_step()
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", **({"skipped": self.skipped} if self.skipped else {}))
+                if self.step % self.cfg.checkpoint_every == 0 and self.step < self.total_steps:
+                    self.save()
+                if self.validation and self.cfg.validation_every and self.step % self.cfg.validation_every == 0:
+                    self.validate()
+        except KeyboardInterrupt:
+            bar.close()
+            self.save()
+            raise UserError(
+                f"interrupted at {self.stage} step {self.step}: checkpoint saved, continue with --resume"
+            ) from None
+        bar.close()
+        if self.skipped:
+            tqdm.write(f"stage {self.stage}: {self.skipped} steps skipped by fp16 loss scaling (overflow)")
+        return loss
+
+    @torch.no_grad()
+    def validate(self) -> Path:
+        """A grid of validation samples: the base stage draws the validation prompt; the SR stage upscales
+        the subject's own low-res images (what it must get right)."""
+        self.unet.eval()
+        v = self.validation
+        unet_fn = torch_unet_fn(self.unet)
+        generator = torch.Generator().manual_seed(self.cfg.seed)
+        n = v["embeds"].shape[0]
+        embeds, negative = v["embeds"].to(self.device), v["negative"].to(self.device)
+        if self.stage == "base":
+            images = sample_base(
+                unet_fn,
+                self.scheduler,
+                embeds,
+                negative,
+                size=v["size"],
+                steps=v["steps"],
+                guidance_scale=v["guidance"],
+                generator=generator,
+                progress=False,
+            )
+        else:
+            low = F.interpolate(self.rows.subject_cond[:n], size=(v["base_size"],) * 2, mode="area")
+            images = sample_sr(
+                unet_fn,
+                self.scheduler,
+                v["noising_scheduler"],
+                low.to(self.device),
+                embeds[: len(low)],
+                negative,
+                size=v["size"],
+                steps=v["steps"],
+                guidance_scale=v["guidance"],
+                noise_level=v["noise_level"],
+                generator=generator,
+                progress=False,
+            )
+        self.unet.train()
+        path = self.out / VALIDATION / f"{self.stage}-step-{self.step:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return save_png(make_grid(to_pil(images), cols=len(images)), path)
+
+
+def _check_resume_config(cfg: TrainConfig, saved: dict) -> None:
+    now = cfg.to_dict()
+    differ = sorted(k for k in now if k not in RESUMABLE_CHANGES and now.get(k) != saved.get(k))
+    if differ:
+        raise UserError(
+            f"--resume with different options than the run ({', '.join(differ)}): use the same options "
+            "or start a new run"
+        )
+
+
+def write_output_stage(out: Path, stage: str, trainer: StageTrainer, cfg: TrainConfig) -> None:
+    """Put the tuned stage into the output layout: merged or full weights in unet/, or the LoRA adapter."""
+    stage_dir = _stage_dir(out, stage)
+    if cfg.lora_rank and not cfg.merge_lora:
+        lora.save_adapter(trainer.unet, stage_dir)
+        return
+    unet = lora.merge_adapter(trainer.unet) if cfg.lora_rank else trainer.unet
+    atomic_write_dir(stage_dir / "unet", lambda tmp: unet.save_pretrained(tmp, safe_serialization=True))
+    # An adapter copied from the input model is folded into these weights now: it must not apply twice.
+    (stage_dir / lora.LORA_WEIGHTS).unlink(missing_ok=True)
+
+
+def _versions() -> dict:
+    import diffusers
+    import transformers
+
+    return {
+        "dreambooth_fast": __version__,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "native_ops": ops.native_status(),
+    }
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
+    """Run DreamBooth as `cfg` says; return the output directory."""
+    cfg.validate()
+    if cfg.model is None:
+        cfg.model = str(default_model_dir())
+    out = Path(cfg.output)
+    device = resolve_device(cfg.device)
+    # Everything a user can get wrong is checked before the first byte is written.
+    check_stage_dir(Path(cfg.model), "base")
+    sr_dir = find_sr_dir(Path(cfg.model), cfg.sr_model)
+    if cfg.sr_model is not None:
+        check_stage_dir(sr_dir, "sr")
+    stages = _pick_stages(cfg, sr_dir is not None)
+    check_output_dir(out, resume, overwrite)
+    images = data.load_subject_images(cfg.images, skip_bad=cfg.skip_bad_images)
+    tokenizer = load_tokenizer(cfg.model)
+    warnings = identifier.check_class_noun(tokenizer, cfg.class_noun)
+    if cfg.identifier:
+        warnings += identifier.check_identifier(tokenizer, cfg.identifier)
+    for warning in warnings:
+        tqdm.write(f"warning: {warning}")
+    latest = read_latest(out / CHECKPOINTS) if resume else None
+    saved_run = json.loads((out / RUN_FILE).read_text()) if resume and (out / RUN_FILE).is_file() else None
+    if saved_run:
+        _check_resume_config(cfg, saved_run["config"])
+
+    cascade = load_cascade(
+        cfg.model, cfg.sr_model, device=str(device), stages=("base", "sr") if "sr" in stages else ("base",)
+    )
+    for stage in stages:
+        size = cascade.base_size if stage == "base" else cascade.sr_size
+        data.check_sizes(images, size)
+    prompts = make_prompts(cascade, cfg)
+    validation = None
+    if cfg.validation_prompt and cfg.validation_every:
+        text = cfg.validation_prompt.replace("[V]", prompts.identifier)
+        validation = {
+            "embeds": encode_prompts(cascade.tokenizer, cascade.text_encoder, [text] * 2),
+            "negative": prompts.negative_embeds,
+        }
+    cascade.text_encoder = None  # embeddings are cached: the text encoder is not needed any more
+
+    if overwrite and out.exists() and not resume:
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if Path(cfg.model).resolve() != out.resolve():
+        link_or_copy_tree(cfg.model, out, skip=RUN_ARTIFACTS)
+    if "sr" in stages and cfg.sr_model is not None:
+        link_or_copy_tree(sr_dir, out / STAGE_2_DIR, skip=RUN_ARTIFACTS)
+
+    class_dir, user_class_images = None, bool(cfg.class_images_dir)
+    if cfg.prior_preservation:
+        if cfg.class_images_dir:
+            class_dir = Path(cfg.class_images_dir)
+        else:
+            settings = PriorSettings(
+                prompts.class_,
+                cfg.class_sample_steps,
+                cfg.class_guidance_scale,
+                cfg.sr_sample_steps,
+                SR_GUIDANCE,
+                SR_NOISE_LEVEL,
+                "sr" in stages,
+                cfg.seed,
+                CLASS_IMAGE_BATCH,
+            )
+            with torch.autocast(
+                device.type, dtype=AUTOCAST[cfg.precision] or torch.float32, enabled=cfg.precision != "fp32"
+            ):
+                class_dir = generate_class_images(
+                    cascade, prompts.class_embeds, prompts.negative_embeds, cfg.num_class_images, settings
+                )
+
+    run = {
+        "identifier": prompts.identifier,
+        "class_noun": cfg.class_noun,
+        "instance_prompt": prompts.instance,
+        "class_prompt": prompts.class_,
+        "config": cfg.to_dict(),
+        "seed": cfg.seed,
+        "versions": _versions(),
+        "class_images": str(class_dir) if class_dir else None,
+        "source_model": str(cfg.model),
+        "source_sr_model": str(sr_dir) if sr_dir else None,
+        "stages": stages,
+        "final_loss": {},
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    if saved_run:
+        run["final_loss"] = saved_run.get("final_loss", {})
+    atomic_write_json(out / RUN_FILE, run)
+
+    completed = list(latest["completed_stages"]) if latest else []
+    for stage in stages:
+        if stage in completed:
+            continue
+        unet = getattr(cascade, f"{stage}_unet")
+        setattr(cascade, f"{stage}_unet", None)  # the trainer holds it now; freed with the trainer
+        scheduler = cascade.base_scheduler if stage == "base" else cascade.sr_scheduler
+        noising = cascade.sr_noising_scheduler if stage == "sr" else None
+        rows = stage_data(stage, cascade, images, class_dir, cfg.flip, user_class_images)
+        stage_validation = None
+        if validation:
+            size = cascade.base_size if stage == "base" else cascade.sr_size
+            stage_validation = {
+                **validation,
+                "size": size,
+                "base_size": cascade.base_size,
+                "steps": VALIDATION_STEPS,
+                "guidance": BASE_GUIDANCE if stage == "base" else SR_GUIDANCE,
+                "noising_scheduler": noising,
+                "noise_level": SR_NOISE_LEVEL,
+            }
+        trainer = StageTrainer(
+            stage, unet, scheduler, noising, rows, prompts, cfg, device, out, completed, stage_validation
+        )
+        if latest and latest.get("stage") == stage:
+            trainer.restore(*load_checkpoint(out / CHECKPOINTS, latest))
+        loss = trainer.run()
+        write_output_stage(out, stage, trainer, cfg)
+        completed.append(stage)
+        mark_stage_done(out / CHECKPOINTS, completed)
+        run["final_loss"][stage] = loss
+        run["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        atomic_write_json(out / RUN_FILE, run)
+        del trainer, unet
+    return out

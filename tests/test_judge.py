@@ -1,0 +1,53 @@
+"""The judge reads shape, colours, background and the subject exactly from generator pixels."""
+
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageOps
+
+from dreambooth_fast import toy_world as world
+from dreambooth_fast.judge import accuracy, judge
+from dreambooth_fast.toy_eval import diversity
+
+SUBJECT_PNGS = sorted((Path(__file__).resolve().parents[1] / "examples" / "subject").glob("*.png"))
+
+
+@pytest.mark.parametrize("size", [64, 32])
+def test_judge_is_right_on_fresh_generator_samples(size):
+    # 32 px is the base stage's resolution, where the pretrained model's samples are judged.
+    scores = accuracy(seed=1234 + size, n=150, size=size)
+    assert min(scores.values()) >= 0.95, scores
+
+
+def test_judge_reads_a_known_scene():
+    v = judge(world.render(world.Scene("star", "red", "blue", "striped", 0.3, 0.45, 0.55)))
+    assert (v.shape, v.colour, v.colours, v.background, v.pattern, v.subject) == (
+        "star", "red", ("red",), "blue", "striped", False)
+
+
+def test_the_example_subject_is_recognised():
+    assert len(SUBJECT_PNGS) == 4
+    for path in SUBJECT_PNGS:
+        v = judge(Image.open(path))
+        assert v.subject and v.shape == "heart" and set(v.colours) == set(world.SUBJECT_COLOURS), (path, v)
+
+
+def test_hearts_without_the_pattern_are_not_the_subject():
+    plain = world.Scene("heart", "yellow", "blue", "plain", 0.3, 0.5, 0.5)
+    assert not judge(world.render(plain)).subject
+    subject = world.Scene("heart", "yellow", "green", "plain", 0.3, 0.5, 0.5, subject=True)
+    assert judge(world.render(subject)).subject
+    assert not judge(ImageOps.mirror(world.render(subject))).subject  # purple left, yellow right
+    assert not judge(world.render(world.Scene("square", "yellow", "blue", "plain", 0.3, 0.5, 0.5))).subject
+
+
+def test_an_empty_background_has_no_object():
+    v = judge(Image.new("RGB", (32, 32), world.PALETTE["green"]))
+    assert v.shape is None and v.background == "green" and v.pattern == "plain" and not v.subject
+
+
+def test_diversity_counts_differing_pairs():
+    a = judge(world.render(world.Scene("heart", "red", "blue", "plain", 0.3, 0.5, 0.5)))
+    b = judge(world.render(world.Scene("heart", "green", "blue", "plain", 0.3, 0.5, 0.5)))
+    assert diversity([a, a, a]) == 0.0
+    assert diversity([a, b]) == 1.0

@@ -1,0 +1,129 @@
+"""The toy world: seeded generator, held-out combinations, the example subject, and the shipped default model."""
+
+import importlib.util
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dreambooth_fast import toy_world as world
+from dreambooth_fast.models import STAGE_2_DIR, load_cascade
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = ROOT / "dreambooth_fast" / "default_model"
+
+
+def test_same_seed_same_images_and_captions():
+    a, b, c = world.sample(3, 6), world.sample(3, 6), world.sample(4, 6)
+    assert [cap for _, cap, _ in a] == [cap for _, cap, _ in b]
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for (x, _, _), (y, _, _) in zip(a, b))
+    assert [s for _, _, s in a] != [s for _, _, s in c]
+
+
+def test_images_are_64px_rgb_and_anti_aliased():
+    image, _, scene = world.sample(0, 1)[0]
+    assert image.size == (64, 64) and image.mode == "RGB"
+    colours = {tuple(p) for p in np.asarray(image).reshape(-1, 3)}
+    assert len(colours) > 3  # edge pixels blend object and background
+
+
+def test_captions_name_shape_colour_and_background():
+    scene = world.Scene("star", "red", "blue", "plain", 0.3, 0.5, 0.5)
+    assert world.caption(scene) == "a red star on a blue background"
+    scene = world.Scene("ring", "orange", "green", "striped", 0.3, 0.5, 0.5)
+    assert world.caption(scene) == "an orange ring on a green striped background"
+    rng = random.Random(0)
+    phrasings = {world.caption(scene, rng) for _ in range(200)}
+    assert len(phrasings) >= 5 and all("ring" in p for p in phrasings)
+
+
+def test_the_world_has_enough_shapes_colours_and_backgrounds():
+    assert len(world.SHAPES) >= 8 and len(world.COLOURS) >= 8
+    assert set(world.PATTERNS) == {"plain", "striped", "checked", "dotted"}
+
+
+def test_held_out_pairs_are_never_drawn_in_training():
+    rng = random.Random(0)
+    scenes = [world.random_scene(rng) for _ in range(5000)]
+    pairs = {(s.shape, s.colour) for s in scenes}
+    assert not pairs & world.HELD_OUT
+    # Every shape and every colour is still seen, only the pairs are new.
+    assert {s for s, _ in pairs} == set(world.SHAPES) and {c for _, c in pairs} == set(world.COLOURS)
+    assert all(s.background != s.colour and not s.subject for s in scenes)
+    with pytest.raises(ValueError):
+        world.random_scene(rng, shape="star", colour=dict(world.HELD_OUT)["star"])
+
+
+def test_held_out_prompts_ask_for_held_out_pairs_only():
+    cases = world.held_out_prompts(0, per_pair=2)
+    assert len(cases) == 2 * len(world.HELD_OUT)
+    assert {(s.shape, s.colour) for _, s in cases} == set(world.HELD_OUT)
+    assert all(p == world.caption(s) for p, s in cases)
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("make_example_subject", ROOT / "examples" / "make_example_subject.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_example_subject_script_reproduces_the_committed_images(tmp_path):
+    made = _load_script().make(tmp_path)
+    committed = sorted((ROOT / "examples" / "subject").glob("*.png"))
+    assert len(made) == len(committed) == 4
+    for new, old in zip(made, committed):
+        assert new.name == old.name
+        assert np.array_equal(np.asarray(Image.open(new)), np.asarray(Image.open(old)))
+
+
+def test_the_subject_is_a_pattern_the_world_never_draws():
+    subject = np.asarray(world.draw_subject(7)[0])
+    plain = world.Scene(world.SUBJECT_SHAPE, world.SUBJECT_COLOURS[0], "blue", "plain", 0.3, 0.5, 0.5)
+    assert not np.array_equal(subject, np.asarray(world.render(plain)))
+    assert {tuple(c) for c in (world.PALETTE[k] for k in world.SUBJECT_COLOURS)} <= {
+        tuple(p) for p in subject.reshape(-1, 3)}
+
+
+@pytest.mark.skipif(not (DEFAULT_MODEL / "model_index.json").is_file(), reason="default model weights not built")
+def test_default_model_loads_as_an_if_cascade():
+    from diffusers import IFPipeline, IFSuperResolutionPipeline
+
+    cascade = load_cascade(DEFAULT_MODEL)
+    assert (cascade.base_size, cascade.sr_size) == (32, 64)
+    assert cascade.sr_unet.config.in_channels == 6 and cascade.base_unet.config.out_channels == 6
+    pipe = IFPipeline.from_pretrained(DEFAULT_MODEL, safety_checker=None, watermarker=None, feature_extractor=None)
+    sr = IFSuperResolutionPipeline.from_pretrained(DEFAULT_MODEL / STAGE_2_DIR, text_encoder=None, safety_checker=None,
+                                                   watermarker=None, feature_extractor=None)
+    embeds, negative = pipe.encode_prompt("a red star on a blue background")
+    low = pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, num_inference_steps=2, output_type="pt",
+               generator=torch.Generator().manual_seed(0)).images
+    high = sr(image=low, prompt_embeds=embeds, negative_prompt_embeds=negative, num_inference_steps=2,
+              output_type="pt", generator=torch.Generator().manual_seed(0)).images
+    assert low.shape == (1, 3, 32, 32) and high.shape == (1, 3, 64, 64)
+
+
+def test_pretrain_writes_a_loadable_cascade_and_its_cost(tmp_path):
+    from dreambooth_fast.pretrain import COST_FILE, pretrain
+
+    out = pretrain(tmp_path / "toy", steps=1, base_batch=2, sr_batch=1)
+    cascade = load_cascade(out)
+    assert (cascade.base_size, cascade.sr_size) == (32, 64)
+    cost = (out / COST_FILE).read_text()
+    assert '"steps": 1' in cost and '"threads": 1' in cost
+
+
+@pytest.mark.slow
+def test_pretrain_resumes_exactly(tmp_path):
+    from dreambooth_fast.pretrain import CHECKPOINT, pretrain
+
+    pretrain(tmp_path / "straight", steps=2, base_batch=2, sr_batch=1, checkpoint_every=1)
+    pretrain(tmp_path / "stopped", steps=1, base_batch=2, sr_batch=1, checkpoint_every=1)
+    pretrain(tmp_path / "stopped", steps=2, base_batch=2, sr_batch=1, checkpoint_every=1, resume=True)
+    a = torch.load(tmp_path / "straight" / CHECKPOINT, weights_only=True)
+    b = torch.load(tmp_path / "stopped" / CHECKPOINT, weights_only=True)
+    assert a["losses"] == b["losses"]
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])

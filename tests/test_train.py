@@ -1,0 +1,278 @@
+"""End-to-end DreamBooth on the tiny cascade: train, resume, LoRA, generate, and every bad input of issue 3."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from safetensors.torch import load_file
+
+from dreambooth_fast.cli import main
+from dreambooth_fast.lora import LORA_WEIGHTS
+
+FAST = [
+    "--steps",
+    "2",
+    "--num-class-images",
+    "2",
+    "--class-sample-steps",
+    "2",
+    "--sr-sample-steps",
+    "2",
+    "--device",
+    "cpu",
+]
+
+
+@pytest.fixture(autouse=True)
+def class_image_cache(tmp_path_factory, monkeypatch):
+    # Class images are cached per user; keep the tests' cache out of the user's home.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg-cache"))
+
+
+@pytest.fixture
+def subject_dir(tmp_path) -> Path:
+    """Four small synthetic subject photos (a red square on different backgrounds)."""
+    folder = tmp_path / "subject"
+    folder.mkdir()
+    for i, background in enumerate(["white", "blue", "green", "gray"]):
+        image = Image.new("RGB", (80, 80), background)
+        image.paste((220, 20, 20), (20 + 4 * i, 20, 60 + 4 * i, 60))
+        image.save(folder / f"{i}.png")
+    return folder
+
+
+def dbfast(*args: str):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def train(model, images, output, *extra):
+    return dbfast("train", "--model", model, "--images", images, "--class", "dog", "--output", output, *FAST, *extra)
+
+
+def unet_weights(stage_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(stage_dir / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def test_train_with_prior_writes_a_cascade_diffusers_loads(tiny_cascade, subject_dir, tmp_path):
+    from diffusers import IFPipeline, IFSuperResolutionPipeline
+
+    out = tmp_path / "run"
+    result = train(tiny_cascade, subject_dir, out)
+    assert result.exit_code == 0, result.output
+    run = json.loads((out / "dreambooth.json").read_text())
+    assert run["class_noun"] == "dog"
+    assert run["instance_prompt"] == f"a {run['identifier']} dog" and run["class_prompt"] == "a dog"
+    assert run["stages"] == ["base", "sr"] and set(run["final_loss"]) == {"base", "sr"}
+    assert run["config"]["prior_preservation"] and Path(run["class_images"], "base", "0001.png").is_file()
+    assert Path(run["class_images"], "sr", "0001.png").is_file()
+    assert {"torch", "diffusers", "transformers", "dreambooth_fast"} <= set(run["versions"])
+    # Both UNets changed; everything else is the input model's.
+    for stage_out, stage_in in [(out, tiny_cascade), (out / "stage_2", tiny_cascade / "stage_2")]:
+        tuned, original = unet_weights(stage_out), unet_weights(stage_in)
+        assert any(not torch.equal(tuned[k], original[k]) for k in original)
+    assert not (out / "checkpoints" / "base-000002").exists()
+    IFPipeline.from_pretrained(out)
+    IFSuperResolutionPipeline.from_pretrained(out / "stage_2", text_encoder=None)
+
+
+def test_train_without_prior_and_base_stage_only(tiny_cascade, subject_dir, tmp_path):
+    out = tmp_path / "run"
+    result = train(tiny_cascade, subject_dir, out, "--no-prior", "--stages", "base", "--min-snr-gamma", "5")
+    assert result.exit_code == 0, result.output
+    run = json.loads((out / "dreambooth.json").read_text())
+    assert run["class_images"] is None and run["stages"] == ["base"]
+    assert all(
+        torch.equal(v, unet_weights(tiny_cascade / "stage_2")[k]) for k, v in unet_weights(out / "stage_2").items()
+    )
+
+
+def test_ctrl_c_then_resume_is_bitwise_identical_to_an_uninterrupted_run(tiny_cascade, subject_dir, tmp_path, monkeypatch):
+    """6 steps straight and 3 steps + Ctrl-C + resume give the same weights, bit for bit (CPU, fp32)."""
+    from dreambooth_fast.train import StageTrainer
+
+    common = ["--stages", "base", "--no-prior", "--steps", "6", "--checkpoint-every", "100", "--batch-size", "2"]
+    straight = tmp_path / "straight"
+    assert train(tiny_cascade, subject_dir, straight, *common).exit_code == 0
+    step = StageTrainer.optimizer_step
+
+    def interrupted_at_step_4(self):
+        if self.step == 3:
+            raise KeyboardInterrupt  # what Ctrl-C raises in the training loop
+        return step(self)
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(StageTrainer, "optimizer_step", interrupted_at_step_4)
+    assert_refused(train(tiny_cascade, subject_dir, out, *common), "interrupted at base step 3", "--resume")
+    assert json.loads((out / "checkpoints" / "latest.json").read_text())["step"] == 3
+    monkeypatch.setattr(StageTrainer, "optimizer_step", step)
+    result = train(tiny_cascade, subject_dir, out, *common, "--resume")
+    assert result.exit_code == 0, result.output
+    tuned, reference = unet_weights(out), unet_weights(straight)
+    assert any(not torch.equal(v, unet_weights(tiny_cascade)[k]) for k, v in tuned.items())
+    assert all(torch.equal(v, reference[k]) for k, v in tuned.items())
+    # A finished run is not silently trained again.
+    assert_refused(train(tiny_cascade, subject_dir, out, *common), "--resume", "--overwrite")
+
+
+def test_lora_writes_an_adapter_that_diffusers_and_generate_load(tiny_cascade, subject_dir, tmp_path):
+    from diffusers import IFPipeline
+
+    out = tmp_path / "lora"
+    result = train(tiny_cascade, subject_dir, out, "--lora-rank", "4", "--no-prior", "--stages", "base")
+    assert result.exit_code == 0, result.output
+    assert (out / LORA_WEIGHTS).is_file()
+    assert all(torch.equal(v, unet_weights(tiny_cascade)[k]) for k, v in unet_weights(out).items())
+    pipe = IFPipeline.from_pretrained(out)
+    pipe.load_lora_weights(out, weight_name=LORA_WEIGHTS)
+    samples = tmp_path / "samples"
+    result = dbfast(
+        "generate",
+        "a [V] dog",
+        "--model",
+        out,
+        "-n",
+        "2",
+        "--steps",
+        "2",
+        "--stages",
+        "base",
+        "--device",
+        "cpu",
+        "--out",
+        samples,
+    )
+    assert result.exit_code == 0, result.output
+    assert Image.open(samples / "image-0001.png").size == (32, 32)
+
+
+def test_lora_merge_writes_plain_weights(tiny_cascade, subject_dir, tmp_path):
+    out = tmp_path / "merged"
+    result = train(tiny_cascade, subject_dir, out, "--lora-rank", "4", "--merge", "--no-prior", "--stages", "base")
+    assert result.exit_code == 0, result.output
+    assert not (out / LORA_WEIGHTS).exists()
+    tuned = unet_weights(out)
+    assert set(tuned) == set(unet_weights(tiny_cascade))
+
+
+def test_generate_runs_the_cascade_and_replaces_the_identifier(tiny_cascade, subject_dir, tmp_path):
+    out = tmp_path / "run"
+    assert train(tiny_cascade, subject_dir, out, "--no-prior").exit_code == 0
+    samples = tmp_path / "samples"
+    result = dbfast(
+        "generate",
+        "a [V] dog on the beach",
+        "--model",
+        out,
+        "-n",
+        "3",
+        "--steps",
+        "2",
+        "--sr-steps",
+        "2",
+        "--device",
+        "cpu",
+        "--out",
+        samples,
+    )
+    assert result.exit_code == 0, result.output
+    assert [Image.open(samples / f"image-{i:04d}.png").size for i in range(3)] == [(64, 64)] * 3
+    assert Image.open(samples / "grid.png").size == (192, 64)
+
+
+def test_training_options_load_from_toml(tiny_cascade, subject_dir, tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text(
+        f'images = "{subject_dir}"\nclass = "dog"\nstages = "base"\nprior-preservation = false\n'
+        f"steps = 1\nlearning-rate = 2e-5\n"
+    )
+    out = tmp_path / "run"
+    result = dbfast("train", "--config", config, "--model", tiny_cascade, "--output", out, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "dreambooth.json").read_text())["config"]
+    assert saved["learning_rate"] == 2e-5 and saved["steps"] == 1 and saved["stages"] == ["base"]
+
+
+# -- bad input: one clear line, exit code 2, nothing written ------------------------------------------------
+
+
+def assert_refused(result, *words: str, out: Path | None = None):
+    assert result.exit_code == 2, result.output
+    message = result.output.strip().splitlines()[-1]
+    assert message.startswith("error: ") and "Traceback" not in result.output
+    for word in words:
+        assert word in message, message
+    if out is not None:
+        assert not out.exists()
+
+
+def test_missing_images_dir(tiny_cascade, tmp_path):
+    assert_refused(train(tiny_cascade, tmp_path / "nope", tmp_path / "out"), "nope", out=tmp_path / "out")
+
+
+def test_empty_images_dir(tiny_cascade, tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert_refused(train(tiny_cascade, tmp_path / "empty", tmp_path / "out"), "empty", out=tmp_path / "out")
+
+
+def test_corrupt_image_is_named(tiny_cascade, subject_dir, tmp_path):
+    (subject_dir / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    assert_refused(
+        train(tiny_cascade, subject_dir, tmp_path / "out"), "broken.jpg", "--skip-bad-images", out=tmp_path / "out"
+    )
+
+
+def test_image_below_half_the_resolution_is_refused(tiny_cascade, tmp_path):
+    folder = tmp_path / "tiny-photos"
+    folder.mkdir()
+    Image.new("RGB", (12, 12), "red").save(folder / "small.png")
+    assert_refused(train(tiny_cascade, folder, tmp_path / "out"), "small.png", out=tmp_path / "out")
+
+
+def test_model_dir_not_in_if_layout(subject_dir, tmp_path):
+    (tmp_path / "not-a-model").mkdir()
+    assert_refused(
+        train(tmp_path / "not-a-model", subject_dir, tmp_path / "out"), "model_index.json", out=tmp_path / "out"
+    )
+
+
+def test_missing_weights(tiny_cascade, subject_dir, tmp_path):
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_cascade, broken)
+    (broken / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    assert_refused(train(broken, subject_dir, tmp_path / "out"), "unet", out=tmp_path / "out")
+
+
+def test_output_dir_with_other_content_is_never_touched(tiny_cascade, subject_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "thesis.tex").write_text("precious")
+    assert_refused(train(tiny_cascade, subject_dir, out, "--overwrite"), str(out))
+    assert (out / "thesis.tex").read_text() == "precious" and len(list(out.iterdir())) == 1
+
+
+def test_output_dir_with_a_previous_run_needs_resume_or_overwrite(tiny_cascade, subject_dir, tmp_path):
+    out = tmp_path / "run"
+    assert train(tiny_cascade, subject_dir, out, "--no-prior", "--stages", "base", "--steps", "1").exit_code == 0
+    before = (out / "dreambooth.json").read_text()
+    assert_refused(train(tiny_cascade, subject_dir, out, "--no-prior"), "--resume", "--overwrite")
+    assert (out / "dreambooth.json").read_text() == before
+    assert train(tiny_cascade, subject_dir, out, "--no-prior", "--stages", "base", "--overwrite").exit_code == 0
+
+
+def test_class_noun_the_tokenizer_cannot_encode(tiny_cascade, subject_dir, tmp_path):
+    assert_refused(train(tiny_cascade, subject_dir, tmp_path / "out", "--class", "狗"), "狗", out=tmp_path / "out")
+
+
+def test_identifier_the_tokenizer_cannot_encode(tiny_cascade, subject_dir, tmp_path):
+    assert_refused(train(tiny_cascade, subject_dir, tmp_path / "out", "--identifier", "ж"), "ж", out=tmp_path / "out")
+
+
+def test_resume_with_changed_options_is_refused(tiny_cascade, subject_dir, tmp_path):
+    out = tmp_path / "run"
+    common = ["--stages", "base", "--checkpoint-every", "1", "--no-prior", "--steps", "2"]
+    assert train(tiny_cascade, subject_dir, out, *common).exit_code == 0
+    assert_refused(train(tiny_cascade, subject_dir, out, *common, "--lr", "1e-3", "--resume"), "learning_rate")
