@@ -50,11 +50,6 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def device_name(device: str) -> str:
     """The GPU's name, or the CPU model from /proc/cpuinfo (platform.processor() elsewhere)."""
     if device.startswith("cuda"):

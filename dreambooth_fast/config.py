@@ -78,6 +78,8 @@ class TrainConfig:
             raise UserError("--num-class-images must be at least 1 with prior preservation (or pass --no-prior)")
         if self.learning_rate <= 0:
             raise UserError(f"--learning-rate must be positive, got {self.learning_rate}")
+        if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
+            raise UserError(f"--min-snr-gamma must be positive (5 is usual), got {self.min_snr_gamma}")
         if self.lora_rank < 0:
             raise UserError(f"--lora-rank must be 0 (full fine-tuning) or positive, got {self.lora_rank}")
         if self.merge_lora and self.lora_rank == 0:

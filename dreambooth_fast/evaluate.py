@@ -412,10 +412,11 @@ def generate_eval_images(model_dir: str | Path, prompts: list[str], n_per_prompt
 
     if n_per_prompt < 1:
         raise UserError(f"--n {n_per_prompt}: generate at least one image per prompt")
-    cascade = load_cascade(model_dir, sr_model_dir, device=str(resolve_device(device)), dtype=dtype)
+    dev = resolve_device(device)
+    cascade = load_cascade(model_dir, sr_model_dir, device=str(dev), dtype=dtype)
     export_dir = Path(export_dir) if export_dir is not None else Path(model_dir) / "export"
-    base_fn = unet_runner(backend, cascade.base_unet, cascade.base_dir, export_dir, "base")
-    sr_fn = unet_runner(backend, cascade.sr_unet, cascade.sr_dir, export_dir, "sr") if cascade.sr_dir else None
+    base_fn = unet_runner(backend, cascade.base_unet, cascade.base_dir, export_dir, "base", dev)
+    sr_fn = unet_runner(backend, cascade.sr_unet, cascade.sr_dir, export_dir, "sr", dev) if cascade.sr_dir else None
     stages = ("base", "sr") if sr_fn is not None else ("base",)
     out_dir = Path(out_dir)
     jobs = [(i, k) for i in range(len(prompts)) for k in range(n_per_prompt)]

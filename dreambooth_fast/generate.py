@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from .errors import UserError
+from .export.cascade import default_export_dir
 from .images import make_grid, save_png, save_pngs, to_pil
 from .models import find_sr_dir, load_cascade
 from .sample import sample_base, sample_sr, torch_unet_fn
 from .text import encode_negative, encode_prompts
-from .train import RUN_FILE, resolve_device
+from .train import RUN_FILE, resolve_device, run_identifier
 
 IDENTIFIER_PLACEHOLDER = "[V]"
 
@@ -21,16 +21,21 @@ def expand_prompt(prompt: str, model_dir: Path) -> str:
     """Replace the literal [V] with the identifier the run in `model_dir` was trained with."""
     if IDENTIFIER_PLACEHOLDER not in prompt:
         return prompt
-    run_file = model_dir / RUN_FILE
-    if not run_file.is_file():
+    ident = run_identifier(model_dir)
+    if ident is None:
         raise UserError(
             f"the prompt uses [V] but {model_dir} has no {RUN_FILE} (not a dbfast train output); "
             "write the identifier itself"
         )
-    return prompt.replace(IDENTIFIER_PLACEHOLDER, json.loads(run_file.read_text())["identifier"])
+    return prompt.replace(IDENTIFIER_PLACEHOLDER, ident)
 
 
-def unet_runner(backend: str, unet: torch.nn.Module, stage_dir: Path, export_dir: Path, stage: str):
+TORCH_BACKENDS = ("torch", "compile")
+
+
+def unet_runner(
+    backend: str, unet: torch.nn.Module | None, stage_dir: Path, export_dir: Path, stage: str, device: torch.device
+):
     """The UNet as a `unet_fn` for the sampler: eager, torch.compile'd, ONNX Runtime or TensorRT."""
     if backend == "torch":
         return torch_unet_fn(unet)
@@ -38,7 +43,7 @@ def unet_runner(backend: str, unet: torch.nn.Module, stage_dir: Path, export_dir
         return torch_unet_fn(torch.compile(unet))
     from .export import make_unet_runner
 
-    return make_unet_runner(backend, stage, export_dir, device=str(unet.device))
+    return make_unet_runner(backend, stage, export_dir, stage_dir=stage_dir, device=device.type)
 
 
 def generate_images(
@@ -68,14 +73,15 @@ def generate_images(
         raise UserError(f"{model} has no stage II (stage_2/): pass --sr-model DIR or --stages base")
     text = expand_prompt(prompt, model)
     dev = resolve_device(device)
-    cascade = load_cascade(model, sr_model, device=str(dev), stages=stages)
-    export_dir = Path(export_dir) if export_dir else model / "export"
+    # Exported backends run their own copy of the UNets: the torch ones are not loaded.
+    cascade = load_cascade(model, sr_model, device=str(dev), stages=stages, with_unets=backend in TORCH_BACKENDS)
+    export_dir = Path(export_dir) if export_dir else default_export_dir(model)
     cond = encode_prompts(cascade.tokenizer, cascade.text_encoder, [text] * n)
     uncond = encode_negative(cascade.tokenizer, cascade.text_encoder)
     cascade.text_encoder = None
     # One generator per image, seeded seed + k: image k is the same whatever n is.
     generators = [torch.Generator().manual_seed(seed + k) for k in range(n)]
-    base_fn = unet_runner(backend, cascade.base_unet, cascade.base_dir, export_dir, "base")
+    base_fn = unet_runner(backend, cascade.base_unet, cascade.base_dir, export_dir, "base", dev)
     images = sample_base(
         base_fn,
         cascade.base_scheduler,
@@ -87,7 +93,7 @@ def generate_images(
         generator=generators,
     )
     if "sr" in stages:
-        sr_fn = unet_runner(backend, cascade.sr_unet, cascade.sr_dir, export_dir, "sr")
+        sr_fn = unet_runner(backend, cascade.sr_unet, cascade.sr_dir, export_dir, "sr", dev)
         images = sample_sr(
             sr_fn,
             cascade.sr_scheduler,

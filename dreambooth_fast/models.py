@@ -142,6 +142,7 @@ def load_cascade(
     dtype: torch.dtype = torch.float32,
     stages: tuple[str, ...] = ("base", "sr"),
     with_text_encoder: bool = True,
+    with_unets: bool = True,
 ) -> Cascade:
     """Load the parts of a cascade that `stages` need. A stage II directory is optional unless "sr" is asked
     for explicitly with `sr_model_dir`."""
@@ -154,9 +155,9 @@ def load_cascade(
     return Cascade(
         tokenizer=load_tokenizer(base_dir),
         text_encoder=load_text_encoder(base_dir, device, dtype) if with_text_encoder else None,
-        base_unet=load_unet(base_dir, device, dtype) if "base" in stages else None,
+        base_unet=load_unet(base_dir, device, dtype) if "base" in stages and with_unets else None,
         base_scheduler=load_scheduler(base_dir),
-        sr_unet=load_unet(sr_dir, device, dtype) if sr_dir is not None else None,
+        sr_unet=load_unet(sr_dir, device, dtype) if sr_dir is not None and with_unets else None,
         sr_scheduler=load_scheduler(sr_dir) if sr_dir is not None else None,
         sr_noising_scheduler=load_scheduler(sr_dir, "image_noising_scheduler") if sr_dir is not None else None,
         base_dir=base_dir,

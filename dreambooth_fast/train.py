@@ -119,10 +119,21 @@ def _pick_stages(cfg: TrainConfig, has_sr: bool) -> list[str]:
     return [s for s in ("base", "sr") if s in cfg.stages and (s == "base" or has_sr)]
 
 
+def run_identifier(model_dir: Path) -> str | None:
+    """The identifier a dbfast run in `model_dir` was trained with (None if it is not a dbfast output)."""
+    run_file = Path(model_dir) / RUN_FILE
+    return json.loads(run_file.read_text())["identifier"] if run_file.is_file() else None
+
+
 def make_prompts(cascade: Cascade, cfg: TrainConfig) -> Prompts:
-    """The identifier (given, or the rare-token search's pick), both prompts and their embeddings."""
+    """The identifier, both prompts and their embeddings. The identifier is --identifier if given, else the
+    one the input model was tuned with (a tuned base whose SR stage is trained now must keep its [V]), else
+    the rare-token search's pick."""
     tok = cascade.tokenizer
-    ident = cfg.identifier or identifier.choose_identifier(tok, n_tokens=cfg.identifier_tokens, seed=cfg.seed)
+    ident = cfg.identifier or run_identifier(cfg.model)
+    if ident and not cfg.identifier:
+        tqdm.write(f"{cfg.model} was tuned with identifier {ident!r}: keeping it")
+    ident = ident or identifier.choose_identifier(tok, n_tokens=cfg.identifier_tokens, seed=cfg.seed)
     instance, class_ = identifier.instance_prompt(ident, cfg.class_noun), identifier.class_prompt(cfg.class_noun)
     embeds = encode_prompts(tok, cascade.text_encoder, [instance, class_])
     negative = encode_negative(tok, cascade.text_encoder)

@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from dreambooth_fast.tiny_cascade import build_tiny_cascade
 
@@ -19,3 +20,21 @@ def dog_photos() -> Path:
     if not SHARED_PHOTOS.is_dir():
         pytest.skip("../shared/data/dreambooth-dog is not beside this checkout")
     return SHARED_PHOTOS
+
+
+@pytest.fixture(autouse=True)
+def class_image_cache(tmp_path_factory, monkeypatch):
+    """Class images are cached per user: keep the tests' cache out of the user's home."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg-cache"))
+
+
+@pytest.fixture
+def subject_dir(tmp_path) -> Path:
+    """Four small synthetic subject photos (a red square on different backgrounds)."""
+    folder = tmp_path / "subject"
+    folder.mkdir()
+    for i, background in enumerate(["white", "blue", "green", "gray"]):
+        image = Image.new("RGB", (80, 80), background)
+        image.paste((220, 20, 20), (20 + 4 * i, 20, 60 + 4 * i, 60))
+        image.save(folder / f"{i}.png")
+    return folder

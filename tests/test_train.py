@@ -4,57 +4,11 @@ import json
 import shutil
 from pathlib import Path
 
-import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
-from safetensors.torch import load_file
+from runs import assert_refused, dbfast, train, unet_weights
 
-from dreambooth_fast.cli import main
 from dreambooth_fast.lora import LORA_WEIGHTS
-
-FAST = [
-    "--steps",
-    "2",
-    "--num-class-images",
-    "2",
-    "--class-sample-steps",
-    "2",
-    "--sr-sample-steps",
-    "2",
-    "--device",
-    "cpu",
-]
-
-
-@pytest.fixture(autouse=True)
-def class_image_cache(tmp_path_factory, monkeypatch):
-    # Class images are cached per user; keep the tests' cache out of the user's home.
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg-cache"))
-
-
-@pytest.fixture
-def subject_dir(tmp_path) -> Path:
-    """Four small synthetic subject photos (a red square on different backgrounds)."""
-    folder = tmp_path / "subject"
-    folder.mkdir()
-    for i, background in enumerate(["white", "blue", "green", "gray"]):
-        image = Image.new("RGB", (80, 80), background)
-        image.paste((220, 20, 20), (20 + 4 * i, 20, 60 + 4 * i, 60))
-        image.save(folder / f"{i}.png")
-    return folder
-
-
-def dbfast(*args: str):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-def train(model, images, output, *extra):
-    return dbfast("train", "--model", model, "--images", images, "--class", "dog", "--output", output, *FAST, *extra)
-
-
-def unet_weights(stage_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(stage_dir / "unet" / "diffusion_pytorch_model.safetensors")
 
 
 def test_train_with_prior_writes_a_cascade_diffusers_loads(tiny_cascade, subject_dir, tmp_path):
@@ -90,7 +44,9 @@ def test_train_without_prior_and_base_stage_only(tiny_cascade, subject_dir, tmp_
     )
 
 
-def test_ctrl_c_then_resume_is_bitwise_identical_to_an_uninterrupted_run(tiny_cascade, subject_dir, tmp_path, monkeypatch):
+def test_ctrl_c_then_resume_is_bitwise_identical_to_an_uninterrupted_run(
+    tiny_cascade, subject_dir, tmp_path, monkeypatch
+):
     """6 steps straight and 3 steps + Ctrl-C + resume give the same weights, bit for bit (CPU, fp32)."""
     from dreambooth_fast.train import StageTrainer
 
@@ -197,16 +153,6 @@ def test_training_options_load_from_toml(tiny_cascade, subject_dir, tmp_path):
 
 
 # -- bad input: one clear line, exit code 2, nothing written ------------------------------------------------
-
-
-def assert_refused(result, *words: str, out: Path | None = None):
-    assert result.exit_code == 2, result.output
-    message = result.output.strip().splitlines()[-1]
-    assert message.startswith("error: ") and "Traceback" not in result.output
-    for word in words:
-        assert word in message, message
-    if out is not None:
-        assert not out.exists()
 
 
 def test_missing_images_dir(tiny_cascade, tmp_path):
