@@ -1,8 +1,8 @@
 """Timing and recording helpers shared by the benchmark suites.
 
 Rules every suite follows: warm-up excluded; the implementations being compared are measured alternating in one
-run; medians with min-max and quartiles over the timed calls; each result row names the device, dtype, shape, versions,
-commit and date, and is appended to a CSV under benchmarks/results/.
+run; medians with min-max and quartiles over the timed calls; each result row names the device, dtype, shape,
+versions, commit and date, and is appended to a CSV under benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -14,13 +14,14 @@ import os
 import platform
 import statistics
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from dreambooth_fast.fileio import atomic_write
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -149,10 +150,8 @@ def copy_bandwidth(device: str, nbytes: int, *, rounds: int = 5) -> float:
 
 def append_rows(path: Path, rows: list[dict]) -> None:
     """Appends rows to the CSV at `path` (created with a header if missing; columns are the union of the old
-    header and the new rows'). The file is rewritten through a temporary file and os.replace, so an
-    interrupted run never leaves it half written."""
+    header and the new rows'), rewriting it atomically so an interrupted run never leaves it half written."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     old_rows: list[dict] = []
     fields: list[str] = []
     if path.exists():
@@ -162,16 +161,14 @@ def append_rows(path: Path, rows: list[dict]) -> None:
             old_rows = list(reader)
     for row in rows:
         fields += [key for key in row if key not in fields]
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=fields, restval="")
             writer.writeheader()
             writer.writerows(old_rows + rows)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+
+    atomic_write(path, write)
 
 
 def format_table(header: list[str], rows: list[list[str]]) -> str:

@@ -9,7 +9,8 @@ extern "C" {
 // Importing dreambooth_fast._C runs the static TORCH_LIBRARY registrations below. The module's one attribute,
 // cpu_kernels, names the instruction set the CPU kernels use here ("AVX2" or "DEFAULT").
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr, nullptr, nullptr, nullptr, nullptr};
   PyObject* module = PyModule_Create(&module_def);
   if (module != nullptr &&
       PyModule_AddStringConstant(module, "cpu_kernels", dreambooth_fast::cpu::cpu_kernels_capability()) < 0) {

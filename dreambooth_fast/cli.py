@@ -54,9 +54,12 @@ def _stages(value: str) -> tuple[str, ...]:
 @click.option("--model", type=click.Path(),
               help="Cascade directory in DeepFloyd IF's diffusers layout (stage I, optional stage_2/). "
                    "[default: the embedded toy model, else a tiny random cascade]")
-@click.option("--sr-model", type=click.Path(), help="IF stage II directory when it is not MODEL/stage_2 (e.g. IF-II-L-v1.0).")
-@click.option("--output", type=click.Path(), help="Output directory: the tuned cascade plus dreambooth.json.  [default: runs/dreambooth]")
-@click.option("--config", "config_file", type=click.Path(), help="TOML file of these options (keys as the long option names).")
+@click.option("--sr-model", type=click.Path(),
+              help="IF stage II directory when it is not MODEL/stage_2 (e.g. IF-II-L-v1.0).")
+@click.option("--output", type=click.Path(),
+              help="Output directory: the tuned cascade plus dreambooth.json.  [default: runs/dreambooth]")
+@click.option("--config", "config_file", type=click.Path(),
+              help="TOML file of these options (keys as the long option names).")
 @click.option("--stages", help="Stages to train, comma separated: base, sr.  [default: base,sr]")
 @click.option("--identifier", help="Use this identifier instead of searching the vocabulary for rare tokens.")
 @click.option("--identifier-tokens", type=int, help="Rare tokens in the identifier, 1-3 (the paper's k).  [default: 1]")
@@ -80,13 +83,16 @@ def _stages(value: str) -> tuple[str, ...]:
               help="Autocast precision; fp16 uses loss scaling.  [default: fp32]")
 @click.option("--gradient-checkpointing", is_flag=True, default=None, help="Trade compute for activation memory.")
 @click.option("--min-snr-gamma", type=float, help="Min-SNR-gamma loss weighting of the subject rows (e.g. 5).")
-@click.option("--lora-rank", type=int, help="Train a LoRA adapter of this rank instead of the whole UNet.  [default: 0]")
-@click.option("--merge", "merge_lora", is_flag=True, default=None, help="With --lora-rank: write merged weights, not the adapter.")
+@click.option("--lora-rank", type=int,
+              help="Train a LoRA adapter of this rank instead of the whole UNet.  [default: 0]")
+@click.option("--merge", "merge_lora", is_flag=True, default=None,
+              help="With --lora-rank: write merged weights, not the adapter.")
 @click.option("--use-8bit-adam", is_flag=True, default=None, help="8-bit Adam (bitsandbytes, an optional extra).")
 @click.option("--sr-noise-level", type=int,
-              help="SR conditioning noise augmentation on IF's 0-999 scale (paper: lowered to 1e-5 -> 0).  [default: 0]")
+              help="SR conditioning noise augmentation, IF's 0-999 scale (paper: lowered to 1e-5 -> 0).  [default: 0]")
 @click.option("--flip", is_flag=True, default=None, help="Add horizontally flipped copies of the subject photos.")
-@click.option("--skip-bad-images", is_flag=True, default=None, help="Skip unreadable photos (with a warning) instead of stopping.")
+@click.option("--skip-bad-images", is_flag=True, default=None,
+              help="Skip unreadable photos (with a warning) instead of stopping.")
 @click.option("--checkpoint-every", type=int, help="Steps between checkpoints.  [default: 250]")
 @click.option("--validation-prompt", help="Prompt for validation grids ('[V]' is replaced by the identifier).")
 @click.option("--validation-every", type=int, help="Steps between validation grids (0: never).  [default: 0]")
@@ -105,7 +111,8 @@ def train(config_file: str | None, resume: bool, overwrite: bool, **options) -> 
         options["stages"] = _stages(options["stages"])
     values.update({k: v for k, v in options.items() if v is not None})
     out = run_training(TrainConfig(**values), resume=resume, overwrite=overwrite)
-    click.echo(f"done: {out}  (try: dbfast generate \"a [V] {values.get('class_noun', '')} on the beach\" --model {out})")
+    noun = values.get("class_noun", "")
+    click.echo(f'done: {out}  (try: dbfast generate "a [V] {noun} on the beach" --model {out})')
 
 
 @main.command()
@@ -114,8 +121,10 @@ def train(config_file: str | None, resume: bool, overwrite: bool, **options) -> 
 @click.option("--sr-model", type=click.Path(), help="IF stage II directory when it is not MODEL/stage_2.")
 @click.option("-n", "--num-images", default=4, show_default=True, type=click.IntRange(1), help="Images to generate.")
 @click.option("--stages", default="base,sr", show_default=True, help="Stop after the base stage with --stages base.")
-@click.option("--steps", default=50, show_default=True, type=click.IntRange(1), help="Stage I sampling steps (IF: 100).")
-@click.option("--sr-steps", default=25, show_default=True, type=click.IntRange(1), help="Stage II sampling steps (IF: 50).")
+@click.option("--steps", default=50, show_default=True, type=click.IntRange(1),
+              help="Stage I sampling steps (IF: 100).")
+@click.option("--sr-steps", default=25, show_default=True, type=click.IntRange(1),
+              help="Stage II sampling steps (IF: 50).")
 @click.option("--guidance", default=7.0, show_default=True, help="Stage I classifier-free guidance scale.")
 @click.option("--sr-guidance", default=4.0, show_default=True, help="Stage II classifier-free guidance scale.")
 @click.option("--noise-level", default=250, show_default=True, type=click.IntRange(0, 999),
@@ -123,7 +132,8 @@ def train(config_file: str | None, resume: bool, overwrite: bool, **options) -> 
 @click.option("--seed", default=0, show_default=True, help="Seed; image k uses its own generator seeded seed + k.")
 @click.option("--backend", default="torch", show_default=True, type=click.Choice(["torch", "compile", "onnx", "trt"]),
               help="UNet backend: eager torch, torch.compile, ONNX Runtime or TensorRT (after dbfast export).")
-@click.option("--export-dir", type=click.Path(), help="Where dbfast export wrote ONNX/TensorRT files [default: MODEL/export].")
+@click.option("--export-dir", type=click.Path(),
+              help="Where dbfast export wrote ONNX/TensorRT files [default: MODEL/export].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--out", type=click.Path(), help="Output directory for the PNGs and grid.png  [default: MODEL/samples].")
 def generate(prompt: str, model: str, sr_model: str | None, num_images: int, stages: str, steps: int, sr_steps: int,

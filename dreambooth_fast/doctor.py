@@ -23,10 +23,11 @@ def _package_version(name: str) -> str:
 
 
 def report(disk_path: str = ".") -> str:
-    from .ops import native_status
+    from .ops import native_cpu_kernels, native_status
 
     native = native_status()
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.processor() or 'x86-64'})"
+    cpu_ops = f"built ({native_cpu_kernels()} kernels)" if native["cpu"] else "NOT built: using the PyTorch reference"
     free_gib = shutil.disk_usage(disk_path).free / 2**30
     tensorrt = _package_version("tensorrt")
     lines = [
@@ -34,7 +35,7 @@ def report(disk_path: str = ".") -> str:
         f"python          {platform.python_version()}",
         f"torch           {torch.__version__} (cuda {torch.version.cuda or 'none'})",
         f"device          {device}",
-        f"native ops cpu  {'built' if native['cpu'] else 'NOT built: using the PyTorch reference'}",
+        f"native ops cpu  {cpu_ops}",
         f"native ops cuda {'built' if native['cuda'] else 'not built'}",
         f"diffusers       {_package_version('diffusers')}",
         f"transformers    {_package_version('transformers')}",

@@ -175,9 +175,12 @@ def load_clip(path: str | Path, device: str = "cpu") -> ClipEncoder:
     model_type = AutoConfig.from_pretrained(path, local_files_only=True).model_type
     if model_type != "clip":
         raise UserError(f"--clip {path}: its config.json is a {model_type!r} model; give a CLIPModel directory")
-    model = CLIPModel.from_pretrained(path, local_files_only=True).to(device).eval()
-    return ClipEncoder(model=model, processor=_load_image_processor(path), kind="clip",
-                       tokenizer=AutoTokenizer.from_pretrained(path, local_files_only=True))
+    try:
+        model = CLIPModel.from_pretrained(path, local_files_only=True).to(device).eval()
+        return ClipEncoder(model=model, processor=_load_image_processor(path), kind="clip",
+                           tokenizer=AutoTokenizer.from_pretrained(path, local_files_only=True))
+    except (OSError, ValueError) as err:
+        raise UserError(f"--clip {path}: cannot load it ({str(err).splitlines()[0]})") from None
 
 
 def load_dino(path: str | Path, device: str = "cpu") -> ImageEncoder:
@@ -190,8 +193,11 @@ def load_dino(path: str | Path, device: str = "cpu") -> ImageEncoder:
         raise UserError(f"--dino {path}: this is a CLIP model; give a DINO ViT directory (e.g. dino-vits16)")
     # DINO checkpoints have no pooler; ViTModel would otherwise add a randomly initialised one (unused).
     extra = {"add_pooling_layer": False} if model_type == "vit" else {}
-    model = AutoModel.from_pretrained(path, local_files_only=True, **extra).to(device).eval()
-    return ImageEncoder(model=model, processor=_load_image_processor(path), kind="dino")
+    try:
+        model = AutoModel.from_pretrained(path, local_files_only=True, **extra).to(device).eval()
+        return ImageEncoder(model=model, processor=_load_image_processor(path), kind="dino")
+    except (OSError, ValueError) as err:
+        raise UserError(f"--dino {path}: cannot load it ({str(err).splitlines()[0]})") from None
 
 
 # ---- LPIPS ----------------------------------------------------------------------------------------------
@@ -482,11 +488,17 @@ def run_eval(model: str | Path | None, real_images: str | Path, clip: str | Path
     Results go to `out` (default MODEL/eval.json, or GENERATED/eval.json); generated images to the results
     file's name without `.json` plus `-images` (MODEL/eval-images by default). Returns (results, results path).
     """
-    if generated is None and model is None:
-        raise UserError("give --model to generate the evaluation images, or --generated DIR to score existing ones")
-    # Check the inputs before loading anything, and load the encoders before minutes of generation.
     from .train import resolve_device
 
+    if generated is None and model is None:
+        raise UserError("give --model to generate the evaluation images, or --generated DIR to score existing ones")
+    if generated is None:
+        recorded_identifier, recorded_class = subject_of(model)
+        identifier, class_noun = identifier or recorded_identifier, class_noun or recorded_class
+        if not identifier or not class_noun:
+            raise UserError(f"--model {model}: no dreambooth.json with the identifier and class noun; "
+                            "pass --identifier and --class")
+    # Check the inputs before loading anything, and load the encoders before minutes of generation.
     _check_model_dir(clip, "--clip")
     _check_model_dir(dino, "--dino")
     load_image_dir(real_images)
@@ -495,11 +507,6 @@ def run_eval(model: str | Path | None, real_images: str | Path, clip: str | Path
     lpips_net = load_lpips(lpips, encoder_device) if lpips is not None else None
     out = Path(out) if out is not None else Path(generated if generated is not None else model) / "eval.json"
     if generated is None:
-        recorded_identifier, recorded_class = subject_of(model)
-        identifier, class_noun = identifier or recorded_identifier, class_noun or recorded_class
-        if not identifier or not class_noun:
-            raise UserError(f"--model {model}: no dreambooth.json with the identifier and class noun; "
-                            "pass --identifier and --class")
         generated = generate_protocol(model, out.with_name(out.stem + "-images"), identifier=identifier,
                                       class_noun=class_noun, live=live, n=n, device=device, progress=progress,
                                       **generate_kwargs)

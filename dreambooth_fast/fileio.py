@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -68,3 +69,15 @@ def link_or_copy_tree(src: str | Path, dst: str | Path, skip: tuple[str, ...] = 
             os.link(item, target)
         except OSError:
             shutil.copy2(item, target)
+
+
+def sha256_files(paths: list[Path]) -> str:
+    """One sha256 over the names and contents of `paths`, in order (whole files: a fine-tune can leave any
+    part of a weights file unchanged, so no sampling)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode() + b"\0")
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()

@@ -7,7 +7,6 @@ directories (IF-I-XL-v1.0, IF-II-L-v1.0): pass the second as `sr_model_dir`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -165,18 +164,23 @@ def load_cascade(
     )
 
 
-def weights_fingerprint(folder: str | Path, sample_bytes: int = 1 << 20) -> str:
-    """A cheap identity of a component's weights: its config plus, per weight file, the size and a hash of
-    the first and last MiB (a full hash of a 9 GB T5 would cost more than the training it keys)."""
-    folder = Path(folder)
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.iterdir() if p.is_file()):
-        digest.update(path.name.encode())
-        size = path.stat().st_size
-        digest.update(str(size).encode())
-        with path.open("rb") as f:
-            digest.update(f.read(sample_bytes))
-            if size > 2 * sample_bytes:
-                f.seek(-sample_bytes, os.SEEK_END)
-                digest.update(f.read(sample_bytes))
-    return digest.hexdigest()
+WEIGHTS_STEM = "diffusion_pytorch_model"
+
+
+def weights_files(stage_dir: str | Path) -> list[Path]:
+    """The files that define a stage's UNet as models.load_unet loads it: unet/config.json, the weights (one
+    safetensors file, the shards its index names, or a .bin), and a LoRA adapter beside unet/ if there is one."""
+    stage_dir = Path(stage_dir)
+    unet_dir = stage_dir / "unet"
+    index = unet_dir / f"{WEIGHTS_STEM}.safetensors.index.json"
+    if (unet_dir / f"{WEIGHTS_STEM}.safetensors").is_file():
+        files = [unet_dir / f"{WEIGHTS_STEM}.safetensors"]
+    elif index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [index, *(unet_dir / shard for shard in shards)]
+    elif (unet_dir / f"{WEIGHTS_STEM}.bin").is_file():
+        files = [unet_dir / f"{WEIGHTS_STEM}.bin"]
+    else:
+        raise UserError(f"{unet_dir}: no {WEIGHTS_STEM}.safetensors (or sharded/.bin weights)")
+    adapter = [stage_dir / lora.LORA_WEIGHTS] if (stage_dir / lora.LORA_WEIGHTS).is_file() else []
+    return [unet_dir / "config.json", *files, *adapter]

@@ -116,9 +116,15 @@ def _loss_setup_context(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(grad_pred)
 
 
+def _is_eager_cpu_one(t: torch.Tensor) -> bool:
+    # Reading a tensor's value is free only for a plain CPU tensor outside compilation (no device sync, no trace).
+    return type(t) is torch.Tensor and t.device.type == "cpu" and not torch.compiler.is_compiling() and t.item() == 1
+
+
 def _loss_backward(ctx, grad_loss, _):
     (grad_pred,) = ctx.saved_tensors
-    grad = grad_pred * grad_loss
+    # A loss backpropagated directly has upstream gradient 1: the gradient written by the forward pass is the answer.
+    grad = grad_pred if _is_eager_cpu_one(grad_loss) else grad_pred * grad_loss
     return grad, -grad if ctx.needs_input_grad[1] else None, None, None, None
 
 

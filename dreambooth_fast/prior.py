@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .fileio import atomic_write_json
+from .fileio import atomic_write_json, sha256_files
 from .images import save_pngs
-from .models import Cascade, weights_fingerprint
+from .models import Cascade, weights_files
 from .sample import sample_base, sample_sr, torch_unet_fn
 
 
@@ -47,9 +47,9 @@ def cache_key(cascade: Cascade, settings: PriorSettings) -> dict:
     """Everything that decides the class images. The dtype is left out on purpose: fp32 and bf16 sampling
     of the same weights draw the same distribution."""
     return {
-        "base_unet": weights_fingerprint(cascade.base_dir / "unet"),
-        "sr_unet": weights_fingerprint(cascade.sr_dir / "unet") if settings.with_sr else None,
-        "text_encoder": weights_fingerprint(cascade.base_dir / "text_encoder"),
+        "base_unet": sha256_files(weights_files(cascade.base_dir)),
+        "sr_unet": sha256_files(weights_files(cascade.sr_dir)) if settings.with_sr else None,
+        "text_encoder": sha256_files(sorted((cascade.base_dir / "text_encoder").iterdir())),
         **asdict(settings),
     }
 

@@ -22,7 +22,6 @@ from dreambooth_fast.export.manifest import (
     onnx_action,
     read_manifest,
     stale_reasons,
-    weights_files,
     weights_record,
 )
 from dreambooth_fast.export.onnx_export import OUTPUT_NAME, UNetSpec, export_unet_onnx, unet_spec
@@ -31,7 +30,7 @@ from dreambooth_fast.export.profiles import BatchSizes, parity_batch_sizes, unet
 from dreambooth_fast.export.runners import OnnxRunner
 from dreambooth_fast.export.tensorrt_build import INSTALL_COMMAND
 from dreambooth_fast.lora import LORA_WEIGHTS
-from dreambooth_fast.models import load_cascade, load_unet
+from dreambooth_fast.models import load_cascade, load_unet, weights_files
 from dreambooth_fast.sample import generate_cascade, torch_unet_fn
 
 PRESETS = Path(__file__).resolve().parents[1] / "export" / "presets"

@@ -220,6 +220,21 @@ def test_dreambooth_loss_takes_the_epsilon_half_of_a_6_channel_output(dtype, dev
     torch.testing.assert_close(fused_grad, eager_grad, **tol)
 
 
+def test_dreambooth_loss_backward_with_unit_upstream_retained_graph_and_shared_pred():
+    # An upstream gradient of exactly 1 reuses the gradient buffer of the forward pass: it must stay intact when the
+    # graph is kept for a second backward and when two losses of one pred add their gradients.
+    pred, target, weights, n_instance = loss_inputs((5, 3, 17, 9), torch.float32, "cpu", ("half", True))
+    grads = []
+    for fn in (ops.dreambooth_loss, reference.dreambooth_loss):
+        p = pred.clone().requires_grad_()
+        loss = fn(p, target, weights, n_instance, 0.7)
+        loss.backward(retain_graph=True)
+        loss.backward()
+        (fn(p, target, None, None, 1.0) + fn(p, target, weights, n_instance, 0.7)).backward()
+        grads.append(p.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+
+
 def test_dreambooth_loss_accepts_any_layout():
     pred, target, weights, n_instance = loss_inputs((5, 3, 17, 9), torch.float32, "cpu", ("half", True))
     for p, y in [(pred.transpose(2, 3), target.transpose(2, 3)), (pred.to(memory_format=torch.channels_last), target)]:

@@ -18,8 +18,8 @@ namespace {
 // Rows are reduced in fixed chunks of kChunk elements, each chunk's partial sum kept apart and the partials
 // added in a fixed order, so the loss is bitwise the same for any number of threads.
 constexpr int64_t kChunk = 1024;
-// Chunks per parallel task; smaller problems run on one thread.
-constexpr int64_t kGrainChunks = 16;
+// Chunks per parallel task (32768 elements, ATen's grain size); smaller problems run on one thread.
+constexpr int64_t kGrainChunks = 32;
 
 // True when every row t[i] is contiguous (the batch dimension itself may be strided, as in pred[:, :3]).
 bool rows_contiguous(const at::Tensor& t) {

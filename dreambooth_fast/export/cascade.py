@@ -199,6 +199,7 @@ def _build_engine(stage: str, spec: UNetSpec, engine_path: Path, onnx_path: Path
                   timing_cache: Path, log: Log) -> dict:
     """Refit or build the engine, parity-test it, write its manifest; an engine failing parity is deleted."""
     action, reasons = plan
+    onnx_manifest = onnx_manifests[fields["precision"]]
     manifest_path(engine_path).unlink(missing_ok=True)
     if action == "refit":
         log(f"{stage}: refitting {engine_path} with new weights ({'; '.join(reasons)})")
@@ -219,9 +220,9 @@ def _build_engine(stage: str, spec: UNetSpec, engine_path: Path, onnx_path: Path
         raise
     _log_parity(log, stage, f"TensorRT {fields['precision']}", results)
     manifest = {
-        **fields, "kind": "tensorrt-engine", "stage": stage, "file": engine_path.name, "onnx": onnx_path.name,
-        "onnx_sha256": onnx_manifests[fields["precision"]]["onnx_sha256"], "weights": weights,
-        "cache_key": engine_cache_key(fields), "inputs": _input_shapes(spec), "output": OUTPUT_NAME,
+        **fields, "kind": "tensorrt-engine", "stage": stage, "source": onnx_manifest["source"],
+        "file": engine_path.name, "onnx": onnx_path.name, "onnx_sha256": onnx_manifest["onnx_sha256"],
+        "weights": weights, "cache_key": engine_cache_key(fields), "inputs": _input_shapes(spec), "output": OUTPUT_NAME,
         "parity": [r.as_dict() for r in results], "versions": {"dbfast": __version__, "torch": torch.__version__},
     }
     write_manifest(manifest_path(engine_path), manifest)

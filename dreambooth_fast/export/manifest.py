@@ -2,8 +2,8 @@
 
 Every exported file gets a JSON manifest beside it (`unet.fp16.onnx.json`, `unet.fp16.engine.json`), written
 last, so a file without its manifest is an unfinished export. The weights are identified by the sha256 of the
-source UNet's config.json and safetensors; file sizes and mtimes are kept beside it so an unchanged weights
-file is not re-hashed on every load.
+source UNet's config.json, weights file(s) and LoRA adapter (if any); file sizes and mtimes are kept beside it
+so unchanged weights are not re-hashed on every load.
 
 An engine's cache key is a hash of what makes a built engine valid: TensorRT version, GPU name and compute
 capability, precision, batch profile, opset, weights and refittability. At build time a matching key reuses
@@ -18,15 +18,14 @@ import json
 from pathlib import Path
 
 from ..errors import UserError
-from ..fileio import atomic_write_json
-from ..lora import LORA_WEIGHTS
+from ..fileio import atomic_write_json, sha256_files
+from ..models import weights_files
 
 MANIFEST_FORMAT = 1
 ONNX_KEY_FIELDS = ("precision", "opset", "weights_sha256")
 ENGINE_KEY_FIELDS = ("tensorrt_version", "gpu_name", "compute_capability", "precision", "profile", "opset",
                      "weights_sha256", "refittable")
 RUNTIME_FIELDS = ("tensorrt_version", "gpu_name", "compute_capability", "weights_sha256")
-WEIGHTS_STEM = "diffusion_pytorch_model"
 _LABELS = {"tensorrt_version": "TensorRT version", "gpu_name": "GPU", "compute_capability": "compute capability",
            "precision": "precision", "profile": "batch profile", "opset": "opset", "weights_sha256": "weights",
            "refittable": "refittable"}
@@ -36,37 +35,6 @@ def manifest_path(path: str | Path) -> Path:
     """The manifest of an exported file: the file's name plus .json."""
     path = Path(path)
     return path.with_name(path.name + ".json")
-
-
-def sha256_files(paths: list[Path]) -> str:
-    """One sha256 over the names and contents of `paths`, in order. A full hash, unlike
-    models.weights_fingerprint's sampled one: a fine-tune can leave a file's first and last MiB unchanged."""
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(path.name.encode() + b"\0")
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 24):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
-def weights_files(stage_dir: str | Path) -> list[Path]:
-    """The files that define a stage's UNet as models.load_unet loads it: unet/config.json, the weights (one
-    safetensors file, the shards its index names, or a .bin), and a LoRA adapter beside unet/ if there is one."""
-    stage_dir = Path(stage_dir)
-    unet_dir = stage_dir / "unet"
-    index = unet_dir / f"{WEIGHTS_STEM}.safetensors.index.json"
-    if (unet_dir / f"{WEIGHTS_STEM}.safetensors").is_file():
-        files = [unet_dir / f"{WEIGHTS_STEM}.safetensors"]
-    elif index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        files = [index, *(unet_dir / shard for shard in shards)]
-    elif (unet_dir / f"{WEIGHTS_STEM}.bin").is_file():
-        files = [unet_dir / f"{WEIGHTS_STEM}.bin"]
-    else:
-        raise UserError(f"{unet_dir}: no {WEIGHTS_STEM}.safetensors (or sharded/.bin weights) to export")
-    adapter = [stage_dir / LORA_WEIGHTS] if (stage_dir / LORA_WEIGHTS).is_file() else []
-    return [unet_dir / "config.json", *files, *adapter]
 
 
 def weights_record(stage_dir: str | Path, previous: dict | None = None) -> dict:

@@ -86,7 +86,8 @@ class TensorRTRunner:
     def __init__(self, engine_path: str | Path, *, cuda_graphs: bool = True):
         trt = import_tensorrt()
         self.engine_path = Path(engine_path)
-        self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(self.engine_path.read_bytes())
+        self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))  # must outlive the engine
+        self.engine = self.runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
         if self.engine is None:
             raise UserError(f"{self.engine_path}: TensorRT cannot load this engine; rebuild it: `dbfast export --trt`")
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]

@@ -90,7 +90,8 @@ def refit_engine(trt, engine_path: Path, onnx_path: Path) -> bool:
     """Load new weights from `onnx_path` into the refittable engine at `engine_path`, in place. False when
     TensorRT cannot refit it (the caller rebuilds)."""
     logger = trt.Logger(trt.Logger.WARNING)
-    engine = trt.Runtime(logger).deserialize_cuda_engine(engine_path.read_bytes())
+    runtime = trt.Runtime(logger)  # kept in a variable: the runtime must outlive the engine it deserializes
+    engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
     if engine is None:
         return False
     refitter = trt.Refitter(engine, logger)
