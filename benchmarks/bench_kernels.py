@@ -9,7 +9,8 @@ both and belongs to the training-step benchmark, is not timed here), half the ro
 
 Achieved GB/s counts the floor of memory traffic of the whole op (add_noise: read x0 and eps, write x_t;
 dreambooth_loss forward+backward: read pred and target, write the gradient) over the median time, beside
-the copy bandwidth (`dst.copy_(src)` of a large tensor) measured in the same run.
+the copy bandwidth (`dst.copy_(src)` of a tensor larger than the caches) measured in the same run; working sets
+that fit in a CPU's cache can exceed it (over 100%).
 
     python -m benchmarks.bench_kernels [--device cpu|cuda] [--quick] [--repeats N] [--threads N] [--out PATH]
 """

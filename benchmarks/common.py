@@ -177,3 +177,54 @@ def format_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["  ".join(str(cell).rjust(w) for cell, w in zip(line, widths)) for line in [header, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+# -- helpers of the whole-step suites (train, prior, generate) -------------------------------------------------
+
+
+def run_info(device: str) -> dict[str, str | int]:
+    """environment() plus the versions of the other libraries the whole-step suites run (diffusers,
+    onnxruntime: "absent" when not installed)."""
+    import diffusers
+
+    try:
+        import onnxruntime
+
+        ort_version = onnxruntime.__version__
+    except ImportError:
+        ort_version = "absent"
+    return {**environment(device), "diffusers": diffusers.__version__, "onnxruntime": ort_version}
+
+
+def load_average() -> dict[str, float]:
+    """The machine's load averages now (a shared machine: a figure taken under load says so)."""
+    one, five, fifteen = os.getloadavg()
+    return {"load_1m": round(one, 2), "load_5m": round(five, 2), "load_15m": round(fifteen, 2)}
+
+
+def measure_paired(
+    candidates: dict[str, Timed], device: str, *, rounds: int, warmup: int = 2
+) -> dict[str, list[float]]:
+    """Seconds of one call of each candidate per round, alternating (the order flips every round), after
+    `warmup` untimed calls of each. For work of tens of milliseconds or more (a training step, a sampling loop):
+    the i-th samples of two candidates ran side by side, so their ratio has a spread round by round
+    (`ratio_spread`). Returns the per-round samples of every candidate."""
+    for timed in candidates.values():
+        _time_calls(timed, device, warmup)
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    names = list(candidates)
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else reversed(names):
+            samples[name] += _time_calls(candidates[name], device, 1)
+    return samples
+
+
+def summarize(samples: list[float], rounds: int) -> Stats:
+    """Stats of a list of seconds (median, min-max, quartiles)."""
+    return _stats(samples, rounds)
+
+
+def ratio_spread(numerator: list[float], denominator: list[float]) -> tuple[float, float, float]:
+    """Median, min and max of the round-by-round ratios numerator[i] / denominator[i] (paired samples)."""
+    ratios = [n / d for n, d in zip(numerator, denominator)]
+    return statistics.median(ratios), min(ratios), max(ratios)

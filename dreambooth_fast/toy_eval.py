@@ -1,7 +1,8 @@
 """The toy world's measured miniature of the paper: sample a cascade, read the pictures with the judge.
 
 For any cascade trained on the toy world (the embedded default model, or a DreamBooth run made from it):
-- prompt fidelity on the held-out (shape, colour) captions: shape right, colour right, both right.
+- prompt fidelity on the held-out (shape, colour) captions: shape right, colour right, both right (and the
+  same on captions of pairs seen in training, for comparison).
 For a DreamBooth run (a directory with dreambooth.json) also, with its identifier and class noun:
 - subject fidelity: share of recontextualisation samples ("a [V] heart on a red striped background") that
   show the subject, and share with the requested background colour (and pattern);
@@ -9,7 +10,9 @@ For a DreamBooth run (a directory with dreambooth.json) also, with its identifie
 - DIV: share of pairs of class-prompt samples whose judged (object colour, background, pattern) differ.
 Judged at the base stage's 32 px (the judge reads that resolution without loss; see tests/test_judge.py).
 
-    python -m dreambooth_fast.toy_eval --model DIR [--n 4] [--out DIR/toy_eval.json]
+    python -m dreambooth_fast.toy_eval --model DIR [--n 4] [--out FILE]
+
+Results go to --out, else DIR/toy_eval.json for a DreamBooth run, else ./toy_eval.json.
 """
 
 from __future__ import annotations
@@ -52,9 +55,14 @@ def sample_images(cascade, prompts: list[str], seed: int, steps: int = STEPS,
     return images
 
 
-def prompt_fidelity(cascade, n: int = 4, seed: int = 0, **sampling) -> dict:
-    """Shape, colour and both right on the held-out (shape, colour) captions, `n` samples per pair."""
+def prompt_fidelity(cascade, n: int = 4, seed: int = 0, held_out: bool = True, **sampling) -> dict:
+    """Shape, colour and both right on the held-out (shape, colour) captions, `n` samples per pair; with
+    `held_out` False, on as many full captions of training pairs."""
     cases = world.held_out_prompts(seed, per_pair=n)
+    if not held_out:
+        rng = random.Random(seed)
+        scenes = [world.random_scene(rng) for _ in cases]
+        cases = [(world.caption(s), s) for s in scenes]
     verdicts = [judge(im) for im in sample_images(cascade, [p for p, _ in cases], seed, **sampling)]
     shape = [v.shape == s.shape for v, (_, s) in zip(verdicts, cases)]
     colour = [v.colour == s.colour for v, (_, s) in zip(verdicts, cases)]
@@ -100,7 +108,8 @@ def evaluate(model_dir: str | Path, *, n: int = 4, seed: int = 0, steps: int = S
     random.seed(seed)
     cascade = load_cascade(model_dir, stages=("base",))
     results: dict = {"model": str(model_dir), "steps": steps, "guidance": guidance, "seed": seed,
-                     "prompt_fidelity": prompt_fidelity(cascade, n, seed, steps=steps, guidance=guidance)}
+                     "prompt_fidelity": prompt_fidelity(cascade, n, seed, steps=steps, guidance=guidance),
+                     "prompt_fidelity_seen": prompt_fidelity(cascade, n, seed, False, steps=steps, guidance=guidance)}
     run_file = model_dir / RUN_FILE
     if run_file.is_file():
         run = json.loads(run_file.read_text())
@@ -108,7 +117,8 @@ def evaluate(model_dir: str | Path, *, n: int = 4, seed: int = 0, steps: int = S
         results["prior_preservation"] = run.get("config", {}).get("prior_preservation")
         results["dreambooth"] = subject_metrics(cascade, run["identifier"], run["class_noun"], n, seed, steps=steps,
                                                 guidance=guidance)
-    path = Path(out) if out else model_dir / "toy_eval.json"
+    # A run's results go beside it; a plain model (maybe the packaged default) is not written into.
+    path = Path(out) if out else (model_dir if run_file.is_file() else Path.cwd()) / "toy_eval.json"
     atomic_write_json(path, results)
     return results, path
 
@@ -118,6 +128,10 @@ def format_results(results: dict) -> str:
     lines = [f"model: {results['model']}",
              f"held-out prompt fidelity ({pf['n']} samples): shape {pf['shape']:.0%}, colour {pf['colour']:.0%}, "
              f"both {pf['shape_and_colour']:.0%}"]
+    if "prompt_fidelity_seen" in results:
+        seen = results["prompt_fidelity_seen"]
+        lines.append(f"training-pair prompt fidelity ({seen['n']} samples): shape {seen['shape']:.0%}, "
+                     f"colour {seen['colour']:.0%}, both {seen['shape_and_colour']:.0%}")
     if "dreambooth" in results:
         d = results["dreambooth"]
         lines += [f"subject fidelity ({d['n']} recontextualisation samples): subject {d['subject']:.0%}, "

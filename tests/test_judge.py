@@ -51,3 +51,21 @@ def test_diversity_counts_differing_pairs():
     b = judge(world.render(world.Scene("heart", "green", "blue", "plain", 0.3, 0.5, 0.5)))
     assert diversity([a, a, a]) == 0.0
     assert diversity([a, b]) == 1.0
+
+
+def test_toy_eval_reports_prompt_fidelity_pres_and_div(tiny_cascade, tmp_path):
+    import json
+    import shutil
+
+    from dreambooth_fast.toy_eval import evaluate, format_results
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_cascade, run)
+    (run / "dreambooth.json").write_text(json.dumps(
+        {"identifier": "sks", "class_noun": "heart", "config": {"prior_preservation": True}}))
+    results, path = evaluate(run, n=1, steps=2)
+    assert path == run / "toy_eval.json" and json.loads(path.read_text()) == results
+    figures = {**results["prompt_fidelity"], **results["dreambooth"]}
+    assert {"shape", "colour", "shape_and_colour", "subject", "background", "pres", "div"} <= set(figures)
+    assert all(0 <= v <= 1 for k, v in figures.items() if not k.startswith("n"))
+    assert "PRES" in format_results(results)

@@ -1,0 +1,417 @@
+"""Training-step benchmark: this project's whole DreamBooth step against an eager step written the way diffusers'
+examples/dreambooth/train_dreambooth.py writes it, on the same UNet, the same batch shapes and the same optimizer,
+alternating step by step in one run after warm-up.
+
+Ours is `StageTrainer.optimizer_step()` (dreambooth_fast/train.py) with the options a user runs: prior
+preservation (lambda 1), Adam, gradient clipping at 1.0, bf16 autocast on a GPU. Its step: batch assembly,
+`ops.add_noise`, UNet, `ops.dreambooth_loss` on the epsilon half, backward, clip, optimizer and lr step.
+The eager step: torch.cat of the subject and prior rows, `DDPMScheduler.add_noise`, UNet, torch.chunk of the
+prediction (epsilon / variance, then subject / prior) and of the target, two F.mse_loss calls, prior_loss_weight,
+autograd, the same clip, optimizer and lr step. Gradients are freed with zero_grad(set_to_none=True) on both sides
+(diffusers' script defaults to zero-filling them; that difference is not the project's to claim). The SR stage
+adds the noise-augmented upscaled low-res image as 3 more input channels and its level as the class label, on both.
+
+Also measured, at the step's shapes: the fused ops alone (add_noise + dreambooth_loss forward and backward) against
+their eager expressions, so that the table shows what share of the step they are and how much of the step they
+could save at most. A kernel ratio says nothing about the step by itself.
+
+Peak memory: the peak of what one step allocates above what is allocated when it starts (weights, gradients
+of the last step freed, Adam state), per implementation, after warm-up: torch.cuda.max_memory_allocated on a
+GPU; on a CPU the peak of the running sum of the allocations and frees that torch.profiler(profile_memory=True)
+records during the step.
+
+Sizes: on a CPU the tiny cascade's stages (base 32 px, SR 64 px); on a GPU UNets of IF-I-XL's and IF-II-L's
+published configs with random weights, bf16 weights, at 4 and 2 subject rows (plus as many prior rows).
+
+    python -m benchmarks --suite train [--quick] [--device cpu|cuda]
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import (
+    RESULTS_DIR,
+    Timed,
+    append_rows,
+    format_table,
+    load_average,
+    measure_paired,
+    ratio_spread,
+    run_info,
+    summarize,
+)
+from dreambooth_fast import ops
+from dreambooth_fast.config import TrainConfig
+from dreambooth_fast.models import STAGE_2_DIR, load_scheduler, load_unet
+from dreambooth_fast.tiny_cascade import build_tiny_cascade, tiny_unet_config
+from dreambooth_fast.train import AUTOCAST, Prompts, StageData, StageTrainer
+
+CHANNELS = 3
+TEXT_LENGTH = 77
+SUBJECT_IMAGES = 4  # a user's 3-5 photos
+PRIOR_IMAGES = 8
+OURS, EAGER = "dreambooth_fast", "diffusers_eager"
+FUSED_OPS, EAGER_OPS = "fused_ops", "eager_ops"
+
+
+@dataclass(frozen=True)
+class Case:
+    stage: str  # "base" or "sr"
+    model: str  # "tiny" or the IF UNet whose config is used
+    size: int
+    batch: int  # subject rows per step; as many prior rows follow them
+    dtype: str  # "fp32" or "bf16" (weights and autocast)
+
+    @property
+    def shape(self) -> str:
+        return f"{2 * self.batch}x{CHANNELS}x{self.size}x{self.size}"
+
+
+def if_unet_config(stage: str) -> dict:
+    """The UNet config of IF-I-XL-v1.0 (stage I, 64 px, 4.3B parameters) or IF-II-L-v1.0 (stage II, 256 px, 1.2B
+    parameters) as published in their unet/config.json: tiny_unet_config's IF layout at the real widths, depths and
+    heads."""
+    if stage == "base":
+        config = tiny_unet_config(64, False, width=704, text_dim=4096)
+        config.update(
+            block_out_channels=[704, 1408, 2112, 2816],
+            layers_per_block=3,
+            down_block_types=["ResnetDownsampleBlock2D"] + ["SimpleCrossAttnDownBlock2D"] * 3,
+            up_block_types=["SimpleCrossAttnUpBlock2D"] * 3 + ["ResnetUpsampleBlock2D"],
+            cross_attention_dim=2816,
+            attention_head_dim=64,
+            addition_embed_type_num_heads=64,
+        )
+        return config
+    config = tiny_unet_config(256, True, width=160, text_dim=4096)
+    config.update(
+        block_out_channels=[160, 320, 640, 960, 1280],
+        layers_per_block=[2, 2, 3, 5, 5],
+        down_block_types=["ResnetDownsampleBlock2D"] * 3 + ["SimpleCrossAttnDownBlock2D"] * 2,
+        up_block_types=["SimpleCrossAttnUpBlock2D"] * 2 + ["ResnetUpsampleBlock2D"] * 3,
+        cross_attention_dim=1280,
+        attention_head_dim=64,
+        addition_embed_type_num_heads=64,
+        time_embedding_dim=1280,
+        resnet_skip_time_act=True,
+        resnet_out_scale_factor=1 / 0.7071,
+        mid_block_scale_factor=1 / 0.7071,
+    )
+    return config
+
+
+IF_MODELS = {"base": "IF-I-XL", "sr": "IF-II-L"}
+
+
+def cases(device: str, *, quick: bool, smoke: bool, base_size: int, sr_size: int) -> list[Case]:
+    if torch.device(device).type == "cuda" and not smoke:
+        batches = (4,) if quick else (4, 2)
+        return [Case(stage, IF_MODELS[stage], 64 if stage == "base" else 256, b, "bf16")
+                for stage in ("base", "sr") for b in batches]
+    batch = 1 if smoke else 2
+    return [Case("base", "tiny", base_size, batch, "fp32"), Case("sr", "tiny", sr_size, batch, "fp32")]
+
+
+@dataclass
+class Setup:
+    """One case, ready to step: the shared UNet and trainer (ours), the eager step, and the ops-only pair."""
+
+    trainer: StageTrainer
+    eager_step: Callable[[], float]
+    fused_ops: Timed
+    eager_ops: Timed
+
+
+def _unet(case: Case, model_dir: Path | None, device: str) -> torch.nn.Module:
+    dtype = torch.bfloat16 if case.dtype == "bf16" else torch.float32
+    if case.model == "tiny":
+        return load_unet(model_dir if case.stage == "base" else model_dir / STAGE_2_DIR, device, dtype)
+    from diffusers import UNet2DConditionModel
+
+    with torch.device(device):  # random init on the device: a 4.3B model is slow to initialise on a CPU
+        return UNet2DConditionModel(**if_unet_config(case.stage)).to(dtype)
+
+
+def _schedulers(case: Case, model_dir: Path | None):
+    if case.model == "tiny":
+        stage_dir = model_dir if case.stage == "base" else model_dir / STAGE_2_DIR
+        noising = load_scheduler(stage_dir, "image_noising_scheduler") if case.stage == "sr" else None
+        return load_scheduler(stage_dir), noising
+    from diffusers import DDPMScheduler
+
+    from dreambooth_fast.tiny_cascade import if_scheduler_config
+
+    scheduler = DDPMScheduler(**if_scheduler_config(sample_max_value=1.5 if case.stage == "base" else 1.0))
+    noising = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2") if case.stage == "sr" else None
+    return scheduler, noising
+
+
+def _rows(case: Case, low_size: int, generator: torch.Generator) -> StageData:
+    """Random training rows (the trainer's StageData): pixel values in [-1, 1], SR conditioning upscaled from
+    `low_size` as train.py does."""
+
+    def images(n: int, size: int) -> torch.Tensor:
+        return torch.rand((n, CHANNELS, size, size), generator=generator) * 2 - 1
+
+    if case.stage == "base":
+        return StageData(images(SUBJECT_IMAGES, case.size), None, images(PRIOR_IMAGES, case.size), None)
+
+    def upscaled(n: int) -> torch.Tensor:
+        return F.interpolate(images(n, low_size), (case.size, case.size), mode="bilinear", align_corners=True)
+
+    return StageData(images(SUBJECT_IMAGES, case.size), upscaled(SUBJECT_IMAGES), images(PRIOR_IMAGES, case.size),
+                     upscaled(PRIOR_IMAGES))
+
+
+def setup_case(case: Case, model_dir: Path | None, device: str, out: Path) -> Setup:
+    unet = _unet(case, model_dir, device)
+    scheduler, noising = _schedulers(case, model_dir)
+    generator = torch.Generator().manual_seed(0)
+    text_dim = unet.config.encoder_hid_dim or unet.config.cross_attention_dim
+    embeds = torch.randn((3, TEXT_LENGTH, text_dim), generator=generator)
+    prompts = Prompts("x", "a x dog", "a dog", embeds[:1], embeds[1:2], embeds[2:])
+    low_size = max(case.size // 4, 8)
+    rows = _rows(case, low_size, generator)
+    cfg = TrainConfig(images="-", class_noun="dog", batch_size=case.batch, precision=case.dtype, seed=0)
+    trainer = StageTrainer(case.stage, unet, scheduler, noising, rows, prompts, cfg, torch.device(device), out, [],
+                           None)
+    # The eager step's batch: the same numbers of subject and prior rows, collated as diffusers does (torch.cat).
+    pick = torch.arange(case.batch) % SUBJECT_IMAGES
+    batch = {
+        "subject": rows.subject[pick], "prior": rows.prior[pick],
+        "subject_embeds": prompts.instance_embeds.expand(case.batch, -1, -1),
+        "prior_embeds": prompts.class_embeds.expand(case.batch, -1, -1),
+        "subject_cond": rows.subject_cond[pick] if rows.subject_cond is not None else None,
+        "prior_cond": rows.prior_cond[pick] if rows.prior_cond is not None else None,
+    }
+    eager = eager_step_fn(trainer, scheduler, noising, batch, cfg, torch.device(device))
+    fused_ops, eager_ops = ops_candidates(case, trainer, scheduler, noising, torch.device(device), generator)
+    return Setup(trainer, eager, fused_ops, eager_ops)
+
+
+def eager_step_fn(trainer: StageTrainer, scheduler, noising, batch: dict, cfg: TrainConfig,
+                  device: torch.device) -> Callable[[], float]:
+    """One training step written the way diffusers' train_dreambooth.py writes it, on the trainer's UNet,
+    optimizer and lr schedule."""
+    unet, optimizer, lr_schedule, params = trainer.unet, trainer.optimizer, trainer.lr_schedule, trainer.params
+    autocast = AUTOCAST[cfg.precision]
+
+    def step() -> float:
+        model_input = torch.cat([batch["subject"], batch["prior"]]).to(device)
+        embeds = torch.cat([batch["subject_embeds"], batch["prior_embeds"]]).to(device)
+        noise = torch.randn_like(model_input)
+        bsz = model_input.shape[0]
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (bsz,), device=device).long()
+        noisy_model_input = scheduler.add_noise(model_input, noise, timesteps)
+        class_labels = None
+        if batch["subject_cond"] is not None:
+            cond = torch.cat([batch["subject_cond"], batch["prior_cond"]]).to(device)
+            class_labels = torch.full((bsz,), cfg.sr_noise_level, dtype=torch.long, device=device)
+            noisy_cond = noising.add_noise(cond, torch.randn_like(cond), class_labels)
+            noisy_model_input = torch.cat([noisy_model_input, noisy_cond], dim=1)
+        with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            model_pred = unet(noisy_model_input, timesteps, embeds, class_labels=class_labels, return_dict=False)[0]
+        model_pred, _ = torch.chunk(model_pred, 2, dim=1)  # epsilon, learned variance
+        target = noise
+        model_pred, model_pred_prior = torch.chunk(model_pred, 2, dim=0)
+        target, target_prior = torch.chunk(target, 2, dim=0)
+        loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+        prior_loss = F.mse_loss(model_pred_prior.float(), target_prior.float(), reduction="mean")
+        loss = loss + cfg.prior_weight * prior_loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        lr_schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach().item()
+
+    return step
+
+
+def ops_candidates(case: Case, trainer: StageTrainer, scheduler, noising, device: torch.device,
+                   generator: torch.Generator) -> tuple[Timed, Timed]:
+    """The step's noise and loss work alone, at its shapes: the fused ops as the trainer calls them, and the
+    eager expressions of eager_step_fn. The UNet output is a leaf (6 channels, in the autocast dtype) so that
+    the loss backward stops there; the slice's backward into it is part of both."""
+    n = 2 * case.batch
+    x0 = (torch.rand((n, CHANNELS, case.size, case.size), generator=generator) * 2 - 1).to(device)
+    eps = torch.randn(x0.shape, generator=generator).to(device)
+    timesteps = torch.randint(0, 1000, (n,), generator=generator).to(device)
+    out_dtype = AUTOCAST[trainer.cfg.precision] or torch.float32
+    unet_out = torch.randn((n, 2 * CHANNELS, case.size, case.size), generator=generator).to(device, out_dtype)
+    unet_out.requires_grad_()
+    cond = aug = labels = None
+    if case.stage == "sr":
+        cond, aug = torch.rand_like(x0) * 2 - 1, torch.randn_like(x0)
+        labels = torch.full((n,), trainer.cfg.sr_noise_level, dtype=torch.long, device=device)
+    prior_weight = trainer.cfg.prior_weight
+
+    def clear_grad() -> None:
+        unet_out.grad = None
+
+    def fused() -> None:
+        _, target = ops.add_noise(x0, eps, timesteps, trainer.alphas_cumprod, trainer.prediction_type)
+        if cond is not None:
+            ops.add_noise(cond, aug, labels, trainer.noising_ac, "epsilon")
+        pred = unet_out[:, :CHANNELS]
+        if pred.dtype != target.dtype:
+            pred = pred.float()
+        ops.dreambooth_loss(pred, target, None, case.batch, prior_weight).backward()
+
+    def eager() -> None:
+        scheduler.add_noise(x0, eps, timesteps)
+        if cond is not None:
+            noising.add_noise(cond, aug, labels)
+        model_pred, _ = torch.chunk(unet_out, 2, dim=1)
+        model_pred, model_pred_prior = torch.chunk(model_pred, 2, dim=0)
+        target, target_prior = torch.chunk(eps, 2, dim=0)
+        loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+        loss = loss + prior_weight * F.mse_loss(model_pred_prior.float(), target_prior.float(), reduction="mean")
+        loss.backward()
+
+    return Timed(fused, clear_grad), Timed(eager, clear_grad)
+
+
+def peak_step_memory(step: Callable[[], object], device: str) -> float:
+    """Bytes one call of `step` allocates at its peak above what is allocated when it starts."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        start = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - start
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    # Allocations are recorded on the op that made them, frees outside any op as "[memory]" events.
+    current = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        current += event.self_cpu_memory_usage
+        peak = max(peak, current)
+    return peak
+
+
+MEMORY_METHOD = {
+    "cuda": "torch.cuda.max_memory_allocated over one step, above the allocation at its start",
+    "cpu": "torch.profiler(profile_memory=True): peak running sum of one step's allocations and frees",
+}
+
+
+def bench_case(case: Case, model_dir: Path | None, device: str, *, rounds: int, warmup: int) -> list[dict]:
+    """Rows of one case (without the run-wide columns): the two steps, then the two ops-only measurements."""
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        s = setup_case(case, model_dir, device, Path(tmp))
+        steps = measure_paired({OURS: Timed(s.trainer.optimizer_step), EAGER: Timed(s.eager_step)}, device,
+                               rounds=rounds, warmup=warmup)
+        # Tens of microseconds to milliseconds each: many calls per round, as the kernel benchmark times them.
+        ops_samples = measure_paired({FUSED_OPS: s.fused_ops, EAGER_OPS: s.eager_ops}, device,
+                                     rounds=max(rounds, 10) * 5, warmup=warmup + 3)
+        memory = {OURS: peak_step_memory(s.trainer.optimizer_step, device),
+                  EAGER: peak_step_memory(s.eager_step, device)}
+        n_params = sum(p.numel() for p in s.trainer.params)
+    step_stats = {name: summarize(v, rounds) for name, v in steps.items()}
+    ops_stats = {name: summarize(v, len(v)) for name, v in ops_samples.items()}
+    ratio = ratio_spread(steps[EAGER], steps[OURS])
+    ops_ratio = ratio_spread(ops_samples[EAGER_OPS], ops_samples[FUSED_OPS])
+    eager_step, saved = step_stats[EAGER].median, ops_stats[EAGER_OPS].median - ops_stats[FUSED_OPS].median
+    common = {"suite": "train", "stage": case.stage, "model": case.model, "params_m": round(n_params / 1e6, 2),
+              "dtype": case.dtype, "shape": case.shape, "subject_rows": case.batch, "prior_rows": case.batch,
+              "optimizer": "Adam", **load_average()}
+    rows = []
+    for impl, st in step_stats.items():
+        rows.append({
+            **common, "what": "step", "impl": impl, **_ms(st),
+            "ratio_vs_eager": round(ratio[0], 3) if impl == OURS else 1.0,
+            "ratio_min": round(ratio[1], 3) if impl == OURS else "",
+            "ratio_max": round(ratio[2], 3) if impl == OURS else "",
+            "peak_step_mb": round(memory[impl] / 2**20, 2),
+            "mem_method": MEMORY_METHOD[torch.device(device).type],
+            # What the step's speed-up would be if the fused ops were the only difference (the most they can give).
+            "ops_bound_ratio": round(eager_step / (eager_step - saved), 3) if impl == OURS else "",
+        })
+    for impl, st in ops_stats.items():
+        step_impl = OURS if impl == FUSED_OPS else EAGER
+        rows.append({
+            **common, "what": "ops", "impl": impl, **_ms(st),
+            "ratio_vs_eager": round(ops_ratio[0], 3) if impl == FUSED_OPS else 1.0,
+            "ratio_min": round(ops_ratio[1], 3) if impl == FUSED_OPS else "",
+            "ratio_max": round(ops_ratio[2], 3) if impl == FUSED_OPS else "",
+            "share_of_step_pct": round(100 * st.median / step_stats[step_impl].median, 2),
+        })
+    return rows
+
+
+def _ms(stats) -> dict:
+    return {"median_ms": round(stats.median * 1e3, 3), "min_ms": round(stats.minimum * 1e3, 3),
+            "max_ms": round(stats.maximum * 1e3, 3), "q1_ms": round(stats.q1 * 1e3, 3),
+            "q3_ms": round(stats.q3 * 1e3, 3), "samples": stats.samples}
+
+
+def run(device: str, *, quick: bool = False, smoke: bool = False, out: Path | None = None,
+        model_dir: Path | None = None, command: str = "") -> list[dict]:
+    """Runs the training-step benchmark, appends its rows to `out` (default benchmarks/results/train.csv), prints
+    a table and returns the rows. `model_dir` is a tiny cascade for the CPU sizes (built in a temp dir if None)."""
+    out = Path(out) if out is not None else RESULTS_DIR / "train.csv"
+    rounds = 1 if smoke else 8 if quick else 20
+    warmup = 1 if smoke else 3
+    with tempfile.TemporaryDirectory() as tmp:
+        if model_dir is None and (torch.device(device).type == "cpu" or smoke):
+            model_dir = build_tiny_cascade(Path(tmp) / "tiny")
+        base_size = sr_size = 0
+        if model_dir is not None:
+            base_size = load_unet_size(model_dir)
+            sr_size = load_unet_size(Path(model_dir) / STAGE_2_DIR)
+        info = run_info(device)
+        rows = []
+        for case in cases(device, quick=quick, smoke=smoke, base_size=base_size, sr_size=sr_size):
+            try:
+                case_rows = bench_case(case, model_dir, device, rounds=rounds, warmup=warmup)
+            except torch.OutOfMemoryError as err:
+                case_rows = [{"suite": "train", "stage": case.stage, "model": case.model, "dtype": case.dtype,
+                              "shape": case.shape, "what": "step", "impl": "skipped",
+                              "note": f"out of memory: {str(err).splitlines()[0]}", **load_average()}]
+                torch.cuda.empty_cache()
+            rows += [{**info, "command": command, **row} for row in case_rows]
+    append_rows(out, rows)
+    print(f"{info['device_name']} ({device}), torch {info['torch']}, diffusers {info['diffusers']}, "
+          f"commit {info['commit']}")
+    print(table(rows))
+    print(f"appended {len(rows)} rows to {out}")
+    return rows
+
+
+def load_unet_size(stage_dir: Path) -> int:
+    import json
+
+    return int(json.loads((Path(stage_dir) / "unet" / "config.json").read_text())["sample_size"])
+
+
+def table(rows: list[dict]) -> str:
+    lines = []
+    for r in rows:
+        if r["impl"] in (EAGER, EAGER_OPS, "skipped"):
+            continue
+        spread = f"{r['ratio_vs_eager']:.2f}x ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})"
+        extra = (f"peak {r['peak_step_mb']:.1f} MB; ops bound {r['ops_bound_ratio']:.3f}x" if r["what"] == "step"
+                 else f"{r['share_of_step_pct']:.2f}% of the step")
+        lines.append([r["model"], r["stage"], r["shape"], r["dtype"], r["what"],
+                      f"{r['median_ms']:.2f} ({r['min_ms']:.2f}-{r['max_ms']:.2f})", spread, extra])
+    eager = {(r["stage"], r["shape"], r["what"]): r for r in rows if r["impl"] in (EAGER, EAGER_OPS)}
+    for line in lines:
+        e = eager[(line[1], line[2], line[4])]
+        line.insert(6, f"{e['median_ms']:.2f} ({e['min_ms']:.2f}-{e['max_ms']:.2f})")
+        if line[4] == "step":
+            line[-1] = f"{line[-1]}; eager peak {e['peak_step_mb']:.1f} MB"
+    header = ["model", "stage", "rows", "dtype", "what", "ours ms (min-max)", "eager ms (min-max)",
+              "ratio (min-max)", "notes"]
+    return format_table(header, lines)
