@@ -7,6 +7,7 @@ DreamBooth script where the paper is silent; the CLI help of each option says wh
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,6 +85,10 @@ class TrainConfig:
             raise UserError(f"--lora-rank must be 0 (full fine-tuning) or positive, got {self.lora_rank}")
         if self.merge_lora and self.lora_rank == 0:
             raise UserError("--merge needs --lora-rank: there is no adapter to merge in full fine-tuning")
+        if self.use_8bit_adam:
+            _require("bitsandbytes", "--use-8bit-adam", "bnb")
+        if self.lora_rank:
+            _require("peft", "--lora-rank", "lora")
         if not 0 <= self.sr_noise_level < 1000:
             raise UserError(f"--sr-noise-level must be in [0, 1000), got {self.sr_noise_level}")
         return self
@@ -92,6 +97,12 @@ class TrainConfig:
         data = dataclasses.asdict(self)
         data["stages"] = list(self.stages)
         return data
+
+
+def _require(module: str, option: str, extra: str) -> None:
+    """Optional dependencies are checked with the options, before anything is loaded or written."""
+    if importlib.util.find_spec(module) is None:
+        raise UserError(f"{option} needs {module}: pip install 'dreambooth-fast[{extra}]' (or pip install {module})")
 
 
 def field_names() -> set[str]:

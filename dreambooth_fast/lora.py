@@ -16,10 +16,8 @@ TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj"
 
 def add_lora(unet: torch.nn.Module, rank: int) -> list[torch.nn.Parameter]:
     """Freeze `unet`, attach a rank-`rank` adapter, return the adapter's (trainable) parameters."""
-    try:
-        from peft import LoraConfig
-    except ImportError:
-        raise UserError("--lora-rank needs peft: pip install 'dreambooth-fast[lora]' (or pip install peft)") from None
+    from peft import LoraConfig  # presence checked by TrainConfig.validate
+
     unet.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=TARGET_MODULES))
     return [p for p in unet.parameters() if p.requires_grad]

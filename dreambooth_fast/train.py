@@ -188,10 +188,8 @@ def _lr_lambda(warmup: int):
 
 def _optimizer(params: list, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
     if cfg.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise UserError("--use-8bit-adam needs bitsandbytes: pip install 'dreambooth-fast[bnb]'") from None
+        import bitsandbytes as bnb  # presence checked by TrainConfig.validate
+
         return bnb.optim.Adam8bit(params, lr=lr)
     # The paper trains with Adam (no weight decay).
     return torch.optim.Adam(params, lr=lr)
@@ -336,24 +334,22 @@ class StageTrainer:
 
     # -- the loop ---------------------------------------------------------------------------------------
     def run(self) -> float:
-        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train {self.stage}", unit="step")
         loss = float("nan")
-        try:
-            while self.step < self.total_steps:
-                loss = self.optimizer_step()
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", **({"skipped": self.skipped} if self.skipped else {}))
-                if self.step % self.cfg.checkpoint_every == 0 and self.step < self.total_steps:
-                    self.save()
-                if self.validation and self.cfg.validation_every and self.step % self.cfg.validation_every == 0:
-                    self.validate()
-        except KeyboardInterrupt:
-            bar.close()
-            self.save()
-            raise UserError(
-                f"interrupted at {self.stage} step {self.step}: checkpoint saved, continue with --resume"
-            ) from None
-        bar.close()
+        with tqdm(total=self.total_steps, initial=self.step, desc=f"train {self.stage}", unit="step") as bar:
+            try:
+                while self.step < self.total_steps:
+                    loss = self.optimizer_step()
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}", **({"skipped": self.skipped} if self.skipped else {}))
+                    if self.step % self.cfg.checkpoint_every == 0 and self.step < self.total_steps:
+                        self.save()
+                    if self.validation and self.cfg.validation_every and self.step % self.cfg.validation_every == 0:
+                        self.validate()
+            except KeyboardInterrupt:
+                self.save()
+                raise UserError(
+                    f"interrupted at {self.stage} step {self.step}: checkpoint saved, continue with --resume"
+                ) from None
         if self.skipped:
             tqdm.write(f"stage {self.stage}: {self.skipped} steps skipped by fp16 loss scaling (overflow)")
         return loss

@@ -4,6 +4,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 from PIL import Image
 from runs import assert_refused, dbfast, train, unet_weights
@@ -222,3 +223,40 @@ def test_resume_with_changed_options_is_refused(tiny_cascade, subject_dir, tmp_p
     common = ["--stages", "base", "--checkpoint-every", "1", "--no-prior", "--steps", "2"]
     assert train(tiny_cascade, subject_dir, out, *common).exit_code == 0
     assert_refused(train(tiny_cascade, subject_dir, out, *common, "--lr", "1e-3", "--resume"), "learning_rate")
+
+
+def test_8bit_adam_without_bitsandbytes_says_how_to_install_it(tiny_cascade, subject_dir, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        pytest.skip("bitsandbytes is installed here")
+    assert_refused(
+        train(tiny_cascade, subject_dir, tmp_path / "out", "--use-8bit-adam"),
+        "pip install 'dreambooth-fast[bnb]'",
+        out=tmp_path / "out",
+    )
+
+
+def test_a_diverging_run_stops_with_the_step_and_what_to_try(tiny_cascade, subject_dir, tmp_path):
+    result = train(
+        tiny_cascade,
+        subject_dir,
+        tmp_path / "out",
+        "--no-prior",
+        "--stages",
+        "base",
+        "--steps",
+        "30",
+        "--lr",
+        "1e30",
+        "--max-grad-norm",
+        "1e30",
+    )
+    assert_refused(result, "the loss is", "--learning-rate")
+
+
+def test_fp16_training_with_loss_scaling_runs(tiny_cascade, subject_dir, tmp_path):
+    out = tmp_path / "run"
+    result = train(tiny_cascade, subject_dir, out, "--precision", "fp16", "--no-prior", "--stages", "base")
+    assert result.exit_code == 0, result.output
+    assert all(torch.isfinite(v).all() for v in unet_weights(out).values())

@@ -1,0 +1,307 @@
+"""Render the latest results of each suite into BENCHMARKS.md (tables) and PNG plots under benchmarks/results/.
+
+"Latest" is per suite and device type: the rows of the most recent run (the latest date) on the CPU and, where
+there are any, on a GPU. Every table names the device, versions, commit, date, the load average and the command
+that produced it (from the rows, or from runs.csv for suites whose rows do not carry it).
+
+    python -m benchmarks.render [--results DIR] [--out BENCHMARKS.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+from pathlib import Path
+
+from benchmarks.common import RESULTS_DIR
+from dreambooth_fast.fileio import atomic_write, atomic_write_bytes
+
+ROOT = Path(__file__).resolve().parents[1]
+SUITES = ("train", "kernels", "prior", "generate")
+TITLES = {"train": "Training step", "kernels": "Fused kernels", "prior": "Class-image generation",
+          "generate": "Generation"}
+
+
+def read_csv(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def latest_runs(rows: list[dict]) -> dict[str, list[dict]]:
+    """{device type: the rows of its latest run}."""
+    latest: dict[str, list[dict]] = {}
+    for device in sorted({r["device"] for r in rows}):
+        on_device = [r for r in rows if r["device"] == device]
+        date = max(r["date"] for r in on_device)
+        latest[device] = [r for r in on_device if r["date"] == date]
+    return latest
+
+
+def run_of(rows: list[dict], suite: str, runs: list[dict]) -> dict:
+    """The runs.csv entry of the run that made `rows`: the latest one of that suite and device started at or
+    before the rows' date. Empty when the run was not logged (a suite module run directly)."""
+    date, device = rows[0]["date"], rows[0]["device"]
+    logged = [r for r in runs if r["suite"] == suite and r["device"] == device and r["date"] <= date]
+    return max(logged, key=lambda r: r["date"]) if logged else {}
+
+
+def num(value: str) -> float:
+    return float(value)
+
+
+def ms(r: dict, unit: str = "ms") -> str:
+    return f"{num(r[f'median_{unit}']):.2f} ({num(r[f'min_{unit}']):.2f}-{num(r[f'max_{unit}']):.2f})"
+
+
+def ratio(r: dict) -> str:
+    if r.get("ratio_min", "") == "":
+        return f"{num(r['ratio_vs_eager']):.2f}x"
+    return f"{num(r['ratio_vs_eager']):.2f}x ({num(r['ratio_min']):.2f}-{num(r['ratio_max']):.2f})"
+
+
+def verdict(r: dict) -> str:
+    """Faster or slower only when every paired round agrees; otherwise no measurable difference."""
+    if num(r["ratio_min"]) > 1:
+        return "faster"
+    if num(r["ratio_max"]) < 1:
+        return "slower"
+    return "no measurable difference"
+
+
+def md_table(header: list[str], lines: list[list]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(str(cell) for cell in line) + " |" for line in lines]
+    return "\n".join(out)
+
+
+def header_lines(rows: list[dict], run: dict) -> list[str]:
+    r = rows[0]
+    versions = f"torch {r['torch']}"
+    if r.get("diffusers") or run.get("diffusers"):
+        versions += f", diffusers {r.get('diffusers') or run['diffusers']}, " \
+                    f"onnxruntime {r.get('onnxruntime') or run['onnxruntime']}"
+    loads = [num(x["load_1m"]) for x in rows if x.get("load_1m")] or \
+        [num(run[k]) for k in ("load_1m_start", "load_1m_end") if run.get(k)]
+    load = f"{min(loads):.2f}-{max(loads):.2f}" if loads else "not recorded"
+    command = r.get("command") or run.get("command") or "not recorded"
+    return [f"Device: **{r['device_name']}** ({r['device']}, {r['threads']} threads); {versions}; commit "
+            f"`{r['commit']}`; {r['date']}; load average (1 min) during the run: {load}.",
+            f"Command: `{command}`"]
+
+
+# -- per-suite tables -------------------------------------------------------------------------------------
+
+
+def train_section(rows: list[dict]) -> tuple[str, list[dict]]:
+    by_key = {(r["stage"], r["shape"], r["what"], r["impl"]): r for r in rows if r["impl"] != "skipped"}
+    lines, ops_lines = [], []
+    for (stage, shape, what, impl), r in by_key.items():
+        if what == "step" and impl == "dreambooth_fast":
+            e = by_key[(stage, shape, "step", "diffusers_eager")]
+            fused, eager_ops = by_key[(stage, shape, "ops", "fused_ops")], by_key[(stage, shape, "ops", "eager_ops")]
+            lines.append([r["model"], stage, shape, r["dtype"], ms(r), ms(e), ratio(r), verdict(r),
+                          f"{num(r['peak_step_mb']):.1f} / {num(e['peak_step_mb']):.1f}",
+                          f"{num(fused['share_of_step_pct']):.2f}% / {num(eager_ops['share_of_step_pct']):.2f}%",
+                          f"{num(r['ops_bound_ratio']):.3f}x"])
+            ops_lines.append([r["model"], stage, shape, r["dtype"], ms(fused), ms(eager_ops), ratio(fused)])
+    skipped = [[r["model"], r["stage"], r["shape"], r.get("note", "")] for r in rows if r["impl"] == "skipped"]
+    text = md_table(["model", "stage", "rows (subject+prior)", "dtype", "ours ms (min-max)", "eager ms (min-max)",
+                     "step ratio (min-max)", "whole step", "peak step MB ours / eager",
+                     "ops share of step ours / eager", "ops-bound ratio"], lines)
+    text += ("\n\nRatio = eager time / our time, per paired round (>1: ours faster); \"whole step\" says faster or "
+             "slower only when every round agrees. Ops share = the noise + loss work alone (forward and backward) "
+             "as a share of the step; ops-bound ratio = the step ratio if the fused ops were the only difference "
+             "(the most they can give). The fused ops alone, at the step's shapes:\n\n")
+    text += md_table(["model", "stage", "rows", "dtype", "fused ops ms (min-max)", "eager ops ms (min-max)",
+                      "ops ratio (min-max)"], ops_lines)
+    if skipped:
+        text += "\n\nNot measured:\n\n" + md_table(["model", "stage", "rows", "why"], skipped)
+    memory = rows[0].get("mem_method", "")
+    if memory:
+        text += f"\n\nPeak step memory: {memory}."
+    return text, rows
+
+
+def kernels_section(rows: list[dict]) -> tuple[str, list[dict]]:
+    eager = {(r["stage"], r["shape"], r["dtype"], r["op"], r["direction"]): r for r in rows if r["impl"] == "eager"}
+    lines = []
+    for r in rows:
+        if r["impl"] != "fused":
+            continue
+        e = eager[(r["stage"], r["shape"], r["dtype"], r["op"], r["direction"])]
+        gbps = f"{num(r['gbps']):.1f} ({num(r['pct_copy']):.0f}% of copy)" if r["gbps"] else ""
+        lines.append([r["stage"], r["shape"], r["dtype"], r["op"], r["direction"], ms(r, "us"), ms(e, "us"),
+                      f"{num(r['speedup_vs_eager']):.2f}x", gbps])
+    text = md_table(["stage", "shape", "dtype", "op", "direction", "fused us (min-max)", "eager us (min-max)",
+                     "speedup (medians)", "fused GB/s"], lines)
+    text += (f"\n\nCopy bandwidth measured in the same run: {num(rows[0]['copy_gbps']):.1f} GB/s; native kernels: "
+             f"{rows[0]['native']}. These are the ops alone: see the training-step table for what they do to a step.")
+    return text, rows
+
+
+def prior_section(rows: list[dict]) -> tuple[str, list[dict]]:
+    lines = [[r["model"], r["dtype"], r["base_shape"], r["sr_shape"], r["images"],
+              f"{r['base_steps']} + {r['sr_steps'] or 0}", f"{r['guidance']} / {r['sr_guidance'] or '-'}",
+              ms(r, "s"), f"{num(r['images_per_s']):.3f} ({num(r['images_per_s_min']):.3f}-"
+                          f"{num(r['images_per_s_max']):.3f})"] for r in rows]
+    text = md_table(["model", "dtype", "base batch", "SR batch", "images per call", "steps base + SR",
+                     "guidance base / SR", "s per call (min-max)", "images/s (min-max)"], lines)
+    return text, rows
+
+
+def generate_section(rows: list[dict]) -> tuple[str, list[dict]]:
+    lines, skipped = [], []
+    for r in rows:
+        if r["what"] == "skipped":
+            skipped.append([r["backend"], r["note"]])
+            continue
+        diff = f"{num(r['max_abs_diff_vs_eager']):.2g}" if r.get("max_abs_diff_vs_eager") else ""
+        lines.append([r["what"], r["stage"], r["backend"], r["dtype"], r["shape"], ms(r), ratio(r),
+                      f"{num(r['prepare_s']):.1f}", diff, r.get("note", "")])
+    text = md_table(["what", "stage", "backend", "dtype", "shape", "ms (min-max)", "vs eager (min-max)",
+                     "prepare s (once)", "max pixel diff vs eager", "note"], lines)
+    text += ("\n\nvs eager = eager time / backend time per paired round (>1: faster than eager). prepare s = what "
+             "the backend costs once (compile, ONNX export with its parity check, engine build) plus its first "
+             "call; excluded from the timings.")
+    if skipped:
+        text += "\n\nNot measured:\n\n" + md_table(["backend", "why"], skipped)
+    return text, rows
+
+
+SECTIONS = {"train": train_section, "kernels": kernels_section, "prior": prior_section,
+            "generate": generate_section}
+
+
+# -- plots ------------------------------------------------------------------------------------------------
+
+
+def _bars(ax, labels: list[str], series: dict[str, list[tuple[float, float, float]]], ylabel: str) -> None:
+    """Grouped bars of medians with min-max error bars; series: {name: [(median, min, max) per label]}."""
+    width = 0.8 / max(len(series), 1)
+    for i, (name, values) in enumerate(series.items()):
+        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(labels))]
+        med = [v[0] for v in values]
+        err = [[v[0] - v[1] for v in values], [v[2] - v[0] for v in values]]
+        ax.bar(xs, med, width, yerr=err, capsize=3, label=name)
+    ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+
+
+def _triple(r: dict, unit: str) -> tuple[float, float, float]:
+    return num(r[f"median_{unit}"]), num(r[f"min_{unit}"]), num(r[f"max_{unit}"])
+
+
+def _ratio_triple(r: dict) -> tuple[float, float, float]:
+    mid = num(r["ratio_vs_eager"])
+    return (mid, num(r["ratio_min"]), num(r["ratio_max"])) if r.get("ratio_min") else (mid, mid, mid)
+
+
+def plot(suite: str, rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    if suite == "train":
+        mine = [r for r in rows if r["what"] == "step" and r["impl"] == "dreambooth_fast"]
+        eager = {(r["stage"], r["shape"]): r for r in rows if r["what"] == "step" and r["impl"] == "diffusers_eager"}
+        labels = [f"{r['model']} {r['stage']} {r['shape']}" for r in mine]
+        _bars(axes[0], labels, {"dreambooth_fast": [_triple(r, "ms") for r in mine],
+                                "diffusers eager": [_triple(eager[(r["stage"], r["shape"])], "ms") for r in mine]},
+              "step ms (median, min-max)")
+        _bars(axes[1], labels, {"whole step": [_ratio_triple(r) for r in mine],
+                                "fused ops alone": [_ratio_triple(o) for r in mine for o in rows
+                                                    if o["impl"] == "fused_ops" and o["stage"] == r["stage"]
+                                                    and o["shape"] == r["shape"]]},
+              "eager / ours (>1: ours faster)")
+    elif suite == "kernels":
+        fused = [r for r in rows if r["impl"] == "fused"]
+        labels = [f"{r['op'].replace('dreambooth_', '')} {r['direction']} {r['shape']} {r['dtype']}" for r in fused]
+        axes[0].barh(range(len(fused)), [num(r["speedup_vs_eager"]) for r in fused])
+        axes[0].set_yticks(range(len(fused)), labels, fontsize=6)
+        axes[0].axvline(1, color="k", lw=0.8)
+        axes[0].set_xlabel("speedup vs eager (medians)")
+        whole = [r for r in fused if r["gbps"]]
+        axes[1].barh(range(len(whole)), [num(r["pct_copy"]) for r in whole])
+        axes[1].set_yticks(range(len(whole)),
+                           [f"{r['op'].replace('dreambooth_', '')} {r['shape']} {r['dtype']}" for r in whole],
+                           fontsize=6)
+        axes[1].set_xlabel("fused GB/s, % of copy bandwidth")
+    elif suite == "prior":
+        labels = [f"{r['model']} {r['dtype']} {r['base_steps']}+{r['sr_steps'] or 0} steps" for r in rows]
+        _bars(axes[0], labels, {"images/s": [(num(r["images_per_s"]), num(r["images_per_s_min"]),
+                                              num(r["images_per_s_max"])) for r in rows]}, "images/s")
+        _bars(axes[1], labels, {"s per call": [_triple(r, "s") for r in rows]}, "seconds per call")
+    else:
+        done = [r for r in rows if r["what"] != "skipped"]
+        groups = list(dict.fromkeys(f"{r['what']} {r['stage']}" for r in done))
+        backends = list(dict.fromkeys(r["backend"] for r in done))
+        cell = {(f"{r['what']} {r['stage']}", r["backend"]): r for r in done}
+        _bars(axes[0], groups, {b: [_triple(cell[(g, b)], "ms") for g in groups] for b in backends},
+              "ms (median, min-max)")
+        axes[0].set_yscale("log")
+        _bars(axes[1], groups, {b: [_ratio_triple(cell[(g, b)]) for g in groups] for b in backends},
+              "eager / backend (>1: faster)")
+    for ax in axes:
+        if suite != "kernels" and "eager /" in ax.get_ylabel():
+            ax.axhline(1, color="k", lw=0.8)
+    r = rows[0]
+    fig.suptitle(f"{TITLES[suite]}: {r['device_name']} ({r['device']}), commit {r['commit']}, {r['date']}",
+                 fontsize=9)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+# -- the document ----------------------------------------------------------------------------------------
+
+INTRO = """# Benchmarks
+
+dreambooth-fast against eager PyTorch, as ../shared/DESIGN.md ("Performance, how it is measured") and issue 6
+ask. Generated by `python -m benchmarks.render` from `benchmarks/results/*.csv` (every run appends there; this
+page shows the latest run of each suite per device). Rules: the implementations compared are measured in one
+run, alternating, after warm-up; medians with min-max; ratios are per paired round where the rows say
+"(min-max)". A kernel ratio is not a training-step ratio: both are reported, and the step table says when the
+fused ops do not make the step faster. The CPU is a shared 2-core machine: absolute CPU times are only
+indicative (the load average is recorded beside every table); absolute times mean something only on a GPU.
+"""
+
+
+def render(results: Path, out: Path) -> Path:
+    runs = read_csv(results / "runs.csv")
+    parts = [INTRO]
+    for suite in SUITES:
+        rows = read_csv(results / f"{suite}.csv")
+        parts.append(f"## {TITLES[suite]}\n")
+        if not rows:
+            parts.append(f"No results yet: run `python -m benchmarks --suite {suite}`.\n")
+            continue
+        for device, latest in latest_runs(rows).items():
+            text, _ = SECTIONS[suite](latest)
+            png = results / f"{suite}-{device}.png"
+            plot(suite, latest, png)
+            parts.append(f"### {device}\n")
+            parts.append("\n\n".join(header_lines(latest, run_of(latest, suite, runs))) + "\n")
+            parts.append(text + "\n")
+            parts.append(f"![{TITLES[suite]} on {device}]({os.path.relpath(png, out.parent)})\n")
+    atomic_write_bytes(out, "\n".join(parts).encode())
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.render", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results", type=Path, default=RESULTS_DIR, help="results folder (benchmarks/results)")
+    parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md", help="the Markdown file to write")
+    args = parser.parse_args(argv)
+    print(f"wrote {render(args.results, args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
