@@ -49,7 +49,7 @@ from benchmarks.common import (
 )
 from dreambooth_fast import ops
 from dreambooth_fast.config import TrainConfig
-from dreambooth_fast.models import STAGE_2_DIR, load_scheduler, load_unet
+from dreambooth_fast.models import STAGE_2_DIR, load_cascade, load_scheduler, load_unet
 from dreambooth_fast.tiny_cascade import build_tiny_cascade, tiny_unet_config
 from dreambooth_fast.train import AUTOCAST, Prompts, StageData, StageTrainer
 
@@ -115,8 +115,9 @@ def cases(device: str, *, quick: bool, smoke: bool, base_size: int, sr_size: int
         batches = (4,) if quick else (4, 2)
         return [Case(stage, IF_MODELS[stage], 64 if stage == "base" else 256, b, "bf16")
                 for stage in ("base", "sr") for b in batches]
-    batch = 1 if smoke else 2
-    return [Case("base", "tiny", base_size, batch, "fp32"), Case("sr", "tiny", sr_size, batch, "fp32")]
+    if smoke:  # the tiny cascade's UNets at half their size: proves the suite runs, in seconds
+        return [Case("base", "tiny", base_size // 2, 1, "fp32"), Case("sr", "tiny", sr_size // 2, 1, "fp32")]
+    return [Case("base", "tiny", base_size, 2, "fp32"), Case("sr", "tiny", sr_size, 2, "fp32")]
 
 
 @dataclass
@@ -306,21 +307,21 @@ MEMORY_METHOD = {
 }
 
 
-def bench_case(case: Case, model_dir: Path | None, device: str, *, rounds: int, warmup: int) -> list[dict]:
+def bench_case(case: Case, model_dir: Path | None, device: str, *, rounds: int, ops_rounds: int,
+               warmup: int) -> list[dict]:
     """Rows of one case (without the run-wide columns): the two steps, then the two ops-only measurements."""
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         s = setup_case(case, model_dir, device, Path(tmp))
         steps = measure_paired({OURS: Timed(s.trainer.optimizer_step), EAGER: Timed(s.eager_step)}, device,
                                rounds=rounds, warmup=warmup)
-        # Tens of microseconds to milliseconds each: many calls per round, as the kernel benchmark times them.
-        ops_samples = measure_paired({FUSED_OPS: s.fused_ops, EAGER_OPS: s.eager_ops}, device,
-                                     rounds=max(rounds, 10) * 5, warmup=warmup + 3)
+        ops_samples = measure_paired({FUSED_OPS: s.fused_ops, EAGER_OPS: s.eager_ops}, device, rounds=ops_rounds,
+                                     warmup=warmup)
         memory = {OURS: peak_step_memory(s.trainer.optimizer_step, device),
                   EAGER: peak_step_memory(s.eager_step, device)}
         n_params = sum(p.numel() for p in s.trainer.params)
     step_stats = {name: summarize(v, rounds) for name, v in steps.items()}
-    ops_stats = {name: summarize(v, len(v)) for name, v in ops_samples.items()}
+    ops_stats = {name: summarize(v, ops_rounds) for name, v in ops_samples.items()}
     ratio = ratio_spread(steps[EAGER], steps[OURS])
     ops_ratio = ratio_spread(ops_samples[EAGER_OPS], ops_samples[FUSED_OPS])
     eager_step, saved = step_stats[EAGER].median, ops_stats[EAGER_OPS].median - ops_stats[FUSED_OPS].median
@@ -362,20 +363,15 @@ def run(device: str, *, quick: bool = False, smoke: bool = False, out: Path | No
     """Runs the training-step benchmark, appends its rows to `out` (default benchmarks/results/train.csv), prints
     a table and returns the rows. `model_dir` is a tiny cascade for the CPU sizes (built in a temp dir if None)."""
     out = Path(out) if out is not None else RESULTS_DIR / "train.csv"
-    rounds = 1 if smoke else 8 if quick else 20
-    warmup = 1 if smoke else 3
+    rounds, ops_rounds, warmup = (1, 1, 1) if smoke else (8, 50, 3) if quick else (20, 200, 3)
+    info = run_info(device)
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        if model_dir is None and (torch.device(device).type == "cpu" or smoke):
-            model_dir = build_tiny_cascade(Path(tmp) / "tiny")
-        base_size = sr_size = 0
-        if model_dir is not None:
-            base_size = load_unet_size(model_dir)
-            sr_size = load_unet_size(Path(model_dir) / STAGE_2_DIR)
-        info = run_info(device)
-        rows = []
-        for case in cases(device, quick=quick, smoke=smoke, base_size=base_size, sr_size=sr_size):
+        model_dir = model_dir or build_tiny_cascade(Path(tmp) / "tiny")
+        sizes = load_cascade(model_dir, with_text_encoder=False, with_unets=False)
+        for case in cases(device, quick=quick, smoke=smoke, base_size=sizes.base_size, sr_size=sizes.sr_size):
             try:
-                case_rows = bench_case(case, model_dir, device, rounds=rounds, warmup=warmup)
+                case_rows = bench_case(case, model_dir, device, rounds=rounds, ops_rounds=ops_rounds, warmup=warmup)
             except torch.OutOfMemoryError as err:
                 case_rows = [{"suite": "train", "stage": case.stage, "model": case.model, "dtype": case.dtype,
                               "shape": case.shape, "what": "step", "impl": "skipped",
@@ -390,28 +386,24 @@ def run(device: str, *, quick: bool = False, smoke: bool = False, out: Path | No
     return rows
 
 
-def load_unet_size(stage_dir: Path) -> int:
-    import json
-
-    return int(json.loads((Path(stage_dir) / "unet" / "config.json").read_text())["sample_size"])
-
-
 def table(rows: list[dict]) -> str:
+    """One line per case and measurement (step, ops): ours and eager median (min-max), the paired ratio."""
+    by_key = {(r["stage"], r["shape"], r["what"], r["impl"]): r for r in rows}
     lines = []
-    for r in rows:
-        if r["impl"] in (EAGER, EAGER_OPS, "skipped"):
+    for (stage, shape, what, impl), r in by_key.items():
+        if impl not in (OURS, FUSED_OPS):
             continue
-        spread = f"{r['ratio_vs_eager']:.2f}x ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})"
-        extra = (f"peak {r['peak_step_mb']:.1f} MB; ops bound {r['ops_bound_ratio']:.3f}x" if r["what"] == "step"
-                 else f"{r['share_of_step_pct']:.2f}% of the step")
-        lines.append([r["model"], r["stage"], r["shape"], r["dtype"], r["what"],
-                      f"{r['median_ms']:.2f} ({r['min_ms']:.2f}-{r['max_ms']:.2f})", spread, extra])
-    eager = {(r["stage"], r["shape"], r["what"]): r for r in rows if r["impl"] in (EAGER, EAGER_OPS)}
-    for line in lines:
-        e = eager[(line[1], line[2], line[4])]
-        line.insert(6, f"{e['median_ms']:.2f} ({e['min_ms']:.2f}-{e['max_ms']:.2f})")
-        if line[4] == "step":
-            line[-1] = f"{line[-1]}; eager peak {e['peak_step_mb']:.1f} MB"
+        e = by_key[(stage, shape, what, EAGER if what == "step" else EAGER_OPS)]
+        notes = (f"peak MB {r['peak_step_mb']:.1f} / {e['peak_step_mb']:.1f}; ops bound {r['ops_bound_ratio']:.3f}x"
+                 if what == "step" else f"{r['share_of_step_pct']:.2g}% of our step")
+        lines.append([r["model"], stage, shape, r["dtype"], what, _cell(r), _cell(e),
+                      f"{r['ratio_vs_eager']:.2f}x ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})", notes])
+    lines += [[r["model"], r["stage"], r["shape"], r["dtype"], "skipped", "", "", "", r["note"]]
+              for r in rows if r["impl"] == "skipped"]
     header = ["model", "stage", "rows", "dtype", "what", "ours ms (min-max)", "eager ms (min-max)",
               "ratio (min-max)", "notes"]
     return format_table(header, lines)
+
+
+def _cell(r: dict) -> str:
+    return f"{r['median_ms']:.2f} ({r['min_ms']:.2f}-{r['max_ms']:.2f})"

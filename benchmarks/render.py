@@ -105,7 +105,7 @@ def train_section(rows: list[dict]) -> tuple[str, list[dict]]:
             fused, eager_ops = by_key[(stage, shape, "ops", "fused_ops")], by_key[(stage, shape, "ops", "eager_ops")]
             lines.append([r["model"], stage, shape, r["dtype"], ms(r), ms(e), ratio(r), verdict(r),
                           f"{num(r['peak_step_mb']):.1f} / {num(e['peak_step_mb']):.1f}",
-                          f"{num(fused['share_of_step_pct']):.2f}% / {num(eager_ops['share_of_step_pct']):.2f}%",
+                          f"{num(fused['share_of_step_pct']):.2g}% / {num(eager_ops['share_of_step_pct']):.2g}%",
                           f"{num(r['ops_bound_ratio']):.3f}x"])
             ops_lines.append([r["model"], stage, shape, r["dtype"], ms(fused), ms(eager_ops), ratio(fused)])
     skipped = [[r["model"], r["stage"], r["shape"], r.get("note", "")] for r in rows if r["impl"] == "skipped"]
@@ -179,14 +179,22 @@ SECTIONS = {"train": train_section, "kernels": kernels_section, "prior": prior_s
 # -- plots ------------------------------------------------------------------------------------------------
 
 
-def _bars(ax, labels: list[str], series: dict[str, list[tuple[float, float, float]]], ylabel: str) -> None:
-    """Grouped bars of medians with min-max error bars; series: {name: [(median, min, max) per label]}."""
+def _bars(ax, labels: list[str], series: dict[str, list[tuple[float, float, float]]], ylabel: str,
+          ratios: bool = False) -> None:
+    """Grouped medians with min-max error bars; series: {name: [(median, min, max) per label]}. Times as bars;
+    ratios as points on a log axis with a line at 1 (a ratio's spread is multiplicative)."""
     width = 0.8 / max(len(series), 1)
     for i, (name, values) in enumerate(series.items()):
         xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(labels))]
         med = [v[0] for v in values]
         err = [[v[0] - v[1] for v in values], [v[2] - v[0] for v in values]]
-        ax.bar(xs, med, width, yerr=err, capsize=3, label=name)
+        if ratios:
+            ax.errorbar(xs, med, yerr=err, fmt="o", capsize=3, label=name)
+        else:
+            ax.bar(xs, med, width, yerr=err, capsize=3, label=name)
+    if ratios:
+        ax.set_yscale("log")
+        ax.axhline(1, color="k", lw=0.8)
     ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=8)
@@ -219,7 +227,7 @@ def plot(suite: str, rows: list[dict], path: Path) -> None:
                                 "fused ops alone": [_ratio_triple(o) for r in mine for o in rows
                                                     if o["impl"] == "fused_ops" and o["stage"] == r["stage"]
                                                     and o["shape"] == r["shape"]]},
-              "eager / ours (>1: ours faster)")
+              "eager / ours (>1: ours faster)", ratios=True)
     elif suite == "kernels":
         fused = [r for r in rows if r["impl"] == "fused"]
         labels = [f"{r['op'].replace('dreambooth_', '')} {r['direction']} {r['shape']} {r['dtype']}" for r in fused]
@@ -247,10 +255,7 @@ def plot(suite: str, rows: list[dict], path: Path) -> None:
               "ms (median, min-max)")
         axes[0].set_yscale("log")
         _bars(axes[1], groups, {b: [_ratio_triple(cell[(g, b)]) for g in groups] for b in backends},
-              "eager / backend (>1: faster)")
-    for ax in axes:
-        if suite != "kernels" and "eager /" in ax.get_ylabel():
-            ax.axhline(1, color="k", lw=0.8)
+              "eager / backend (>1: faster)", ratios=True)
     r = rows[0]
     fig.suptitle(f"{TITLES[suite]}: {r['device_name']} ({r['device']}), commit {r['commit']}, {r['date']}",
                  fontsize=9)

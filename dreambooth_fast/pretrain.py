@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from . import toy_world
 from .fileio import atomic_write, atomic_write_dir, atomic_write_json
 from .models import STAGE_2_DIR
+from .snr import min_snr_weights
 from .text import MAX_LENGTH, preprocess_prompt
 from .tiny_cascade import _training_text, if_scheduler_config
 
@@ -47,6 +48,9 @@ TEXT_DIM = 64
 VOCAB_SIZE = 1000
 CHECKPOINT = "checkpoint.pt"
 COST_FILE = "pretrain.json"
+# The shipped run switched both losses to min-SNR-5 weighting at this step (see `pretrain`).
+MIN_SNR_GAMMA = 5.0
+MIN_SNR_START = 1950
 LAYOUT = ("model_index.json", "unet", "text_encoder", "tokenizer", "scheduler", STAGE_2_DIR)
 
 
@@ -130,9 +134,12 @@ def add_noise(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, alphas_cumpr
     return a.sqrt() * x0 + (1 - a).sqrt() * eps, eps
 
 
-def _epsilon_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def _epsilon_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     eps, var = pred[:, :3], pred[:, 3:]
-    return F.mse_loss(eps, target) + 0.1 * F.mse_loss(var, torch.full_like(var, -1.0))
+    per_sample = (eps - target).square().mean(dim=(1, 2, 3))
+    if weights is not None:
+        per_sample = per_sample * weights
+    return per_sample.mean() + 0.1 * F.mse_loss(var, torch.full_like(var, -1.0))
 
 
 def _ema_update(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: float) -> None:
@@ -174,8 +181,13 @@ def export_layout(models: Models, ema: dict[str, torch.Tensor], tokenizer_dir: P
 
 def pretrain(out: str | Path, steps: int = 3000, *, resume: bool = False, seed: int = 0, threads: int = 1,
              base_batch: int = 16, sr_batch: int = 6, lr: float = 8e-4, warmup: int = 200,
-             ema_decay: float = 0.995, checkpoint_every: int = 50) -> Path:
-    """Pretrain (or resume) the toy cascade into `out`; return `out`."""
+             ema_decay: float = 0.995, checkpoint_every: int = 50, min_snr_gamma: float | None = MIN_SNR_GAMMA,
+             min_snr_start: int = MIN_SNR_START) -> Path:
+    """Pretrain (or resume) the toy cascade into `out`; return `out`.
+
+    From step `min_snr_start` on, both stages' losses are min-SNR-gamma weighted (Hang et al. 2023): plain
+    epsilon MSE is dominated by the low-noise steps, which teach detail, while a toy image's colours and shape
+    (what the caption says, or what the SR stage's low-res input shows) are decided at high noise."""
     from transformers import T5Tokenizer
 
     torch.set_num_threads(threads)
@@ -232,7 +244,8 @@ def pretrain(out: str | Path, steps: int = 3000, *, resume: bool = False, seed: 
 
         t = torch.randint(0, len(alphas), (base_batch,), generator=gen)
         noisy, target = add_noise(x32, torch.randn(x32.shape, generator=gen), t, alphas)
-        base_loss = _epsilon_loss(models.base_unet(noisy, t, encoder_hidden_states=embeds).sample, target)
+        weights = min_snr_weights(t, alphas, min_snr_gamma) if min_snr_gamma and step >= min_snr_start else None
+        base_loss = _epsilon_loss(models.base_unet(noisy, t, encoder_hidden_states=embeds).sample, target, weights)
         opt_base.zero_grad(set_to_none=True)
         base_loss.backward()
         torch.nn.utils.clip_grad_norm_(base_params, 1.0)
@@ -247,7 +260,8 @@ def pretrain(out: str | Path, steps: int = 3000, *, resume: bool = False, seed: 
         noisy, target = add_noise(hi, torch.randn(hi.shape, generator=gen), t, alphas)
         pred = models.sr_unet(torch.cat([noisy, low], 1), t, encoder_hidden_states=embeds[:sr_batch].detach(),
                               class_labels=levels).sample
-        sr_loss = _epsilon_loss(pred, target)
+        weights = min_snr_weights(t, alphas, min_snr_gamma) if min_snr_gamma and step >= min_snr_start else None
+        sr_loss = _epsilon_loss(pred, target, weights)
         opt_sr.zero_grad(set_to_none=True)
         sr_loss.backward()
         torch.nn.utils.clip_grad_norm_(models.sr_unet.parameters(), 1.0)
@@ -269,6 +283,7 @@ def pretrain(out: str | Path, steps: int = 3000, *, resume: bool = False, seed: 
         "steps": steps, "wall_s": round(wall, 1), "threads": threads, "device": "cpu",
         "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "seed": seed,
         "base_batch": base_batch, "sr_batch": sr_batch, "lr": lr, "warmup": warmup, "ema_decay": ema_decay,
+        "loss": f"epsilon MSE (both stages), min-SNR-{min_snr_gamma} weighted from step {min_snr_start}",
         "parameters": n_params, "torch": torch.__version__,
         "final_loss": {k: round(float(np.mean(v[-100:])), 5) for k, v in losses.items() if v},
         "command": f"python -m dreambooth_fast.pretrain --out {out} --steps {steps} --threads {threads}",
@@ -286,9 +301,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--base-batch", type=int, default=16)
     parser.add_argument("--sr-batch", type=int, default=6)
     parser.add_argument("--checkpoint-every", type=int, default=50)
+    parser.add_argument("--min-snr-gamma", type=float, default=MIN_SNR_GAMMA, help="loss weighting (0: off)")
+    parser.add_argument("--min-snr-start", type=int, default=MIN_SNR_START, help="first step of min-SNR weighting")
     args = parser.parse_args(argv)
     pretrain(args.out, args.steps, resume=args.resume, seed=args.seed, threads=args.threads,
-             base_batch=args.base_batch, sr_batch=args.sr_batch, checkpoint_every=args.checkpoint_every)
+             base_batch=args.base_batch, sr_batch=args.sr_batch, checkpoint_every=args.checkpoint_every,
+             min_snr_gamma=args.min_snr_gamma or None, min_snr_start=args.min_snr_start)
 
 
 if __name__ == "__main__":

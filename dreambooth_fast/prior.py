@@ -90,41 +90,40 @@ def generate_class_images(
     sr_fn = torch_unet_fn(cascade.sr_unet) if settings.with_sr else None
     place = {"device": cascade.base_unet.device, "dtype": cascade.base_unet.dtype}
     start = done - done % settings.batch_size  # batches are the unit of resumption
-    bar = tqdm(total=n, initial=start, desc=f"class images for {settings.prompt!r}", unit="img")
-    for first in range(start, n, settings.batch_size):
-        count = min(settings.batch_size, n - first)
-        generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + first)
-        cond = class_embeds.to(**place).expand(count, -1, -1)
-        uncond = negative_embeds.to(**place)
-        base = sample_base(
-            base_fn,
-            cascade.base_scheduler,
-            cond,
-            uncond,
-            size=cascade.base_size,
-            steps=settings.base_steps,
-            guidance_scale=settings.guidance_scale,
-            generator=generator,
-            progress=False,
-        )
-        if sr_fn is not None:
-            sr = sample_sr(
-                sr_fn,
-                cascade.sr_scheduler,
-                cascade.sr_noising_scheduler,
-                base,
+    with tqdm(total=n, initial=start, desc=f"class images for {settings.prompt!r}", unit="img") as bar:
+        for first in range(start, n, settings.batch_size):
+            count = min(settings.batch_size, n - first)
+            generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + first)
+            cond = class_embeds.to(**place).expand(count, -1, -1)
+            uncond = negative_embeds.to(**place)
+            base = sample_base(
+                base_fn,
+                cascade.base_scheduler,
                 cond,
                 uncond,
-                size=cascade.sr_size,
-                steps=settings.sr_steps,
-                guidance_scale=settings.sr_guidance_scale,
-                noise_level=settings.sr_noise_level,
+                size=cascade.base_size,
+                steps=settings.base_steps,
+                guidance_scale=settings.guidance_scale,
                 generator=generator,
                 progress=False,
             )
-            save_pngs(sr, folder / "sr", prefix="", start=first)
-        # The base image is written last: a batch counts as done once base/ has it.
-        save_pngs(base, folder / "base", prefix="", start=first)
-        bar.update(count)
-    bar.close()
+            if sr_fn is not None:
+                sr = sample_sr(
+                    sr_fn,
+                    cascade.sr_scheduler,
+                    cascade.sr_noising_scheduler,
+                    base,
+                    cond,
+                    uncond,
+                    size=cascade.sr_size,
+                    steps=settings.sr_steps,
+                    guidance_scale=settings.sr_guidance_scale,
+                    noise_level=settings.sr_noise_level,
+                    generator=generator,
+                    progress=False,
+                )
+                save_pngs(sr, folder / "sr", prefix="", start=first)
+            # The base image is written last: a batch counts as done once base/ has it.
+            save_pngs(base, folder / "base", prefix="", start=first)
+            bar.update(count)
     return folder

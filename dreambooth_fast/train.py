@@ -93,10 +93,10 @@ def check_output_dir(output: Path, resume: bool, overwrite: bool) -> None:
         return
     if not output.is_dir():
         raise UserError(f"--output {output} is a file; choose a directory")
-    is_run = (output / RUN_FILE).is_file() or (output / CHECKPOINTS).is_dir()
+    is_run = (output / RUN_FILE).is_file()
     if resume:
-        if not (output / CHECKPOINTS / "latest.json").is_file():
-            raise UserError(f"--resume: {output} has no checkpoint to resume from")
+        if not is_run:
+            raise UserError(f"--resume: {output} holds no dbfast run to resume")
         return
     if any(output.iterdir()):
         if not is_run:
@@ -140,7 +140,7 @@ def make_prompts(cascade: Cascade, cfg: TrainConfig) -> Prompts:
     return Prompts(ident, instance, class_, embeds[:1], embeds[1:], negative)
 
 
-def _class_images(folder: Path, sub: str, size: int) -> torch.Tensor:
+def _load_class_images(folder: Path, sub: str, size: int) -> torch.Tensor:
     loaded = data.load_subject_images(folder / sub if (folder / sub).is_dir() else folder, option="--class-images-dir")
     return data.prepare(loaded, size)
 
@@ -165,17 +165,17 @@ def stage_data(
 ) -> StageData:
     base_size = cascade.base_size
     if stage == "base":
-        prior = _class_images(class_dir, "base", base_size) if class_dir else None
+        prior = _load_class_images(class_dir, "base", base_size) if class_dir else None
         return StageData(data.prepare(images, base_size, flip=flip), None, prior, None)
     sr_size = cascade.sr_size
     subject = data.prepare(images, sr_size, flip=flip)
     subject_cond = _upscaled(data.prepare(images, base_size, flip=flip), sr_size)
     if class_dir is None:
         return StageData(subject, subject_cond, None, None)
-    prior = _class_images(class_dir, "sr", sr_size)
+    prior = _load_class_images(class_dir, "sr", sr_size)
     # Generated pairs: the base image and its frozen-SR upscaling. User-given class images: downsampled.
     low = (
-        _class_images(class_dir, "base", base_size)
+        _load_class_images(class_dir, "base", base_size)
         if not user_class_images
         else F.interpolate(prior, (base_size, base_size), mode="area")
     )
@@ -434,6 +434,37 @@ def _versions() -> dict:
     }
 
 
+def prepare_class_images(
+    cfg: TrainConfig, cascade: Cascade, prompts: Prompts, stages: list[str], device: torch.device
+) -> Path | None:
+    """The class images' directory: the user's, or the frozen cascade's (generated now or found in the cache)."""
+    if not cfg.prior_preservation:
+        return None
+    if cfg.class_images_dir:
+        return Path(cfg.class_images_dir)
+    settings = PriorSettings(
+        prompts.class_,
+        cfg.class_sample_steps,
+        cfg.class_guidance_scale,
+        cfg.sr_sample_steps,
+        SR_GUIDANCE,
+        SR_NOISE_LEVEL,
+        "sr" in stages,
+        cfg.seed,
+        CLASS_IMAGE_BATCH,
+    )
+    dtype = AUTOCAST[cfg.precision]
+    try:
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            return generate_class_images(
+                cascade, prompts.class_embeds, prompts.negative_embeds, cfg.num_class_images, settings
+            )
+    except KeyboardInterrupt:
+        raise UserError(
+            "interrupted while generating class images: the ones made are kept, continue with --resume"
+        ) from None
+
+
 def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
     """Run DreamBooth as `cfg` says; return the output directory."""
     cfg.validate()
@@ -448,6 +479,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
         check_stage_dir(sr_dir, "sr")
     stages = _pick_stages(cfg, sr_dir is not None)
     check_output_dir(out, resume, overwrite)
+    saved_run = json.loads((out / RUN_FILE).read_text()) if resume else None
+    if saved_run:
+        _check_resume_config(cfg, saved_run["config"])
     images = data.load_subject_images(cfg.images, skip_bad=cfg.skip_bad_images)
     tokenizer = load_tokenizer(cfg.model)
     warnings = identifier.check_class_noun(tokenizer, cfg.class_noun)
@@ -455,17 +489,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
         warnings += identifier.check_identifier(tokenizer, cfg.identifier)
     for warning in warnings:
         tqdm.write(f"warning: {warning}")
-    latest = read_latest(out / CHECKPOINTS) if resume else None
-    saved_run = json.loads((out / RUN_FILE).read_text()) if resume and (out / RUN_FILE).is_file() else None
-    if saved_run:
-        _check_resume_config(cfg, saved_run["config"])
 
-    cascade = load_cascade(
-        cfg.model, cfg.sr_model, device=str(device), stages=("base", "sr") if "sr" in stages else ("base",)
-    )
+    cascade = load_cascade(cfg.model, cfg.sr_model, device=str(device), stages=tuple(stages))
     for stage in stages:
-        size = cascade.base_size if stage == "base" else cascade.sr_size
-        data.check_sizes(images, size)
+        data.check_sizes(images, cascade.base_size if stage == "base" else cascade.sr_size)
     prompts = make_prompts(cascade, cfg)
     validation = None
     if cfg.validation_prompt and cfg.validation_every:
@@ -483,30 +510,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
         link_or_copy_tree(cfg.model, out, skip=RUN_ARTIFACTS)
     if "sr" in stages and cfg.sr_model is not None:
         link_or_copy_tree(sr_dir, out / STAGE_2_DIR, skip=RUN_ARTIFACTS)
-
-    class_dir, user_class_images = None, bool(cfg.class_images_dir)
-    if cfg.prior_preservation:
-        if cfg.class_images_dir:
-            class_dir = Path(cfg.class_images_dir)
-        else:
-            settings = PriorSettings(
-                prompts.class_,
-                cfg.class_sample_steps,
-                cfg.class_guidance_scale,
-                cfg.sr_sample_steps,
-                SR_GUIDANCE,
-                SR_NOISE_LEVEL,
-                "sr" in stages,
-                cfg.seed,
-                CLASS_IMAGE_BATCH,
-            )
-            with torch.autocast(
-                device.type, dtype=AUTOCAST[cfg.precision] or torch.float32, enabled=cfg.precision != "fp32"
-            ):
-                class_dir = generate_class_images(
-                    cascade, prompts.class_embeds, prompts.negative_embeds, cfg.num_class_images, settings
-                )
-
     run = {
         "identifier": prompts.identifier,
         "class_noun": cfg.class_noun,
@@ -515,17 +518,19 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
         "config": cfg.to_dict(),
         "seed": cfg.seed,
         "versions": _versions(),
-        "class_images": str(class_dir) if class_dir else None,
+        "class_images": None,
         "source_model": str(cfg.model),
         "source_sr_model": str(sr_dir) if sr_dir else None,
         "stages": stages,
-        "final_loss": {},
+        "final_loss": saved_run.get("final_loss", {}) if saved_run else {},
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    if saved_run:
-        run["final_loss"] = saved_run.get("final_loss", {})
+    atomic_write_json(out / RUN_FILE, run)  # from here on the directory is a run: --resume continues it
+    class_dir = prepare_class_images(cfg, cascade, prompts, stages, device)
+    run["class_images"] = str(class_dir) if class_dir else None
     atomic_write_json(out / RUN_FILE, run)
 
+    latest = read_latest(out / CHECKPOINTS)
     completed = list(latest["completed_stages"]) if latest else []
     for stage in stages:
         if stage in completed:
@@ -534,13 +539,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
         setattr(cascade, f"{stage}_unet", None)  # the trainer holds it now; freed with the trainer
         scheduler = cascade.base_scheduler if stage == "base" else cascade.sr_scheduler
         noising = cascade.sr_noising_scheduler if stage == "sr" else None
-        rows = stage_data(stage, cascade, images, class_dir, cfg.flip, user_class_images)
+        rows = stage_data(stage, cascade, images, class_dir, cfg.flip, bool(cfg.class_images_dir))
         stage_validation = None
         if validation:
-            size = cascade.base_size if stage == "base" else cascade.sr_size
             stage_validation = {
                 **validation,
-                "size": size,
+                "size": cascade.base_size if stage == "base" else cascade.sr_size,
                 "base_size": cascade.base_size,
                 "steps": VALIDATION_STEPS,
                 "guidance": BASE_GUIDANCE if stage == "base" else SR_GUIDANCE,
@@ -552,11 +556,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
         )
         if latest and latest.get("stage") == stage:
             trainer.restore(*load_checkpoint(out / CHECKPOINTS, latest))
-        loss = trainer.run()
+        run["final_loss"][stage] = trainer.run()
         write_output_stage(out, stage, trainer, cfg)
         completed.append(stage)
         mark_stage_done(out / CHECKPOINTS, completed)
-        run["final_loss"][stage] = loss
         run["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         atomic_write_json(out / RUN_FILE, run)
         del trainer, unet

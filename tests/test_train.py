@@ -260,3 +260,28 @@ def test_fp16_training_with_loss_scaling_runs(tiny_cascade, subject_dir, tmp_pat
     result = train(tiny_cascade, subject_dir, out, "--precision", "fp16", "--no-prior", "--stages", "base")
     assert result.exit_code == 0, result.output
     assert all(torch.isfinite(v).all() for v in unet_weights(out).values())
+
+
+def test_ctrl_c_while_making_class_images_keeps_them_and_resume_continues(
+    tiny_cascade, subject_dir, tmp_path, monkeypatch
+):
+    from dreambooth_fast import prior
+
+    save = prior.save_pngs
+    calls = []
+
+    def interrupted_after_the_first_batch(images, folder, prefix, start=0):
+        if start > 0:
+            raise KeyboardInterrupt
+        calls.append(start)
+        return save(images, folder, prefix, start)
+
+    out = tmp_path / "run"
+    options = ["--num-class-images", "6", "--stages", "base", "--steps", "1"]
+    monkeypatch.setattr(prior, "save_pngs", interrupted_after_the_first_batch)
+    assert_refused(train(tiny_cascade, subject_dir, out, *options), "class images", "--resume")
+    monkeypatch.setattr(prior, "save_pngs", save)
+    result = train(tiny_cascade, subject_dir, out, *options, "--resume")
+    assert result.exit_code == 0, result.output
+    class_dir = Path(json.loads((out / "dreambooth.json").read_text())["class_images"])
+    assert sorted(p.name for p in (class_dir / "base").glob("*.png")) == [f"{i:04d}.png" for i in range(6)]

@@ -1,0 +1,141 @@
+"""Every benchmark suite runs end to end at its tiniest size (one round) and records complete rows; the renderer
+turns them into BENCHMARKS.md tables and PNG plots. Speed is never judged here."""
+
+import contextlib
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # benchmarks/ lives beside the package, not in it: importable from the checkout only
+
+from benchmarks import bench_generate, bench_kernels, bench_prior, bench_train, render  # noqa: E402
+
+RUN_FIELDS = ["date", "commit", "torch", "diffusers", "onnxruntime", "device", "device_name", "threads", "load_1m"]
+
+
+def read_rows(path: Path) -> list[dict]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def check_run_fields(rows: list[dict], device: str = "cpu") -> None:
+    for row in rows:
+        for field in RUN_FIELDS:
+            assert row.get(field, "") != "", field
+        assert row["device"] == device and row["torch"] == torch.__version__
+
+
+@contextlib.contextmanager
+def one_thread():
+    """A shared machine: torch's OpenMP threads waiting on each other make these runs up to 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def results(tiny_cascade, tmp_path_factory) -> Path:
+    """Smoke runs of every suite into one results folder (generate: eager, plus TensorRT, which says why it
+    cannot run on a CPU; the other backends are in the slow test below)."""
+    folder = tmp_path_factory.mktemp("results")
+    with one_thread():
+        bench_kernels.run("cpu", smoke=True, out=folder / "kernels.csv")
+        bench_train.run("cpu", smoke=True, out=folder / "train.csv", model_dir=tiny_cascade, command="test")
+        bench_prior.run("cpu", smoke=True, out=folder / "prior.csv", model_dir=tiny_cascade, command="test")
+        bench_generate.run("cpu", smoke=True, out=folder / "generate.csv", model_dir=tiny_cascade, command="test",
+                           backends=("torch", "trt"))
+    return folder
+
+
+def test_train_rows_compare_both_steps_and_both_op_sets_per_stage(results):
+    rows = read_rows(results / "train.csv")
+    check_run_fields(rows)
+    measured = {(r["stage"], r["what"], r["impl"]) for r in rows}
+    for stage in ("base", "sr"):
+        assert {(stage, "step", "dreambooth_fast"), (stage, "step", "diffusers_eager"),
+                (stage, "ops", "fused_ops"), (stage, "ops", "eager_ops")} <= measured
+    for r in rows:
+        assert float(r["min_ms"]) <= float(r["median_ms"]) <= float(r["max_ms"])
+        assert int(r["subject_rows"]) == int(r["prior_rows"]) >= 1 and r["dtype"] == "fp32" and r["model"] == "tiny"
+        if r["what"] == "step":
+            assert float(r["peak_step_mb"]) > 0 and r["mem_method"]
+        else:
+            assert float(r["share_of_step_pct"]) > 0
+    ours = [r for r in rows if r["impl"] == "dreambooth_fast"]
+    assert all(r["ratio_min"] and r["ops_bound_ratio"] for r in ours)
+
+
+def test_prior_row_reports_images_per_second_and_its_settings(results):
+    (row,) = read_rows(results / "prior.csv")
+    check_run_fields([row])
+    assert float(row["images_per_s"]) > 0 and int(row["images"]) >= 1
+    assert row["base_shape"].endswith("x3x32x32") and row["sr_shape"].endswith("x3x64x64")
+
+
+def test_prior_defaults_are_those_of_a_default_train_run():
+    settings = bench_prior.default_settings()
+    assert (settings.base_steps, settings.sr_steps, settings.batch_size, settings.with_sr) == (50, 25, 4, True)
+
+
+def test_generate_rows_per_stage_and_end_to_end_and_a_reason_for_a_missing_backend(results):
+    rows = read_rows(results / "generate.csv")
+    check_run_fields(rows)
+    done = {(r["what"], r["stage"]) for r in rows if r["backend"] == "torch"}
+    assert done == {("unet_step", "base"), ("unet_step", "sr"), ("cascade", "base+sr")}
+    for r in rows:
+        if r["backend"] == "torch":
+            assert float(r["ratio_vs_eager"]) == 1.0 and float(r["median_ms"]) > 0
+    (trt,) = [r for r in rows if r["backend"] == "trt"]
+    assert trt["what"] == "skipped" and "CUDA" in trt["note"]
+
+
+def test_render_writes_a_table_and_a_plot_per_suite(results, tmp_path):
+    out = render.render(results, tmp_path / "BENCHMARKS.md")
+    text = out.read_text()
+    for title in render.TITLES.values():
+        assert f"## {title}" in text
+    assert text.count("### cpu") == 4 and "Command: `test`" in text
+    assert read_rows(results / "train.csv")[0]["device_name"] in text
+    assert any(verdict in text for verdict in ("| faster |", "| slower |", "| no measurable difference |"))
+    for suite in render.SUITES:
+        assert (results / f"{suite}-cpu.png").stat().st_size > 0
+
+
+def test_command_line_runs_a_suite_and_logs_the_run(tmp_path):
+    command = [sys.executable, "-m", "benchmarks", "--suite", "kernels", "--smoke", "--threads", "1", "--out",
+               str(tmp_path)]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    (run,) = read_rows(tmp_path / "runs.csv")
+    assert run["suite"] == "kernels" and run["command"].startswith("python -m benchmarks --suite kernels")
+    assert read_rows(tmp_path / "kernels.csv") and run["load_1m_start"] != ""
+
+
+@pytest.mark.slow
+def test_generate_measures_every_backend_there_is(tiny_cascade, tmp_path):
+    with one_thread():
+        rows = bench_generate.run("cpu", smoke=True, out=tmp_path / "generate.csv", model_dir=tiny_cascade)
+    ran = {r["backend"] for r in rows if r["what"] == "cascade"}
+    assert {"torch", "compile", "onnx"} <= ran
+    for r in rows:
+        if r["what"] == "cascade":
+            # Same seed, same weights: every backend draws the same image as eager, to float tolerance.
+            assert float(r["max_abs_diff_vs_eager"]) < 1e-2
+        if r["backend"] == "onnx" and r["what"] != "skipped":
+            assert "onnxruntime" in r["note"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_train_smoke_on_gpu(tiny_cascade, tmp_path):
+    rows = bench_train.run("cuda", smoke=True, out=tmp_path / "train.csv", model_dir=tiny_cascade)
+    check_run_fields(rows, "cuda")
+    assert all(float(r["peak_step_mb"]) > 0 for r in rows if r["what"] == "step")
