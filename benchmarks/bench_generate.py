@@ -161,7 +161,7 @@ def _round(value) -> float | str:
 
 def _note(runner) -> str:
     session = getattr(runner, "session", None)  # an ONNX Runtime runner: name the provider that ran it
-    return f"onnxruntime {session.get_providers()[0]}" if session is not None else ""
+    return f"onnxruntime {session.get_providers()[0]} (its own thread pool)" if session is not None else ""
 
 
 def table(rows: list[dict]) -> str:

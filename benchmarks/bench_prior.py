@@ -48,7 +48,7 @@ def run(device: str, *, quick: bool = False, smoke: bool = False, out: Path | No
     it and returns the rows. Smoke mode: 2 steps per stage, one image, one call (proves it runs)."""
     out = Path(out) if out is not None else RESULTS_DIR / "prior.csv"
     settings = default_settings()
-    n_images = 2 * settings.batch_size
+    n_images = settings.batch_size if quick else 2 * settings.batch_size
     rounds, warmup = (3, 1) if quick else (5, 1)
     if smoke:
         settings = replace(settings, base_steps=2, sr_steps=2, batch_size=1)

@@ -3,13 +3,15 @@ examples/dreambooth/train_dreambooth.py writes it, on the same UNet, the same ba
 alternating step by step in one run after warm-up.
 
 Ours is `StageTrainer.optimizer_step()` (dreambooth_fast/train.py) with the options a user runs: prior
-preservation (lambda 1), Adam, gradient clipping at 1.0, bf16 autocast on a GPU. Its step: batch assembly,
-`ops.add_noise`, UNet, `ops.dreambooth_loss` on the epsilon half, backward, clip, optimizer and lr step.
-The eager step: torch.cat of the subject and prior rows, `DDPMScheduler.add_noise`, UNet, torch.chunk of the
-prediction (epsilon / variance, then subject / prior) and of the target, two F.mse_loss calls, prior_loss_weight,
-autograd, the same clip, optimizer and lr step. Gradients are freed with zero_grad(set_to_none=True) on both sides
-(diffusers' script defaults to zero-filling them; that difference is not the project's to claim). The SR stage
-adds the noise-augmented upscaled low-res image as 3 more input channels and its level as the class label, on both.
+preservation (lambda 1), Adam, gradient clipping at 1.0; on a GPU `--precision bf16` (bf16 autocast over float32
+weights) and, at IF's sizes, gradient checkpointing (diffusers' IF DreamBooth recipe turns it on too; the UNet is
+shared, so the eager step runs with it as well). Its step: batch assembly, `ops.add_noise`, UNet,
+`ops.dreambooth_loss` on the epsilon half, backward, clip, optimizer and lr step. The eager step: torch.cat of the
+subject and prior rows, `DDPMScheduler.add_noise`, UNet, torch.chunk of the prediction (epsilon / variance, then
+subject / prior) and of the target, two F.mse_loss calls, prior_loss_weight, autograd, the same clip, optimizer
+and lr step. Gradients are freed with zero_grad(set_to_none=True) on both sides (diffusers' script defaults to
+zero-filling them; that difference is not the project's to claim). The SR stage adds the noise-augmented upscaled
+low-res image as 3 more input channels and its level as the class label, on both sides.
 
 Also measured, at the step's shapes: the fused ops alone (add_noise + dreambooth_loss forward and backward) against
 their eager expressions, so that the table shows what share of the step they are and how much of the step they
@@ -21,7 +23,8 @@ GPU; on a CPU the peak of the running sum of the allocations and frees that torc
 records during the step.
 
 Sizes: on a CPU the tiny cascade's stages (base 32 px, SR 64 px); on a GPU UNets of IF-I-XL's and IF-II-L's
-published configs with random weights, bf16 weights, at 4 and 2 subject rows (plus as many prior rows).
+published configs with random weights, at 4 and 2 subject rows (plus as many prior rows). A case that does not
+fit in the GPU's memory gets a row saying so.
 
     python -m benchmarks --suite train [--quick] [--device cpu|cuda]
 """
@@ -50,7 +53,7 @@ from benchmarks.common import (
 from dreambooth_fast import ops
 from dreambooth_fast.config import TrainConfig
 from dreambooth_fast.models import STAGE_2_DIR, load_cascade, load_scheduler, load_unet
-from dreambooth_fast.tiny_cascade import build_tiny_cascade, tiny_unet_config
+from dreambooth_fast.tiny_cascade import build_tiny_cascade, if_scheduler_config, tiny_unet_config
 from dreambooth_fast.train import AUTOCAST, Prompts, StageData, StageTrainer
 
 CHANNELS = 3
@@ -67,7 +70,8 @@ class Case:
     model: str  # "tiny" or the IF UNet whose config is used
     size: int
     batch: int  # subject rows per step; as many prior rows follow them
-    dtype: str  # "fp32" or "bf16" (weights and autocast)
+    dtype: str  # "fp32" or "bf16": TrainConfig.precision (bf16: autocast; weights stay float32)
+    checkpointing: bool = False  # gradient checkpointing
 
     @property
     def shape(self) -> str:
@@ -113,7 +117,7 @@ IF_MODELS = {"base": "IF-I-XL", "sr": "IF-II-L"}
 def cases(device: str, *, quick: bool, smoke: bool, base_size: int, sr_size: int) -> list[Case]:
     if torch.device(device).type == "cuda" and not smoke:
         batches = (4,) if quick else (4, 2)
-        return [Case(stage, IF_MODELS[stage], 64 if stage == "base" else 256, b, "bf16")
+        return [Case(stage, IF_MODELS[stage], 64 if stage == "base" else 256, b, "bf16", checkpointing=True)
                 for stage in ("base", "sr") for b in batches]
     if smoke:  # the tiny cascade's UNets at half their size: proves the suite runs, in seconds
         return [Case("base", "tiny", base_size // 2, 1, "fp32"), Case("sr", "tiny", sr_size // 2, 1, "fp32")]
@@ -131,23 +135,21 @@ class Setup:
 
 
 def _unet(case: Case, model_dir: Path | None, device: str) -> torch.nn.Module:
-    dtype = torch.bfloat16 if case.dtype == "bf16" else torch.float32
     if case.model == "tiny":
-        return load_unet(model_dir if case.stage == "base" else model_dir / STAGE_2_DIR, device, dtype)
+        return load_unet(model_dir if case.stage == "base" else model_dir / STAGE_2_DIR, device)
     from diffusers import UNet2DConditionModel
 
     with torch.device(device):  # random init on the device: a 4.3B model is slow to initialise on a CPU
-        return UNet2DConditionModel(**if_unet_config(case.stage)).to(dtype)
+        return UNet2DConditionModel(**if_unet_config(case.stage))
 
 
 def _schedulers(case: Case, model_dir: Path | None):
+    """The stage's training scheduler and, for SR, the noising scheduler of its low-res input (IF's configs)."""
     if case.model == "tiny":
         stage_dir = model_dir if case.stage == "base" else model_dir / STAGE_2_DIR
         noising = load_scheduler(stage_dir, "image_noising_scheduler") if case.stage == "sr" else None
         return load_scheduler(stage_dir), noising
     from diffusers import DDPMScheduler
-
-    from dreambooth_fast.tiny_cascade import if_scheduler_config
 
     scheduler = DDPMScheduler(**if_scheduler_config(sample_max_value=1.5 if case.stage == "base" else 1.0))
     noising = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2") if case.stage == "sr" else None
@@ -180,7 +182,8 @@ def setup_case(case: Case, model_dir: Path | None, device: str, out: Path) -> Se
     prompts = Prompts("x", "a x dog", "a dog", embeds[:1], embeds[1:2], embeds[2:])
     low_size = max(case.size // 4, 8)
     rows = _rows(case, low_size, generator)
-    cfg = TrainConfig(images="-", class_noun="dog", batch_size=case.batch, precision=case.dtype, seed=0)
+    cfg = TrainConfig(images="-", class_noun="dog", batch_size=case.batch, precision=case.dtype,
+                      gradient_checkpointing=case.checkpointing, seed=0)
     trainer = StageTrainer(case.stage, unet, scheduler, noising, rows, prompts, cfg, torch.device(device), out, [],
                            None)
     # The eager step's batch: the same numbers of subject and prior rows, collated as diffusers does (torch.cat).
@@ -327,7 +330,7 @@ def bench_case(case: Case, model_dir: Path | None, device: str, *, rounds: int, 
     eager_step, saved = step_stats[EAGER].median, ops_stats[EAGER_OPS].median - ops_stats[FUSED_OPS].median
     common = {"suite": "train", "stage": case.stage, "model": case.model, "params_m": round(n_params / 1e6, 2),
               "dtype": case.dtype, "shape": case.shape, "subject_rows": case.batch, "prior_rows": case.batch,
-              "optimizer": "Adam", **load_average()}
+              "options": options(s.trainer.cfg), **load_average()}
     rows = []
     for impl, st in step_stats.items():
         rows.append({
@@ -350,6 +353,13 @@ def bench_case(case: Case, model_dir: Path | None, device: str, *, rounds: int, 
             "share_of_step_pct": round(100 * st.median / step_stats[step_impl].median, 2),
         })
     return rows
+
+
+def options(cfg: TrainConfig) -> str:
+    """The training options both steps ran with, in words."""
+    words = [f"prior lambda {cfg.prior_weight}", f"clip {cfg.max_grad_norm}",
+             "Adam8bit" if cfg.use_8bit_adam else "Adam", f"precision {cfg.precision}"]
+    return ", ".join(words + (["gradient checkpointing"] if cfg.gradient_checkpointing else []))
 
 
 def _ms(stats) -> dict:

@@ -88,7 +88,7 @@ def header_lines(rows: list[dict], run: dict) -> list[str]:
         [num(run[k]) for k in ("load_1m_start", "load_1m_end") if run.get(k)]
     load = f"{min(loads):.2f}-{max(loads):.2f}" if loads else "not recorded"
     command = r.get("command") or run.get("command") or "not recorded"
-    return [f"Device: **{r['device_name']}** ({r['device']}, {r['threads']} threads); {versions}; commit "
+    return [f"Device: **{r['device_name']}** ({r['device']}, torch threads: {r['threads']}); {versions}; commit "
             f"`{r['commit']}`; {r['date']}; load average (1 min) during the run: {load}.",
             f"Command: `{command}`"]
 
@@ -96,7 +96,7 @@ def header_lines(rows: list[dict], run: dict) -> list[str]:
 # -- per-suite tables -------------------------------------------------------------------------------------
 
 
-def train_section(rows: list[dict]) -> tuple[str, list[dict]]:
+def train_section(rows: list[dict]) -> str:
     by_key = {(r["stage"], r["shape"], r["what"], r["impl"]): r for r in rows if r["impl"] != "skipped"}
     lines, ops_lines = [], []
     for (stage, shape, what, impl), r in by_key.items():
@@ -123,10 +123,10 @@ def train_section(rows: list[dict]) -> tuple[str, list[dict]]:
     memory = rows[0].get("mem_method", "")
     if memory:
         text += f"\n\nPeak step memory: {memory}."
-    return text, rows
+    return text
 
 
-def kernels_section(rows: list[dict]) -> tuple[str, list[dict]]:
+def kernels_section(rows: list[dict]) -> str:
     eager = {(r["stage"], r["shape"], r["dtype"], r["op"], r["direction"]): r for r in rows if r["impl"] == "eager"}
     lines = []
     for r in rows:
@@ -140,20 +140,20 @@ def kernels_section(rows: list[dict]) -> tuple[str, list[dict]]:
                      "speedup (medians)", "fused GB/s"], lines)
     text += (f"\n\nCopy bandwidth measured in the same run: {num(rows[0]['copy_gbps']):.1f} GB/s; native kernels: "
              f"{rows[0]['native']}. These are the ops alone: see the training-step table for what they do to a step.")
-    return text, rows
+    return text
 
 
-def prior_section(rows: list[dict]) -> tuple[str, list[dict]]:
+def prior_section(rows: list[dict]) -> str:
     lines = [[r["model"], r["dtype"], r["base_shape"], r["sr_shape"], r["images"],
               f"{r['base_steps']} + {r['sr_steps'] or 0}", f"{r['guidance']} / {r['sr_guidance'] or '-'}",
               ms(r, "s"), f"{num(r['images_per_s']):.3f} ({num(r['images_per_s_min']):.3f}-"
                           f"{num(r['images_per_s_max']):.3f})"] for r in rows]
     text = md_table(["model", "dtype", "base batch", "SR batch", "images per call", "steps base + SR",
                      "guidance base / SR", "s per call (min-max)", "images/s (min-max)"], lines)
-    return text, rows
+    return text
 
 
-def generate_section(rows: list[dict]) -> tuple[str, list[dict]]:
+def generate_section(rows: list[dict]) -> str:
     lines, skipped = [], []
     for r in rows:
         if r["what"] == "skipped":
@@ -169,11 +169,53 @@ def generate_section(rows: list[dict]) -> tuple[str, list[dict]]:
              "call; excluded from the timings.")
     if skipped:
         text += "\n\nNot measured:\n\n" + md_table(["backend", "why"], skipped)
-    return text, rows
+    return text
 
 
 SECTIONS = {"train": train_section, "kernels": kernels_section, "prior": prior_section,
             "generate": generate_section}
+
+
+# -- one line per finding, for the summary at the top ---------------------------------------------------------
+
+
+def train_summary(rows: list[dict]) -> list[str]:
+    by_key = {(r["stage"], r["shape"], r["what"], r["impl"]): r for r in rows}
+    lines = []
+    for (stage, shape, what, impl), r in by_key.items():
+        if (what, impl) != ("step", "dreambooth_fast"):
+            continue
+        fused = by_key[(stage, shape, "ops", "fused_ops")]
+        lines.append(f"training step, {r['model']} {stage} ({shape}, {r['dtype']}): {ratio(r)} eager's speed, "
+                     f"**{verdict(r)}**; the fused ops alone run {ratio(fused)} eager's speed but are "
+                     f"{num(fused['share_of_step_pct']):.2g}% of the step, so they can give the step at most "
+                     f"{num(r['ops_bound_ratio']):.3f}x")
+    lines += [f"training step, {r['model']} {r['stage']} ({r['shape']}): not measured, {r['note']}"
+              for r in rows if r["impl"] == "skipped"]
+    return lines
+
+
+def kernels_summary(rows: list[dict]) -> list[str]:
+    speedups = [num(r["speedup_vs_eager"]) for r in rows if r["impl"] == "fused"]
+    return [f"fused kernels alone: {min(speedups):.2f}x to {max(speedups):.2f}x eager PyTorch's speed "
+            f"over {len(speedups)} op/direction/shape/dtype cases (medians)"]
+
+
+def prior_summary(rows: list[dict]) -> list[str]:
+    return [f"class images, {r['model']} cascade at the default settings ({r['base_steps']} + {r['sr_steps'] or 0} "
+            f"steps, batch {r['batch_size']}): {num(r['images_per_s']):.3f} images/s" for r in rows]
+
+
+def generate_summary(rows: list[dict]) -> list[str]:
+    cascade = [r for r in rows if r["what"] == "cascade" and r["backend"] != "torch"]
+    skipped = [r["backend"] for r in rows if r["what"] == "skipped"]
+    line = "generation end to end (one prompt, base + SR): " + ", ".join(
+        f"{r['backend']} {ratio(r)} eager's speed" for r in cascade)
+    return [line + (f"; not measured here: {', '.join(skipped)}" if skipped else "")]
+
+
+SUMMARIES = {"train": train_summary, "kernels": kernels_summary, "prior": prior_summary,
+             "generate": generate_summary}
 
 
 # -- plots ------------------------------------------------------------------------------------------------
@@ -209,7 +251,12 @@ def _ratio_triple(r: dict) -> tuple[float, float, float]:
     return (mid, num(r["ratio_min"]), num(r["ratio_max"])) if r.get("ratio_min") else (mid, mid, mid)
 
 
-def plot(suite: str, rows: list[dict], path: Path) -> None:
+def plot(suite: str, rows: list[dict], path: Path) -> bool:
+    """Write the suite's figure to `path`; False (nothing written) when the run measured nothing."""
+    measured = [r for r in rows if r.get("impl") != "skipped" and r.get("what") != "skipped"]
+    if not measured:
+        return False
+    rows = measured
     import matplotlib
 
     matplotlib.use("Agg")
@@ -262,39 +309,43 @@ def plot(suite: str, rows: list[dict], path: Path) -> None:
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
+    return True
 
 
 # -- the document ----------------------------------------------------------------------------------------
 
 INTRO = """# Benchmarks
 
-dreambooth-fast against eager PyTorch, as ../shared/DESIGN.md ("Performance, how it is measured") and issue 6
-ask. Generated by `python -m benchmarks.render` from `benchmarks/results/*.csv` (every run appends there; this
-page shows the latest run of each suite per device). Rules: the implementations compared are measured in one
-run, alternating, after warm-up; medians with min-max; ratios are per paired round where the rows say
-"(min-max)". A kernel ratio is not a training-step ratio: both are reported, and the step table says when the
-fused ops do not make the step faster. The CPU is a shared 2-core machine: absolute CPU times are only
-indicative (the load average is recorded beside every table); absolute times mean something only on a GPU.
+dreambooth-fast against eager PyTorch: the fused kernels alone, the whole DreamBooth training step, class-image
+generation, and generation per backend. Generated by `python -m benchmarks.render` from `benchmarks/results/*.csv`
+(every run of `python -m benchmarks` appends there; this page shows the latest run of each suite per device).
+
+How to read it: the implementations compared are measured in one run, alternating, after warm-up; times are
+medians with min-max; ratios are computed per paired round, median (min-max). A kernel ratio is not a
+training-step ratio: both are reported, and the step table says when the fused ops do not make the step faster.
+The CPU figures come from a shared 2-core machine: absolute CPU times are only indicative (the load average is
+recorded with every table); absolute times mean something only on a GPU.
 """
 
 
 def render(results: Path, out: Path) -> Path:
     runs = read_csv(results / "runs.csv")
-    parts = [INTRO]
+    summary, sections = [], []
     for suite in SUITES:
         rows = read_csv(results / f"{suite}.csv")
-        parts.append(f"## {TITLES[suite]}\n")
+        sections.append(f"## {TITLES[suite]}\n")
         if not rows:
-            parts.append(f"No results yet: run `python -m benchmarks --suite {suite}`.\n")
+            sections.append(f"No results yet: run `python -m benchmarks --suite {suite}`.\n")
             continue
         for device, latest in latest_runs(rows).items():
-            text, _ = SECTIONS[suite](latest)
+            summary += [f"- {device}: {line}" for line in SUMMARIES[suite](latest)]
             png = results / f"{suite}-{device}.png"
-            plot(suite, latest, png)
-            parts.append(f"### {device}\n")
-            parts.append("\n\n".join(header_lines(latest, run_of(latest, suite, runs))) + "\n")
-            parts.append(text + "\n")
-            parts.append(f"![{TITLES[suite]} on {device}]({os.path.relpath(png, out.parent)})\n")
+            sections.append(f"### {device}\n")
+            sections.append("\n\n".join(header_lines(latest, run_of(latest, suite, runs))) + "\n")
+            sections.append(SECTIONS[suite](latest) + "\n")
+            if plot(suite, latest, png):
+                sections.append(f"![{TITLES[suite]} on {device}]({os.path.relpath(png, out.parent)})\n")
+    parts = [INTRO, "## Summary\n", "\n".join(summary) + "\n", *sections]
     atomic_write_bytes(out, "\n".join(parts).encode())
     return out
 

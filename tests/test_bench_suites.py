@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # benchmarks/ lives beside the package, not in it: importable from the checkout only
+from benchmarks import bench_generate, bench_kernels, bench_prior, bench_train, render
 
-from benchmarks import bench_generate, bench_kernels, bench_prior, bench_train, render  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 RUN_FIELDS = ["date", "commit", "torch", "diffusers", "onnxruntime", "device", "device_name", "threads", "load_1m"]
 
