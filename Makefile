@@ -4,8 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
-IMAGES ?= ../shared/data/dreambooth-dog
-RUN ?= runs/demo-dog
+RUN ?= runs/demo-heart
 NATIVE_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh) setup.py pyproject.toml
 
 .PHONY: setup demo test test-all lint ctest cuda-check bench clean
@@ -22,10 +21,13 @@ $(VENV)/.installed: $(BIN)/python $(NATIVE_SOURCES)
 
 setup: $(VENV)/.installed
 
+# The main job on the embedded toy-world model: learn the example subject (a yellow|purple heart the world never
+# draws) from its 4 images, then draw it somewhere new. Settings that work for this tiny model: QUALITY.md.
 demo: setup
 	$(BIN)/dbfast doctor
-	$(BIN)/dbfast train --images $(IMAGES) --class dog --output $(RUN) --overwrite
-	$(BIN)/dbfast generate "a [V] dog on the beach" --model $(RUN) -n 4 --out $(RUN)/samples
+	$(BIN)/dbfast train --images examples/subject --class heart --output $(RUN) --overwrite \
+	  --no-prior --steps 800 --lr 3e-4 --stages base
+	$(BIN)/dbfast generate "a [V] heart on a red background" --model $(RUN) -n 8 --stages base --out $(RUN)/samples
 
 lint: setup
 	$(BIN)/ruff check .

@@ -181,10 +181,13 @@ def identifier(model_dir: str, n_tokens: int, seed: int, limit: int, check_word:
 @main.command(name="eval")
 @click.option("--model", type=click.Path(), help="Trained output (cascade dir with dreambooth.json) to generate from.")
 @click.option("--sr-model", type=click.Path(), help="Stage II directory, when not in MODEL/stage_2.")
-@click.option("--real-images", required=True, type=click.Path(), help="Directory of the real subject photos.")
-@click.option("--clip", "clip_dir", required=True, type=click.Path(),
+@click.option("--toy", is_flag=True,
+              help="Judge a toy-world model exactly (held-out prompt fidelity; for a DreamBooth run also subject "
+                   "fidelity, PRES, DIV); needs no encoders.")
+@click.option("--real-images", type=click.Path(), help="Directory of the real subject photos.")
+@click.option("--clip", "clip_dir", type=click.Path(),
               help="Local CLIPModel directory (config, weights, tokenizer, preprocessor_config.json).")
-@click.option("--dino", "dino_dir", required=True, type=click.Path(),
+@click.option("--dino", "dino_dir", type=click.Path(),
               help="Local DINO ViT directory, e.g. facebook/dino-vits16 saved with its image processor.")
 @click.option("--lpips", "lpips_dir", type=click.Path(),
               help="Directory with alexnet.pth|.safetensors (torchvision AlexNet) and lpips_alex.pth|.safetensors "
@@ -204,10 +207,22 @@ def identifier(model_dir: str, n_tokens: int, seed: int, limit: int, check_word:
 @click.option("--seed", default=0, show_default=True, help="Image k of prompt i uses seed + i*n + k.")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1), help="Images per sampler call.")
 @click.option("--device", default="auto", show_default=True, help="Device for generation and the encoders.")
-def eval_(model, sr_model, real_images, clip_dir, dino_dir, lpips_dir, live, n, generated, out, identifier,
+def eval_(model, sr_model, toy, real_images, clip_dir, dino_dir, lpips_dir, live, n, generated, out, identifier,
           class_noun, backend, export_dir, steps, sr_steps, seed, batch_size, device) -> None:
     """Measure a model the DreamBooth paper's way: DINO, CLIP-I, CLIP-T, PRES and DIV over 4 images for each of
-    the 25 protocol prompts, printed beside the paper's rows and written as JSON."""
+    the 25 protocol prompts, printed beside the paper's rows and written as JSON. With --toy: the toy world's
+    exact judge instead (see QUALITY.md)."""
+    if toy:
+        from .toy_eval import STEPS, evaluate, format_results
+        from .train import default_model_dir
+
+        results, path = evaluate(model or default_model_dir(), n=n, seed=seed, steps=steps or STEPS, out=out)
+        click.echo(format_results(results))
+        click.echo(f"results: {path}")
+        return
+    missing = [o for o, v in (("--real-images", real_images), ("--clip", clip_dir), ("--dino", dino_dir)) if not v]
+    if missing:
+        raise UserError(f"{', '.join(missing)} required (or pass --toy for a toy-world model)")
     from .evaluate import format_table, run_eval
 
     generate = {} if generated else dict(backend=backend, sr_model_dir=sr_model, export_dir=export_dir,

@@ -9,8 +9,9 @@ What is trained, as IF trains its stages, at toy size:
   classifier-free guidance;
 - the 32->64 px SR UNet on the same (detached) text embeddings, its low-res input upsampled and
   noise-augmented to a level drawn uniformly over the noising schedule, the level its class label.
-Both UNets predict epsilon in the first half of their 6-channel learned-range output (MSE); the variance half
-is pulled to -1 (the posterior variance, a fixed-variance choice; IF learns it with the VLB).
+Both UNets predict epsilon in the first half of their 6-channel learned-range output (MSE, min-SNR-5
+weighted from step MIN_SNR_START on); the variance half is pulled to -1 (the posterior variance, a
+fixed-variance choice; IF learns it with the VLB).
 
 Every step draws its batch and noise from (seed, step), so a resumed run is the run that was not stopped. The
 checkpoint (DIR/checkpoint.pt, EMA weights included) is written every --checkpoint-every steps; the IF layout
@@ -38,9 +39,10 @@ from tqdm.auto import tqdm
 from . import toy_world
 from .fileio import atomic_write, atomic_write_dir, atomic_write_json
 from .models import STAGE_2_DIR
+from .ops import add_noise
 from .snr import min_snr_weights
 from .text import MAX_LENGTH, preprocess_prompt
-from .tiny_cascade import _training_text, if_scheduler_config
+from .tiny_cascade import if_scheduler_config, training_text
 
 BASE_SIZE = 32
 SR_SIZE = 64
@@ -98,7 +100,7 @@ def train_tokenizer(folder: Path, seed: int, vocab_size: int = VOCAB_SIZE) -> No
     captions = [toy_world.caption(toy_world.random_scene(rng, train=False), rng) for _ in range(6000)]
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(captions + _training_text(seed)), model_writer=buf, vocab_size=vocab_size,
+        sentence_iterator=iter(captions + training_text(seed)), model_writer=buf, vocab_size=vocab_size,
         model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0,
         hard_vocab_limit=False, minloglevel=2, num_threads=1,
     )
@@ -127,11 +129,6 @@ class Models(torch.nn.Module):
         self.text_encoder = T5EncoderModel(T5Config(**text_encoder_config(vocab_size)))
         self.base_unet = UNet2DConditionModel(**base_unet_config())
         self.sr_unet = UNet2DConditionModel(**sr_unet_config())
-
-
-def add_noise(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor):
-    a = alphas_cumprod[t].view(-1, 1, 1, 1)
-    return a.sqrt() * x0 + (1 - a).sqrt() * eps, eps
 
 
 def _epsilon_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -179,7 +176,7 @@ def export_layout(models: Models, ema: dict[str, torch.Tensor], tokenizer_dir: P
                 atomic_write(out / name, lambda dst, src=built / name: shutil.copyfile(src, dst))
 
 
-def pretrain(out: str | Path, steps: int = 3000, *, resume: bool = False, seed: int = 0, threads: int = 1,
+def pretrain(out: str | Path, steps: int = 5400, *, resume: bool = False, seed: int = 0, threads: int = 1,
              base_batch: int = 16, sr_batch: int = 6, lr: float = 8e-4, warmup: int = 200,
              ema_decay: float = 0.995, checkpoint_every: int = 50, min_snr_gamma: float | None = MIN_SNR_GAMMA,
              min_snr_start: int = MIN_SNR_START) -> Path:
@@ -294,7 +291,7 @@ def pretrain(out: str | Path, steps: int = 3000, *, resume: bool = False, seed: 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="output directory (IF layout + checkpoint.pt + pretrain.json)")
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=5400, help="the shipped model: 5400")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")

@@ -27,7 +27,7 @@ _FILLER = (
 ).split()
 
 
-def _training_text(seed: int, n_lines: int = 4000) -> list[str]:
+def training_text(seed: int, n_lines: int = 4000) -> list[str]:
     rng = random.Random(seed)
     lines = []
     for _ in range(n_lines):
@@ -48,7 +48,7 @@ def train_sentencepiece(path: Path, vocab_size: int = 1000, seed: int = 0) -> Pa
 
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_training_text(seed)),
+        sentence_iterator=iter(training_text(seed)),
         model_writer=buf,
         vocab_size=vocab_size,
         model_type="unigram",

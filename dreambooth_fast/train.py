@@ -68,15 +68,20 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+DEFAULT_MODEL = Path(__file__).resolve().parent / "default_model"
+
+
 def default_model_dir() -> Path:
-    """The model used without --model: the embedded default when the package ships one, else a tiny random
-    cascade built once into the user cache (useful for trying the tool, not for pictures)."""
+    """The model used without --model: the embedded toy-world cascade the package ships (QUALITY.md), else
+    (a checkout without its weights) a tiny random cascade built once into the user cache."""
+    if (DEFAULT_MODEL / "model_index.json").is_file():
+        return DEFAULT_MODEL
     from .prior import default_cache_root
     from .tiny_cascade import build_tiny_cascade
 
     path = default_cache_root().parent / "tiny-cascade"
     if not (path / "model_index.json").is_file() or not (path / STAGE_2_DIR / "model_index.json").is_file():
-        tqdm.write(f"no --model given: building a tiny random IF cascade at {path} (a stand-in for a real model)")
+        tqdm.write(f"no --model given and no embedded model: building a tiny random IF cascade at {path}")
         shutil.rmtree(path, ignore_errors=True)
         tmp = path.with_name(path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)

@@ -116,7 +116,6 @@ def test_pretrain_writes_a_loadable_cascade_and_its_cost(tmp_path):
     assert '"steps": 1' in cost and '"threads": 1' in cost
 
 
-@pytest.mark.slow
 def test_pretrain_resumes_exactly(tmp_path):
     from dreambooth_fast.pretrain import CHECKPOINT, pretrain
 
