@@ -42,7 +42,7 @@ from .models import STAGE_2_DIR
 from .ops import add_noise
 from .snr import min_snr_weights
 from .text import MAX_LENGTH, preprocess_prompt
-from .tiny_cascade import if_scheduler_config, training_text
+from .tiny_cascade import if_scheduler_config, save_if_cascade, training_text
 
 BASE_SIZE = 32
 SR_SIZE = 64
@@ -150,7 +150,6 @@ def _ema_update(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: flo
 
 def export_layout(models: Models, ema: dict[str, torch.Tensor], tokenizer_dir: Path, out: Path) -> None:
     """Write the EMA weights in IF's layout into `out` (each component swapped in atomically)."""
-    from diffusers import DDPMScheduler, IFPipeline, IFSuperResolutionPipeline
     from transformers import T5Tokenizer
 
     final = copy.deepcopy(models)
@@ -158,17 +157,7 @@ def export_layout(models: Models, ema: dict[str, torch.Tensor], tokenizer_dir: P
     tokenizer = T5Tokenizer.from_pretrained(tokenizer_dir, extra_ids=0)
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         built = Path(tmp)
-        IFPipeline(
-            tokenizer=tokenizer, text_encoder=final.text_encoder, unet=final.base_unet,
-            scheduler=DDPMScheduler(**if_scheduler_config(sample_max_value=1.5)),
-            safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False,
-        ).save_pretrained(built, safe_serialization=True)
-        IFSuperResolutionPipeline(
-            tokenizer=tokenizer, text_encoder=None, unet=final.sr_unet,
-            scheduler=DDPMScheduler(**if_scheduler_config(sample_max_value=1.0)),
-            image_noising_scheduler=DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2"),
-            safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False,
-        ).save_pretrained(built / STAGE_2_DIR, safe_serialization=True)
+        save_if_cascade(built, tokenizer, final.text_encoder, final.base_unet, final.sr_unet)
         for name in LAYOUT:
             if (built / name).is_dir():
                 atomic_write_dir(out / name, lambda dst, src=built / name: shutil.copytree(src, dst))

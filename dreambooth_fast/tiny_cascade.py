@@ -117,6 +117,25 @@ def tiny_unet_config(sample_size: int, super_resolution: bool, width: int = 32, 
     return config
 
 
+def save_if_cascade(path: Path, tokenizer, text_encoder, base_unet, sr_unet=None) -> None:
+    """Write stage I (with IF's schedulers) to `path` and, given an SR UNet, stage II to `path`/stage_2, exactly
+    as IF's pipelines save them."""
+    from diffusers import DDPMScheduler, IFPipeline, IFSuperResolutionPipeline
+
+    IFPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, unet=base_unet,
+        scheduler=DDPMScheduler(**if_scheduler_config(sample_max_value=1.5)),
+        safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False,
+    ).save_pretrained(path, safe_serialization=True)
+    if sr_unet is not None:
+        IFSuperResolutionPipeline(
+            tokenizer=tokenizer, text_encoder=None, unet=sr_unet,
+            scheduler=DDPMScheduler(**if_scheduler_config(sample_max_value=1.0)),
+            image_noising_scheduler=DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2"),
+            safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False,
+        ).save_pretrained(path / STAGE_2_DIR, safe_serialization=True)
+
+
 def build_tiny_cascade(
     path: str | Path,
     base_size: int = 32,
@@ -128,7 +147,7 @@ def build_tiny_cascade(
     with_stage_2: bool = True,
 ) -> Path:
     """Write a tiny random IF cascade to `path` (stage I) and `path`/stage_2 (stage II); return `path`."""
-    from diffusers import DDPMScheduler, IFPipeline, IFSuperResolutionPipeline, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
     path = Path(path)
@@ -154,30 +173,8 @@ def build_tiny_cascade(
         )
     )
     base_unet = UNet2DConditionModel(**tiny_unet_config(base_size, False, width, text_dim))
-    IFPipeline(
-        tokenizer=tokenizer,
-        text_encoder=text_encoder,
-        unet=base_unet,
-        scheduler=DDPMScheduler(**if_scheduler_config(sample_max_value=1.5)),
-        safety_checker=None,
-        feature_extractor=None,
-        watermarker=None,
-        requires_safety_checker=False,
-    ).save_pretrained(path, safe_serialization=True)
-
-    if with_stage_2:
-        sr_unet = UNet2DConditionModel(**tiny_unet_config(sr_size, True, width, text_dim))
-        IFSuperResolutionPipeline(
-            tokenizer=tokenizer,
-            text_encoder=None,
-            unet=sr_unet,
-            scheduler=DDPMScheduler(**if_scheduler_config(sample_max_value=1.0)),
-            image_noising_scheduler=DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2"),
-            safety_checker=None,
-            feature_extractor=None,
-            watermarker=None,
-            requires_safety_checker=False,
-        ).save_pretrained(path / STAGE_2_DIR, safe_serialization=True)
+    sr_unet = UNet2DConditionModel(**tiny_unet_config(sr_size, True, width, text_dim)) if with_stage_2 else None
+    save_if_cascade(path, tokenizer, text_encoder, base_unet, sr_unet)
     return path
 
 
