@@ -30,11 +30,11 @@ from . import toy_world as world
 from .errors import UserError
 from .fileio import atomic_write_json
 from .judge import Verdict, judge
+from .train import RUN_FILE
 
 STEPS = 50
 GUIDANCE = 7.0
 BATCH = 16
-RUN_FILE = "dreambooth.json"
 # New places for the subject: none of these is a background of its 4 images (toy_world.SUBJECT_BACKGROUNDS).
 RECONTEXT = (("red", "plain"), ("white", "plain"), ("red", "striped"), ("white", "dotted"), ("green", "checked"),
              ("black", "striped"), ("blue", "dotted"), ("orange", "plain"))
