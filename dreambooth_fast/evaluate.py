@@ -411,7 +411,7 @@ def generate_eval_images(model_dir: str | Path, prompts: list[str], n_per_prompt
     to IF's. `backend` is any of `dbfast generate`'s; exported ones are read from `export_dir` (MODEL/export).
     """
     from .export import default_export_dir
-    from .generate import unet_runner
+    from .generate import TORCH_BACKENDS, unet_runner
     from .images import save_png, to_pil
     from .models import load_cascade
     from .sample import BASE_STEPS, SR_STEPS, generate_cascade
@@ -420,7 +420,9 @@ def generate_eval_images(model_dir: str | Path, prompts: list[str], n_per_prompt
     if n_per_prompt < 1:
         raise UserError(f"--n {n_per_prompt}: generate at least one image per prompt")
     dev = resolve_device(device)
-    cascade = load_cascade(model_dir, sr_model_dir, device=str(dev), dtype=dtype)
+    # Exported backends run their own copy of the UNets (as in `dbfast generate`): the torch ones are not loaded.
+    cascade = load_cascade(model_dir, sr_model_dir, device=str(dev), dtype=dtype,
+                           with_unets=backend in TORCH_BACKENDS)
     export_dir = Path(export_dir) if export_dir is not None else default_export_dir(model_dir)
     base_fn = unet_runner(backend, cascade.base_unet, cascade.base_dir, export_dir, "base", dev)
     sr_fn = unet_runner(backend, cascade.sr_unet, cascade.sr_dir, export_dir, "sr", dev) if cascade.sr_dir else None

@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -103,6 +104,27 @@ def test_onnx_generation_matches_torch_generation_for_a_fixed_seed(exported, tin
                                    generator=torch.Generator().manual_seed(7), **kwargs)
     for stage in STAGES:
         assert (onnx_images[stage] - torch_images[stage]).abs().max() < 1e-3
+
+
+def test_eval_images_from_the_onnx_backend_load_no_torch_unet_and_match_torch(exported, tiny_cascade, tmp_path,
+                                                                            monkeypatch):
+    from PIL import Image
+
+    from dreambooth_fast import models
+    from dreambooth_fast.evaluate import generate_eval_images
+
+    kwargs = dict(base_steps=3, sr_steps=2, progress=False)
+    torch_paths = generate_eval_images(tiny_cascade, ["a red star"], 2, tmp_path / "torch", **kwargs)
+
+    def no_torch_unet(*args, **kwargs):
+        raise AssertionError("an exported backend loaded a torch UNet")
+
+    monkeypatch.setattr(models, "load_unet", no_torch_unet)
+    onnx_paths = generate_eval_images(tiny_cascade, ["a red star"], 2, tmp_path / "onnx", backend="onnx",
+                                      export_dir=exported, **kwargs)
+    for a, b in zip(torch_paths[0], onnx_paths[0]):
+        diff = np.abs(np.asarray(Image.open(a), int) - np.asarray(Image.open(b), int))
+        assert diff.max() <= 1  # one grey level: rounding of values ~1e-6 apart
 
 
 def test_second_export_keeps_what_is_up_to_date(exported, tiny_cascade):
