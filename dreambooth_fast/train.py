@@ -413,6 +413,17 @@ def _check_resume_config(cfg: TrainConfig, saved: dict) -> None:
         )
 
 
+def _check_not_finished(out: Path, stages: list[str]) -> None:
+    """--resume continues an interrupted run; a finished one has nothing left (a larger --steps does not
+    extend it: its optimizer and schedule ended), so say how to train further instead of doing nothing."""
+    latest = read_latest(out / CHECKPOINTS)
+    if latest and set(stages) <= set(latest["completed_stages"]):
+        raise UserError(
+            f"--resume: {out} is finished (stages {', '.join(stages)} done): to train it further, start a new "
+            f"run from it with --model {out} --output NEW_DIR"
+        )
+
+
 def write_output_stage(out: Path, stage: str, trainer: StageTrainer, cfg: TrainConfig) -> None:
     """Put the tuned stage into the output layout: merged or full weights in unet/, or the LoRA adapter."""
     stage_dir = _stage_dir(out, stage)
@@ -487,6 +498,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
     saved_run = json.loads((out / RUN_FILE).read_text()) if resume else None
     if saved_run:
         _check_resume_config(cfg, saved_run["config"])
+        _check_not_finished(out, stages)
     images = data.load_subject_images(cfg.images, skip_bad=cfg.skip_bad_images)
     tokenizer = load_tokenizer(cfg.model)
     warnings = identifier.check_class_noun(tokenizer, cfg.class_noun)

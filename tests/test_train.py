@@ -225,6 +225,15 @@ def test_resume_with_changed_options_is_refused(tiny_cascade, subject_dir, tmp_p
     assert_refused(train(tiny_cascade, subject_dir, out, *common, "--lr", "1e-3", "--resume"), "learning_rate")
 
 
+def test_resume_of_a_finished_run_says_how_to_train_further(tiny_cascade, subject_dir, tmp_path):
+    out = tmp_path / "run"
+    common = ["--stages", "base", "--no-prior", "--steps", "1"]
+    assert train(tiny_cascade, subject_dir, out, *common).exit_code == 0
+    before = unet_weights(out)
+    assert_refused(train(tiny_cascade, subject_dir, out, *common[:-1], "2", "--resume"), "finished", f"--model {out}")
+    assert all(torch.equal(before[k], v) for k, v in unet_weights(out).items())
+
+
 def test_8bit_adam_without_bitsandbytes_says_how_to_install_it(tiny_cascade, subject_dir, tmp_path):
     import importlib.util
 
