@@ -31,9 +31,10 @@ from benchmarks.common import (
     append_rows,
     copy_bandwidth,
     default_device,
-    environment,
     format_table,
+    load_average,
     measure,
+    run_info,
 )
 from dreambooth_fast import ops, reference
 
@@ -165,12 +166,13 @@ def run(
         print(f"warning: no native ops built for {device_type}: 'fused' runs the reference", file=sys.stderr)
 
     copy_gbps = copy_bandwidth(device, COPY_BYTES["smoke" if smoke else device_type]) / 1e9
-    env = environment(device)
+    env = run_info(device)
     rows = []
     for case in cases(stages, list(DTYPES)):
+        load = load_average()  # per case: a shared machine's load changes during the run
         for row in bench_case(case, device, rounds=rounds, warmup=warmup, min_round_s=min_round_s):
             pct = round(100 * row["gbps"] / copy_gbps, 1) if row["gbps"] != "" else ""
-            rows.append({**env, **row, "native": native, "copy_gbps": round(copy_gbps, 2), "pct_copy": pct})
+            rows.append({**env, **row, **load, "native": native, "copy_gbps": round(copy_gbps, 2), "pct_copy": pct})
     append_rows(out, rows)
     print(f"{env['device_name']} ({device}, {env['threads']} threads), torch {env['torch']}, commit {env['commit']}")
     print(f"copy bandwidth: {copy_gbps:.1f} GB/s; native ops for {device_type}: {native}")
