@@ -115,7 +115,9 @@ def train(config_file: str | None, resume: bool, overwrite: bool, **options) -> 
     values.update({k: v for k, v in options.items() if v is not None})
     out = run_training(TrainConfig(**values), resume=resume, overwrite=overwrite)
     noun = values.get("class_noun", "")
-    click.echo(f'done: {out}  (try: dbfast generate "a [V] {noun} on the beach" --model {out})')
+    # The embedded default model knows only the toy world: suggest a place it can draw.
+    where = "on the beach" if values.get("model") else "on a red background"
+    click.echo(f'done: {out}  (try: dbfast generate "a [V] {noun} {where}" --model {out})')
 
 
 @main.command()
