@@ -4,19 +4,21 @@
 
 What is trained, as IF trains its stages, at toy size:
 - a SentencePiece tokenizer on the toy captions plus filler text (so rare tokens exist, as in T5's vocabulary);
-- a small T5 encoder jointly with the 32 px base UNet (IF's T5 is frozen and pretrained; ours has no
-  pretraining to borrow, so the base stage's loss teaches it), captions dropped 10% of the time for
+- a small T5 encoder, pretrained first and then frozen, as IF's T5-XXL is: having no language corpus to
+  borrow, it learns to read captions (from its token outputs, linear probes must recover the shape, object
+  colour, background colour and pattern each caption names; `pretrain_text_encoder`);
+- the 32 px base UNet on the frozen encoder's embeddings, captions dropped 10% of the time for
   classifier-free guidance;
 - the 32->64 px SR UNet on the same (detached) text embeddings, its low-res input upsampled and
   noise-augmented to a level drawn uniformly over the noising schedule, the level its class label.
 Both UNets predict epsilon in the first half of their 6-channel learned-range output (MSE, min-SNR-5
-weighted from step MIN_SNR_START on); the variance half is pulled to -1 (the posterior variance, a
-fixed-variance choice; IF learns it with the VLB).
+weighted); the variance half is pulled to -1 (the posterior variance, a fixed-variance choice; IF learns it
+with the VLB).
 
 Every step draws its batch and noise from (seed, step), so a resumed run is the run that was not stopped. The
 checkpoint (DIR/checkpoint.pt, EMA weights included) is written every --checkpoint-every steps; the IF layout
-(EMA weights) and DIR/pretrain.json (the cost: steps, wall time, threads) are written at the end. To export a
-stopped run as it is: --resume --steps <its last checkpointed step>.
+(EMA weights) and DIR/pretrain.json (the cost: steps, wall time, threads, the text encoder's probe accuracy)
+are written at the end. To export a stopped run as it is: --resume --steps <its last checkpointed step>.
 """
 
 from __future__ import annotations
@@ -50,9 +52,11 @@ TEXT_DIM = 64
 VOCAB_SIZE = 1000
 CHECKPOINT = "checkpoint.pt"
 COST_FILE = "pretrain.json"
-# The shipped run switched both losses to min-SNR-5 weighting at this step (see `pretrain`).
 MIN_SNR_GAMMA = 5.0
-MIN_SNR_START = 1950
+TEXT_STEPS = 400
+# What the text encoder's probes read from a caption (`caption_labels`), and their classes.
+CAPTION_FIELDS = {"shape": toy_world.SHAPES, "colour": toy_world.COLOURS, "background": toy_world.COLOURS,
+                  "pattern": toy_world.PATTERNS}
 LAYOUT = ("model_index.json", "unet", "text_encoder", "tokenizer", "scheduler", STAGE_2_DIR)
 
 
@@ -120,6 +124,59 @@ def toy_batch(seed: int, step: int, n: int, drop: float = 0.1) -> tuple[torch.Te
     return x, captions
 
 
+def caption_labels(caption: str) -> dict[str, int]:
+    """The class index of each CAPTION_FIELDS field `caption` names (-1 where it names none), read from its
+    words: the colour before the shape word is the object's, the words after it describe the background."""
+    words = caption.split()
+    shape_at = next((i for i, w in enumerate(words) if w in toy_world.SHAPES), None)
+    if shape_at is None:
+        return dict.fromkeys(CAPTION_FIELDS, -1)
+    after = words[shape_at + 1:]
+    found = {"shape": words[shape_at],
+             "colour": words[shape_at - 1] if shape_at and words[shape_at - 1] in toy_world.COLOURS else None,
+             "background": next((w for w in after if w in toy_world.COLOURS), None),
+             "pattern": next((w for w in after if w in toy_world.PATTERNS), "plain" if "background" in after else None)}
+    return {k: CAPTION_FIELDS[k].index(v) if v else -1 for k, v in found.items()}
+
+
+def pretrain_text_encoder(text_encoder: torch.nn.Module, tokenizer, seed: int, steps: int = TEXT_STEPS,
+                          batch: int = 64, lr: float = 3e-3) -> float:
+    """Teach the T5 encoder to read toy captions: linear probes on its mean token output must name each field
+    of CAPTION_FIELDS the caption mentions (cross-entropy). Returns the probes' accuracy on fresh captions.
+
+    IF's frozen T5-XXL arrives knowing what "red" means; a toy encoder trained only through the diffusion
+    loss learnt shape words but no colour words in 5400 steps (an earlier default model: held-out colour right
+    16%, the palette's chance is 12.5%; the tokenizer splits colour words into pieces), so it gets this
+    reading lesson first."""
+    heads = torch.nn.ModuleDict({k: torch.nn.Linear(TEXT_DIM, len(v)) for k, v in CAPTION_FIELDS.items()})
+    params = [*text_encoder.parameters(), *heads.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+
+    def batch_of(step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        rng = random.Random(seed * 1_000_003 + 7_000_000 + step)
+        captions = [toy_world.caption(toy_world.random_scene(rng, train=False), rng) for _ in range(batch)]
+        tokens = tokenizer([preprocess_prompt(c) for c in captions], padding="max_length", max_length=MAX_LENGTH,
+                           truncation=True, return_tensors="pt")
+        mask = tokens.attention_mask.float()
+        out = text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask)[0]
+        pooled = (out * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        labels = [caption_labels(c) for c in captions]
+        return pooled, {k: torch.tensor([lab[k] for lab in labels]) for k in CAPTION_FIELDS}
+
+    text_encoder.train()
+    for step in tqdm(range(steps), desc="text encoder", mininterval=10):
+        pooled, labels = batch_of(step)
+        loss = sum(F.cross_entropy(heads[k](pooled), y, ignore_index=-1) for k, y in labels.items())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+    with torch.no_grad():
+        pooled, labels = batch_of(steps)
+        right = [(heads[k](pooled).argmax(-1) == y)[y >= 0] for k, y in labels.items()]
+    return float(torch.cat(right).float().mean())
+
+
 class Models(torch.nn.Module):
     def __init__(self, vocab_size: int):
         from diffusers import UNet2DConditionModel
@@ -165,15 +222,16 @@ def export_layout(models: Models, ema: dict[str, torch.Tensor], tokenizer_dir: P
                 atomic_write(out / name, lambda dst, src=built / name: shutil.copyfile(src, dst))
 
 
-def pretrain(out: str | Path, steps: int = 5400, *, resume: bool = False, seed: int = 0, threads: int = 1,
+def pretrain(out: str | Path, steps: int = 8400, *, resume: bool = False, seed: int = 0, threads: int = 1,
              base_batch: int = 16, sr_batch: int = 6, lr: float = 8e-4, warmup: int = 200,
              ema_decay: float = 0.995, checkpoint_every: int = 50, min_snr_gamma: float | None = MIN_SNR_GAMMA,
-             min_snr_start: int = MIN_SNR_START) -> Path:
+             text_steps: int = TEXT_STEPS) -> Path:
     """Pretrain (or resume) the toy cascade into `out`; return `out`.
 
-    From step `min_snr_start` on, both stages' losses are min-SNR-gamma weighted (Hang et al. 2023): plain
-    epsilon MSE is dominated by the low-noise steps, which teach detail, while a toy image's colours and shape
-    (what the caption says, or what the SR stage's low-res input shows) are decided at high noise."""
+    The text encoder is pretrained first (`pretrain_text_encoder`) and frozen. Both stages' losses are
+    min-SNR-gamma weighted (Hang et al. 2023): plain epsilon MSE is dominated by the low-noise steps, which
+    teach detail, while a toy image's colours and shape (what the caption says, or what the SR stage's low-res
+    input shows) are decided at high noise."""
     from transformers import T5Tokenizer
 
     torch.set_num_threads(threads)
@@ -191,7 +249,11 @@ def pretrain(out: str | Path, steps: int = 5400, *, resume: bool = False, seed: 
 
     torch.manual_seed(seed)
     models = Models(len(tokenizer))
-    base_params = [*models.text_encoder.parameters(), *models.base_unet.parameters()]
+    text_accuracy = None
+    if not resume:
+        text_accuracy = pretrain_text_encoder(models.text_encoder, tokenizer, seed, text_steps)
+    models.text_encoder.requires_grad_(False).eval()
+    base_params = list(models.base_unet.parameters())
     opt_base = torch.optim.AdamW(base_params, lr=lr, weight_decay=0.0)
     opt_sr = torch.optim.AdamW(models.sr_unet.parameters(), lr=lr, weight_decay=0.0)
     ema = {k: v.detach().clone() for k, v in models.state_dict().items()}
@@ -203,6 +265,7 @@ def pretrain(out: str | Path, steps: int = 5400, *, resume: bool = False, seed: 
         opt_base.load_state_dict(state["opt_base"])
         opt_sr.load_state_dict(state["opt_sr"])
         start, wall, losses = state["step"], state["wall_s"], state["losses"]
+        text_accuracy = state["text_accuracy"]
 
     base_sched = if_scheduler_config()
     from diffusers import DDPMScheduler
@@ -212,10 +275,12 @@ def pretrain(out: str | Path, steps: int = 5400, *, resume: bool = False, seed: 
 
     def save(step: int, elapsed: float) -> None:
         state = {"model": models.state_dict(), "ema": ema, "opt_base": opt_base.state_dict(),
-                 "opt_sr": opt_sr.state_dict(), "step": step, "wall_s": elapsed, "losses": losses}
+                 "opt_sr": opt_sr.state_dict(), "step": step, "wall_s": elapsed, "losses": losses,
+                 "text_accuracy": text_accuracy}
         atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
 
-    models.train()
+    models.base_unet.train()
+    models.sr_unet.train()
     t0 = time.time() - wall
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="pretrain", mininterval=10)
     for step in bar:
@@ -226,11 +291,12 @@ def pretrain(out: str | Path, steps: int = 5400, *, resume: bool = False, seed: 
         x32 = F.interpolate(x64, (BASE_SIZE, BASE_SIZE), mode="area")
         tokens = tokenizer([preprocess_prompt(c) for c in captions], padding="max_length", max_length=MAX_LENGTH,
                            truncation=True, return_tensors="pt")
-        embeds = models.text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask)[0]
+        with torch.no_grad():
+            embeds = models.text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask)[0]
 
         t = torch.randint(0, len(alphas), (base_batch,), generator=gen)
         noisy, target = add_noise(x32, torch.randn(x32.shape, generator=gen), t, alphas)
-        weights = min_snr_weights(t, alphas, min_snr_gamma) if min_snr_gamma and step >= min_snr_start else None
+        weights = min_snr_weights(t, alphas, min_snr_gamma) if min_snr_gamma else None
         base_loss = _epsilon_loss(models.base_unet(noisy, t, encoder_hidden_states=embeds).sample, target, weights)
         opt_base.zero_grad(set_to_none=True)
         base_loss.backward()
@@ -244,9 +310,9 @@ def pretrain(out: str | Path, steps: int = 5400, *, resume: bool = False, seed: 
         low, _ = add_noise(low, torch.randn(low.shape, generator=gen), levels, noising)
         t = torch.randint(0, len(alphas), (sr_batch,), generator=gen)
         noisy, target = add_noise(hi, torch.randn(hi.shape, generator=gen), t, alphas)
-        pred = models.sr_unet(torch.cat([noisy, low], 1), t, encoder_hidden_states=embeds[:sr_batch].detach(),
+        pred = models.sr_unet(torch.cat([noisy, low], 1), t, encoder_hidden_states=embeds[:sr_batch],
                               class_labels=levels).sample
-        weights = min_snr_weights(t, alphas, min_snr_gamma) if min_snr_gamma and step >= min_snr_start else None
+        weights = min_snr_weights(t, alphas, min_snr_gamma) if min_snr_gamma else None
         sr_loss = _epsilon_loss(pred, target, weights)
         opt_sr.zero_grad(set_to_none=True)
         sr_loss.backward()
@@ -269,7 +335,8 @@ def pretrain(out: str | Path, steps: int = 5400, *, resume: bool = False, seed: 
         "steps": steps, "wall_s": round(wall, 1), "threads": threads, "device": "cpu",
         "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "seed": seed,
         "base_batch": base_batch, "sr_batch": sr_batch, "lr": lr, "warmup": warmup, "ema_decay": ema_decay,
-        "loss": f"epsilon MSE (both stages), min-SNR-{min_snr_gamma} weighted from step {min_snr_start}",
+        "loss": f"epsilon MSE (both stages), min-SNR-{min_snr_gamma} weighted",
+        "text_encoder": {"steps": text_steps, "probe_accuracy": text_accuracy},
         "parameters": n_params, "torch": torch.__version__,
         "final_loss": {k: round(float(np.mean(v[-100:])), 5) for k, v in losses.items() if v},
         "command": f"python -m dreambooth_fast.pretrain --out {out} --steps {steps} --threads {threads}",
@@ -280,7 +347,7 @@ def pretrain(out: str | Path, steps: int = 5400, *, resume: bool = False, seed: 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="output directory (IF layout + checkpoint.pt + pretrain.json)")
-    parser.add_argument("--steps", type=int, default=5400, help="the shipped model: 5400")
+    parser.add_argument("--steps", type=int, default=8400, help="UNet steps (the shipped run: see its pretrain.json)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -288,11 +355,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sr-batch", type=int, default=6)
     parser.add_argument("--checkpoint-every", type=int, default=50)
     parser.add_argument("--min-snr-gamma", type=float, default=MIN_SNR_GAMMA, help="loss weighting (0: off)")
-    parser.add_argument("--min-snr-start", type=int, default=MIN_SNR_START, help="first step of min-SNR weighting")
+    parser.add_argument("--text-steps", type=int, default=TEXT_STEPS, help="text encoder pretraining steps")
     args = parser.parse_args(argv)
     pretrain(args.out, args.steps, resume=args.resume, seed=args.seed, threads=args.threads,
              base_batch=args.base_batch, sr_batch=args.sr_batch, checkpoint_every=args.checkpoint_every,
-             min_snr_gamma=args.min_snr_gamma or None, min_snr_start=args.min_snr_start)
+             min_snr_gamma=args.min_snr_gamma or None, text_steps=args.text_steps)
 
 
 if __name__ == "__main__":

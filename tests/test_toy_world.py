@@ -1,6 +1,8 @@
 """The toy world: seeded generator, held-out combinations, the example subject, and the shipped default model."""
 
+import copy
 import importlib.util
+import json
 import random
 from pathlib import Path
 
@@ -109,19 +111,53 @@ def test_default_model_loads_as_an_if_cascade():
 def test_pretrain_writes_a_loadable_cascade_and_its_cost(tmp_path):
     from dreambooth_fast.pretrain import COST_FILE, pretrain
 
-    out = pretrain(tmp_path / "toy", steps=1, base_batch=2, sr_batch=1)
+    out = pretrain(tmp_path / "toy", steps=1, base_batch=2, sr_batch=1, text_steps=2)
     cascade = load_cascade(out)
     assert (cascade.base_size, cascade.sr_size) == (32, 64)
-    cost = (out / COST_FILE).read_text()
-    assert '"steps": 1' in cost and '"threads": 1' in cost
+    cost = json.loads((out / COST_FILE).read_text())
+    assert cost["steps"] == 1 and cost["threads"] == 1
+    assert cost["text_encoder"]["steps"] == 2 and 0 <= cost["text_encoder"]["probe_accuracy"] <= 1
+
+
+def test_caption_labels_read_every_phrasing_of_the_world():
+    from dreambooth_fast.pretrain import CAPTION_FIELDS, caption_labels
+
+    rng = random.Random(0)
+    for _ in range(500):
+        scene = world.random_scene(rng, train=False)
+        caption = world.caption(scene, rng)
+        words = caption.split()
+        named = {"shape": True, "colour": scene.colour in words, "background": "background" in words,
+                 "pattern": "background" in words}
+        for field, index in caption_labels(caption).items():
+            if named[field]:
+                assert CAPTION_FIELDS[field][index] == getattr(scene, field), (caption, field)
+            else:
+                assert index == -1, (caption, field)
+    assert set(caption_labels("").values()) == {-1}
+
+
+def test_the_frozen_text_encoder_is_taught_to_read_captions_first(tmp_path):
+    from transformers import T5Tokenizer
+
+    from dreambooth_fast.pretrain import Models, pretrain_text_encoder, train_tokenizer
+
+    train_tokenizer(tmp_path, seed=0)
+    tokenizer = T5Tokenizer.from_pretrained(tmp_path, extra_ids=0)
+    torch.manual_seed(0)
+    encoder = Models(len(tokenizer)).text_encoder
+    untrained = pretrain_text_encoder(copy.deepcopy(encoder), tokenizer, seed=0, steps=0)
+    trained = pretrain_text_encoder(encoder, tokenizer, seed=0, steps=60)
+    assert untrained < 0.5 < trained
 
 
 def test_pretrain_resumes_exactly(tmp_path):
     from dreambooth_fast.pretrain import CHECKPOINT, pretrain
 
-    pretrain(tmp_path / "straight", steps=2, base_batch=2, sr_batch=1, checkpoint_every=1)
-    pretrain(tmp_path / "stopped", steps=1, base_batch=2, sr_batch=1, checkpoint_every=1)
-    pretrain(tmp_path / "stopped", steps=2, base_batch=2, sr_batch=1, checkpoint_every=1, resume=True)
+    options = dict(base_batch=2, sr_batch=1, checkpoint_every=1, text_steps=2)
+    pretrain(tmp_path / "straight", steps=2, **options)
+    pretrain(tmp_path / "stopped", steps=1, **options)
+    pretrain(tmp_path / "stopped", steps=2, resume=True, **options)
     a = torch.load(tmp_path / "straight" / CHECKPOINT, weights_only=True)
     b = torch.load(tmp_path / "stopped" / CHECKPOINT, weights_only=True)
     assert a["losses"] == b["losses"]
