@@ -222,7 +222,7 @@ def export_layout(models: Models, ema: dict[str, torch.Tensor], tokenizer_dir: P
                 atomic_write(out / name, lambda dst, src=built / name: shutil.copyfile(src, dst))
 
 
-def pretrain(out: str | Path, steps: int = 8400, *, resume: bool = False, seed: int = 0, threads: int = 1,
+def pretrain(out: str | Path, steps: int = 11400, *, resume: bool = False, seed: int = 0, threads: int = 1,
              base_batch: int = 16, sr_batch: int = 6, lr: float = 8e-4, warmup: int = 200,
              ema_decay: float = 0.995, checkpoint_every: int = 50, min_snr_gamma: float | None = MIN_SNR_GAMMA,
              text_steps: int = TEXT_STEPS) -> Path:
@@ -347,7 +347,7 @@ def pretrain(out: str | Path, steps: int = 8400, *, resume: bool = False, seed: 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="output directory (IF layout + checkpoint.pt + pretrain.json)")
-    parser.add_argument("--steps", type=int, default=8400, help="UNet steps (the shipped run: see its pretrain.json)")
+    parser.add_argument("--steps", type=int, default=11400, help="UNet steps (the shipped run: see its pretrain.json)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
