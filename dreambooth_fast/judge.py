@@ -28,6 +28,7 @@ GRID = 24  # shapes are compared as GRID x GRID box-normalised masks
 _ENTRIES = np.array([world.PALETTE[c] for c in world.COLOURS] + [world.shade(c) for c in world.COLOURS], float)
 _N = len(world.COLOURS)
 _OBJECT_MAX_DIST = 90.0  # an object pixel must be this close to a palette colour (edges blend two colours)
+_BORDER_SHARE = 0.2  # a palette entry on this share of the border is background (an object touches it less)
 
 
 @dataclass(frozen=True)
@@ -128,11 +129,14 @@ def judge(image) -> Verdict:
     idx, _ = _nearest(px, _ENTRIES)
     colour_of = idx % _N
     b = max(1, h // 32)
-    border = np.concatenate([colour_of[:b].ravel(), colour_of[-b:].ravel(), colour_of[:, :b].ravel(),
-                             colour_of[:, -b:].ravel()])
-    bg = int(np.bincount(border, minlength=_N).argmax())
-    background = colour_of == bg
-    pattern = _pattern(idx == bg + _N, background)
+    border = np.concatenate([idx[:b].ravel(), idx[-b:].ravel(), idx[:, :b].ravel(), idx[:, -b:].ravel()])
+    share = np.bincount(border, minlength=2 * _N) / border.size
+    bg = int((share[:_N] + share[_N:]).argmax())
+    # The background is the bg colour and its shade, plus any entry that covers much of the border: a sampled
+    # pattern's second colour can land nearer another palette entry than the shade (dark olive stripes).
+    background_entries = np.flatnonzero(share >= _BORDER_SHARE).tolist() + [bg, bg + _N]
+    background = np.isin(idx, background_entries)
+    pattern = _pattern(background & (idx != bg), background)
 
     obj_idx, obj_dist = _nearest(px, _ENTRIES[:_N])
     # Closed first: a seam blended from two object colours can land on a background colour's shade.

@@ -1,7 +1,9 @@
 """The judge reads shape, colours, background and the subject exactly from generator pixels."""
 
+import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
@@ -30,6 +32,18 @@ def test_the_example_subject_is_recognised():
     for path in SUBJECT_PNGS:
         v = judge(Image.open(path))
         assert v.subject and v.shape == "heart" and set(v.colours) == set(world.SUBJECT_COLOURS), (path, v)
+
+
+def test_a_pattern_sampled_in_an_off_palette_colour_stays_background():
+    # Model samples draw stripes in colours off the palette (a grey-green for green, nearer to black's shade than
+    # to green): they are on the border as much as the shade, so they are background, not object.
+    scene = world.subject_scene(random.Random(3), "green", "striped")
+    pixels = np.asarray(world.render(scene, 32)).copy()
+    stripes = np.all(pixels == world.PALETTE["green"], axis=-1)
+    assert stripes.mean() > 0.2
+    pixels[stripes] = (78, 112, 85)  # read off a DreamBooth sample whose judged shape was "square"
+    v = judge(pixels)
+    assert (v.shape, v.background, v.pattern, v.subject) == ("heart", "green", "striped", True)
 
 
 def test_hearts_without_the_pattern_are_not_the_subject():
