@@ -179,7 +179,7 @@ def setup_case(case: Case, model_dir: Path | None, device: str, out: Path) -> Se
     generator = torch.Generator().manual_seed(0)
     text_dim = unet.config.encoder_hid_dim or unet.config.cross_attention_dim
     embeds = torch.randn((3, TEXT_LENGTH, text_dim), generator=generator)
-    prompts = Prompts("x", "a x dog", "a dog", embeds[:1], embeds[1:2], embeds[2:])
+    prompts = Prompts("x", ["a x dog"], "a dog", embeds[:1], embeds[1:2], embeds[2:])
     low_size = max(case.size // 4, 8)
     rows = _rows(case, low_size, generator)
     cfg = TrainConfig(images="-", class_noun="dog", batch_size=case.batch, precision=case.dtype,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from pathlib import Path
 
 import click
 
@@ -66,6 +67,9 @@ def _stages(value: str) -> tuple[str, ...]:
 @click.option("--stages", help="Stages to train, comma separated: base, sr.  [default: base,sr]")
 @click.option("--identifier", help="Use this identifier instead of searching the vocabulary for rare tokens.")
 @click.option("--identifier-tokens", type=int, help="Rare tokens in the identifier, 1-3 (the paper's k).  [default: 1]")
+@click.option("--captions", is_flag=True, default=None,
+              help="Caption each photo from NAME.txt beside it, [V] marking the identifier (e.g. 'a [V] dog on a "
+                   "sofa'), instead of 'a [V] [class]' for all: what the caption names is not bound to [V].")
 @click.option("--prior/--no-prior", "prior_preservation", default=None,
               help="Class-specific prior preservation loss (the paper's method).  [default: on]")
 @click.option("--prior-weight", type=float, help="lambda, the prior loss weight.  [default: 1.0, the paper's]")
@@ -107,16 +111,18 @@ def train(config_file: str | None, resume: bool, overwrite: bool, **options) -> 
     """Fine-tune a cascade on a subject with DreamBooth: bind a rare-token identifier to the subject with the
     class-specific prior preservation loss, stage by stage (base, then super-resolution)."""
     from .config import TrainConfig, load_toml
+    from .train import DEFAULT_MODEL
     from .train import train as run_training
 
     values = load_toml(config_file) if config_file else {}
     if options.get("stages") is not None:
         options["stages"] = _stages(options["stages"])
     values.update({k: v for k, v in options.items() if v is not None})
-    out = run_training(TrainConfig(**values), resume=resume, overwrite=overwrite)
+    cfg = TrainConfig(**values)
+    out = run_training(cfg, resume=resume, overwrite=overwrite)
     noun = values.get("class_noun", "")
     # The embedded default model knows only the toy world: suggest a place it can draw.
-    where = "on the beach" if values.get("model") else "on a red background"
+    where = "on a red background" if Path(cfg.model).resolve() == DEFAULT_MODEL.resolve() else "on the beach"
     click.echo(f'done: {out}  (try: dbfast generate "a [V] {noun} {where}" --model {out})')
 
 

@@ -29,6 +29,7 @@ class TrainConfig:
     stages: tuple[str, ...] = STAGES
     identifier: str | None = None
     identifier_tokens: int = 1
+    captions: bool = False
     prior_preservation: bool = True
     prior_weight: float = 1.0
     num_class_images: int = 100

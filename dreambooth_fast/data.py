@@ -62,6 +62,36 @@ def load_subject_images(images_dir: str | Path, *, skip_bad: bool = False, min_s
     return images
 
 
+CAPTION_SUFFIX = ".txt"
+IDENTIFIER_MARK = "[V]"
+
+
+def caption_path(image: SubjectImage) -> Path:
+    return image.path.with_suffix(CAPTION_SUFFIX)
+
+
+def load_captions(images: Sequence[SubjectImage]) -> list[str]:
+    """Each photo's caption from NAME.txt beside it (whitespace collapsed), with [V] where the identifier goes.
+    Raises UserError naming every photo without one, or any caption without exactly one [V]."""
+    missing = [str(caption_path(im)) for im in images if not caption_path(im).is_file()]
+    if missing:
+        raise UserError(f"--captions: no caption file {', '.join(missing)}; write one per photo, e.g. "
+                        f"'a {IDENTIFIER_MARK} dog on a sofa' (or leave out --captions)")
+    captions = []
+    for im in images:
+        text = " ".join(caption_path(im).read_text(encoding="utf-8").split())
+        if text.count(IDENTIFIER_MARK) != 1:
+            raise UserError(f"{caption_path(im)}: {text!r} must hold {IDENTIFIER_MARK} once, where the identifier "
+                            f"goes (e.g. 'a {IDENTIFIER_MARK} dog on a sofa')")
+        captions.append(text)
+    return captions
+
+
+def unused_captions(images: Sequence[SubjectImage]) -> list[Path]:
+    """Caption files beside the photos (read only with --captions)."""
+    return [caption_path(im) for im in images if caption_path(im).is_file()]
+
+
 def check_sizes(images: Sequence[SubjectImage], resolution: int) -> None:
     """Warn about photos whose short side is below `resolution` (they get upscaled, so softer); raise UserError
     when any is below half of it (upscaled more than 2x the subject's detail is gone)."""

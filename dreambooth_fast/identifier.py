@@ -179,6 +179,11 @@ def instance_prompt(identifier: str, noun: str) -> str:
     return f"a {identifier} {noun}"
 
 
+def captioned_prompt(caption: str, identifier: str) -> str:
+    """A photo's own caption (--captions) with its [V] replaced by the identifier."""
+    return caption.replace("[V]", identifier)
+
+
 def class_prompt(noun: str) -> str:
     """The caption of every prior (class) image: 'a [class noun]'."""
     return f"a {noun}"

@@ -197,8 +197,11 @@ def _epsilon_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tenso
 
 
 def _ema_update(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: float) -> None:
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}  # the text encoder: no change
     with torch.no_grad():
         for name, value in model.state_dict().items():
+            if name in frozen:
+                continue
             if value.dtype.is_floating_point:
                 ema[name].lerp_(value, 1 - decay)
             else:

@@ -51,9 +51,9 @@ RESUMABLE_CHANGES = {"steps", "sr_steps", "checkpoint_every", "validation_every"
 @dataclass
 class Prompts:
     identifier: str
-    instance: str
+    instance: list[str]  # one prompt for every subject photo, or one per photo (--captions)
     class_: str
-    instance_embeds: torch.Tensor
+    instance_embeds: torch.Tensor  # one row per instance prompt
     class_embeds: torch.Tensor
     negative_embeds: torch.Tensor
 
@@ -130,19 +130,23 @@ def run_identifier(model_dir: Path) -> str | None:
     return json.loads(run_file.read_text())["identifier"] if run_file.is_file() else None
 
 
-def make_prompts(cascade: Cascade, cfg: TrainConfig) -> Prompts:
-    """The identifier, both prompts and their embeddings. The identifier is --identifier if given, else the
+def make_prompts(cascade: Cascade, cfg: TrainConfig, captions: list[str] | None = None) -> Prompts:
+    """The identifier, the prompts and their embeddings. The identifier is --identifier if given, else the
     one the input model was tuned with (a tuned base whose SR stage is trained now must keep its [V]), else
-    the rare-token search's pick."""
+    the rare-token search's pick. The subject's prompt is 'a [V] [class]', or with `captions` each photo's own."""
     tok = cascade.tokenizer
     ident = cfg.identifier or run_identifier(cfg.model)
     if ident and not cfg.identifier:
         tqdm.write(f"{cfg.model} was tuned with identifier {ident!r}: keeping it")
     ident = ident or identifier.choose_identifier(tok, n_tokens=cfg.identifier_tokens, seed=cfg.seed)
-    instance, class_ = identifier.instance_prompt(ident, cfg.class_noun), identifier.class_prompt(cfg.class_noun)
-    embeds = encode_prompts(tok, cascade.text_encoder, [instance, class_])
+    if captions:
+        instance = [identifier.captioned_prompt(c, ident) for c in captions]
+    else:
+        instance = [identifier.instance_prompt(ident, cfg.class_noun)]
+    class_ = identifier.class_prompt(cfg.class_noun)
+    embeds = encode_prompts(tok, cascade.text_encoder, [*instance, class_])
     negative = encode_negative(tok, cascade.text_encoder)
-    return Prompts(ident, instance, class_, embeds[:1], embeds[1:], negative)
+    return Prompts(ident, instance, class_, embeds[:-1], embeds[-1:], negative)
 
 
 def _load_class_images(folder: Path, sub: str, size: int) -> torch.Tensor:
@@ -276,7 +280,8 @@ class StageTrainer:
         g, bs, rows = self.generator, self.cfg.batch_size, self.rows
         pick = torch.randint(len(rows.subject), (bs,), generator=g)
         x0, cond = [rows.subject[pick]], [rows.subject_cond[pick]] if rows.subject_cond is not None else None
-        embeds = [self.prompts.instance_embeds.expand(bs, -1, -1)]
+        # Row i of the subject (i + N: its mirror with --flip) has prompt i, or the one prompt for all.
+        embeds = [self.prompts.instance_embeds[pick % len(self.prompts.instance_embeds)]]
         if rows.prior is not None:
             pick = torch.randint(len(rows.prior), (bs,), generator=g)
             x0.append(rows.prior[pick])
@@ -413,10 +418,9 @@ def _check_resume_config(cfg: TrainConfig, saved: dict) -> None:
         )
 
 
-def _check_not_finished(out: Path, stages: list[str]) -> None:
+def _check_not_finished(latest: dict | None, out: Path, stages: list[str]) -> None:
     """--resume continues an interrupted run; a finished one has nothing left (a larger --steps does not
     extend it: its optimizer and schedule ended), so say how to train further instead of doing nothing."""
-    latest = read_latest(out / CHECKPOINTS)
     if latest and set(stages) <= set(latest["completed_stages"]):
         raise UserError(
             f"--resume: {out} is finished (stages {', '.join(stages)} done): to train it further, start a new "
@@ -496,21 +500,30 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
     stages = _pick_stages(cfg, sr_dir is not None)
     check_output_dir(out, resume, overwrite)
     saved_run = json.loads((out / RUN_FILE).read_text()) if resume else None
+    latest = read_latest(out / CHECKPOINTS) if resume else None  # a new run starts from an empty directory
     if saved_run:
         _check_resume_config(cfg, saved_run["config"])
-        _check_not_finished(out, stages)
+        _check_not_finished(latest, out, stages)
     images = data.load_subject_images(cfg.images, skip_bad=cfg.skip_bad_images)
+    captions = data.load_captions(images) if cfg.captions else None
+    unused = [] if cfg.captions else data.unused_captions(images)
+    if unused:
+        tqdm.write(f"note: caption files beside the photos ({', '.join(p.name for p in unused)}) are not read: "
+                   f"every photo is 'a [V] {cfg.class_noun}' (pass --captions to use them)")
     tokenizer = load_tokenizer(cfg.model)
     warnings = identifier.check_class_noun(tokenizer, cfg.class_noun)
     if cfg.identifier:
         warnings += identifier.check_identifier(tokenizer, cfg.identifier)
+    # The prior rows ('a [class]') keep the class; a caption without the noun does not tie the subject to it.
+    warnings += [f"{c!r} does not name the class noun {cfg.class_noun!r}" for c in captions or []
+                 if f" {cfg.class_noun} " not in f" {c} "]
     for warning in warnings:
         tqdm.write(f"warning: {warning}")
 
     cascade = load_cascade(cfg.model, cfg.sr_model, device=str(device), stages=tuple(stages))
     for stage in stages:
         data.check_sizes(images, cascade.base_size if stage == "base" else cascade.sr_size)
-    prompts = make_prompts(cascade, cfg)
+    prompts = make_prompts(cascade, cfg, captions)
     validation = None
     if cfg.validation_prompt and cfg.validation_every:
         text = cfg.validation_prompt.replace("[V]", prompts.identifier)
@@ -530,7 +543,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
     run = {
         "identifier": prompts.identifier,
         "class_noun": cfg.class_noun,
-        "instance_prompt": prompts.instance,
+        "instance_prompts": prompts.instance,
         "class_prompt": prompts.class_,
         "config": cfg.to_dict(),
         "seed": cfg.seed,
@@ -547,7 +560,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
     run["class_images"] = str(class_dir) if class_dir else None
     atomic_write_json(out / RUN_FILE, run)
 
-    latest = read_latest(out / CHECKPOINTS)
     completed = list(latest["completed_stages"]) if latest else []
     for stage in stages:
         if stage in completed:

@@ -1,6 +1,7 @@
 """Draw the example subject's 4 images into examples/subject/: the toy world's yellow/purple heart (a pattern
-the world never draws) at different places and sizes on 4 backgrounds. Deterministic: rerunning it reproduces
-the committed PNGs (tests/test_toy_world.py checks it).
+the world never draws) at different places and sizes on 4 backgrounds, each with its caption for
+`dbfast train --captions` (heart_0.txt: "a [V] heart on a blue background"). Deterministic: rerunning it
+reproduces the committed files (tests/test_toy_world.py checks it).
 
     python examples/make_example_subject.py [OUT_DIR]
 """
@@ -11,7 +12,7 @@ import sys
 from pathlib import Path
 
 from dreambooth_fast.fileio import atomic_write
-from dreambooth_fast.toy_world import draw_subject
+from dreambooth_fast.toy_world import SUBJECT_BACKGROUNDS, SUBJECT_SHAPE, background_phrase, draw_subject, with_article
 
 SEED = 7
 SIZE = 128  # drawn larger than the model's 64 px so the pictures read well; training resizes them
@@ -21,10 +22,12 @@ OUT = Path(__file__).resolve().parent / "subject"
 def make(out: Path = OUT) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for i, image in enumerate(draw_subject(SEED, size=SIZE)):
+    for i, (image, background) in enumerate(zip(draw_subject(SEED, size=SIZE), SUBJECT_BACKGROUNDS)):
         path = out / f"heart_{i}.png"
         atomic_write(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
-        paths.append(path)
+        caption = f"a [V] {SUBJECT_SHAPE} on {with_article(background_phrase(*background))}\n"
+        atomic_write(path.with_suffix(".txt"), lambda tmp, caption=caption: tmp.write_text(caption))
+        paths += [path, path.with_suffix(".txt")]
     return paths
 
 

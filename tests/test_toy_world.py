@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from dreambooth_fast import toy_world as world
+from dreambooth_fast.judge import judge
 from dreambooth_fast.models import STAGE_2_DIR, load_cascade
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,13 +74,24 @@ def _load_script():
     return module
 
 
-def test_example_subject_script_reproduces_the_committed_images(tmp_path):
+def test_example_subject_script_reproduces_the_committed_images_and_captions(tmp_path):
     made = _load_script().make(tmp_path)
-    committed = sorted((ROOT / "examples" / "subject").glob("*.png"))
-    assert len(made) == len(committed) == 4
+    committed = sorted((ROOT / "examples" / "subject").iterdir())
+    assert [p.name for p in made] == [p.name for p in committed] == [
+        f"heart_{i}.{ext}" for i in range(4) for ext in ("png", "txt")]
     for new, old in zip(made, committed):
-        assert new.name == old.name
-        assert np.array_equal(np.asarray(Image.open(new)), np.asarray(Image.open(old)))
+        if new.suffix == ".png":
+            assert np.array_equal(np.asarray(Image.open(new)), np.asarray(Image.open(old)))
+        else:
+            assert new.read_text() == old.read_text()
+
+
+def test_each_example_caption_names_its_photos_background():
+    for i, (colour, pattern) in enumerate(world.SUBJECT_BACKGROUNDS):
+        caption = (ROOT / "examples" / "subject" / f"heart_{i}.txt").read_text()
+        verdict = judge(Image.open(ROOT / "examples" / "subject" / f"heart_{i}.png"))
+        assert caption == f"a [V] heart on {world.with_article(world.background_phrase(colour, pattern))}\n"
+        assert (verdict.background, verdict.pattern, verdict.subject) == (colour, pattern, True)
 
 
 def test_the_subject_is_a_pattern_the_world_never_draws():

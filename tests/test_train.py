@@ -20,7 +20,7 @@ def test_train_with_prior_writes_a_cascade_diffusers_loads(tiny_cascade, subject
     assert result.exit_code == 0, result.output
     run = json.loads((out / "dreambooth.json").read_text())
     assert run["class_noun"] == "dog"
-    assert run["instance_prompt"] == f"a {run['identifier']} dog" and run["class_prompt"] == "a dog"
+    assert run["instance_prompts"] == [f"a {run['identifier']} dog"] and run["class_prompt"] == "a dog"
     assert run["stages"] == ["base", "sr"] and set(run["final_loss"]) == {"base", "sr"}
     assert run["config"]["prior_preservation"] and Path(run["class_images"], "base", "0001.png").is_file()
     assert Path(run["class_images"], "sr", "0001.png").is_file()
@@ -40,6 +40,7 @@ def test_train_without_prior_and_base_stage_only(tiny_cascade, subject_dir, tmp_
     assert result.exit_code == 0, result.output
     run = json.loads((out / "dreambooth.json").read_text())
     assert run["class_images"] is None and run["stages"] == ["base"]
+    assert 'dbfast generate "a [V] dog on the beach"' in result.output  # a real cascade can draw a beach
     assert all(
         torch.equal(v, unet_weights(tiny_cascade / "stage_2")[k]) for k, v in unet_weights(out / "stage_2").items()
     )
@@ -151,6 +152,48 @@ def test_training_options_load_from_toml(tiny_cascade, subject_dir, tmp_path):
     assert result.exit_code == 0, result.output
     saved = json.loads((out / "dreambooth.json").read_text())["config"]
     assert saved["learning_rate"] == 2e-5 and saved["steps"] == 1 and saved["stages"] == ["base"]
+
+
+def test_captions_give_each_photo_its_own_prompt(tiny_cascade, subject_dir, tmp_path):
+    backgrounds = ["white", "blue", "green", "gray"]  # what subject_dir's photos show
+    for i, background in enumerate(backgrounds):
+        (subject_dir / f"{i}.txt").write_text(f"a [V]  dog on a\n{background} background\n")
+    out = tmp_path / "run"
+    result = train(tiny_cascade, subject_dir, out, "--captions", "--stages", "base")
+    assert result.exit_code == 0, result.output
+    run = json.loads((out / "dreambooth.json").read_text())
+    assert run["instance_prompts"] == [f"a {run['identifier']} dog on a {b} background" for b in backgrounds]
+    assert run["class_prompt"] == "a dog" and run["config"]["captions"]
+
+
+def test_subject_rows_are_paired_with_their_own_caption(tiny_cascade, tmp_path):
+    from dreambooth_fast.config import TrainConfig
+    from dreambooth_fast.models import load_cascade
+    from dreambooth_fast.train import StageData, StageTrainer, make_prompts
+
+    cascade = load_cascade(tiny_cascade, stages=("base",))
+    cfg = TrainConfig(images="-", class_noun="dog", batch_size=8, identifier="xy")
+    captions = [f"a [V] dog on a {c} background" for c in ("red", "blue", "green")]
+    prompts = make_prompts(cascade, cfg, captions)
+    assert prompts.instance == [c.replace("[V]", "xy") for c in captions] and prompts.instance_embeds.shape[0] == 3
+    # Three photos, each with --flip's mirror: row i and row i + 3 carry photo i's caption.
+    subject = torch.arange(6.0).view(6, 1, 1, 1).expand(6, 3, 8, 8)
+    rows = StageData(subject, None, torch.zeros(2, 3, 8, 8), None)
+    trainer = StageTrainer("base", cascade.base_unet, cascade.base_scheduler, None, rows, prompts, cfg,
+                           torch.device("cpu"), tmp_path, [], None)
+    x0, _, embeds, n = trainer._batch()
+    photo = x0[:n, 0, 0, 0].long() % 3
+    assert torch.equal(embeds[:n], prompts.instance_embeds[photo])
+    assert torch.equal(embeds[n:], prompts.class_embeds.expand(n, -1, -1))
+
+
+def test_caption_files_are_read_only_with_captions(tiny_cascade, subject_dir, tmp_path):
+    (subject_dir / "0.txt").write_text("a [V] dog on a white background")
+    result = train(tiny_cascade, subject_dir, tmp_path / "run", "--no-prior", "--stages", "base")
+    assert result.exit_code == 0, result.output
+    assert "0.txt) are not read" in result.output and "--captions" in result.output
+    run = json.loads((tmp_path / "run" / "dreambooth.json").read_text())
+    assert run["instance_prompts"] == [f"a {run['identifier']} dog"]
 
 
 # -- bad input: one clear line, exit code 2, nothing written ------------------------------------------------
@@ -294,3 +337,27 @@ def test_ctrl_c_while_making_class_images_keeps_them_and_resume_continues(
     assert result.exit_code == 0, result.output
     class_dir = Path(json.loads((out / "dreambooth.json").read_text())["class_images"])
     assert sorted(p.name for p in (class_dir / "base").glob("*.png")) == [f"{i:04d}.png" for i in range(6)]
+
+
+def test_captions_without_a_caption_file_name_it(tiny_cascade, subject_dir, tmp_path):
+    for i in range(3):
+        (subject_dir / f"{i}.txt").write_text("a [V] dog")
+    out = tmp_path / "run"
+    assert_refused(train(tiny_cascade, subject_dir, out, "--captions"), "--captions", "3.txt", out=out)
+
+
+def test_a_caption_without_the_identifier_mark_is_refused(tiny_cascade, subject_dir, tmp_path):
+    for i in range(4):
+        (subject_dir / f"{i}.txt").write_text("a [V] dog" if i else "a dog on a sofa")
+    out = tmp_path / "run"
+    assert_refused(train(tiny_cascade, subject_dir, out, "--captions"), "0.txt", "[V] once", out=out)
+
+
+def test_the_closing_hint_suggests_a_place_the_embedded_model_can_draw(subject_dir, tmp_path):
+    from dreambooth_fast.train import DEFAULT_MODEL
+
+    if not (DEFAULT_MODEL / "model_index.json").is_file():
+        pytest.skip("no embedded default model in this checkout")
+    result = train(DEFAULT_MODEL, subject_dir, tmp_path / "run", "--no-prior", "--stages", "base")
+    assert result.exit_code == 0, result.output
+    assert 'dbfast generate "a [V] dog on a red background"' in result.output
