@@ -17,6 +17,7 @@ import torch
 from PIL import Image, ImageCms, ImageOps
 
 from .errors import UserError
+from .identifier import PLACEHOLDER
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 # Photo formats we do not read: named in a warning so that a folder of iPhone HEICs is not silently ignored.
@@ -63,7 +64,6 @@ def load_subject_images(images_dir: str | Path, *, skip_bad: bool = False, min_s
 
 
 CAPTION_SUFFIX = ".txt"
-IDENTIFIER_MARK = "[V]"
 
 
 def caption_path(image: SubjectImage) -> Path:
@@ -76,13 +76,13 @@ def load_captions(images: Sequence[SubjectImage]) -> list[str]:
     missing = [str(caption_path(im)) for im in images if not caption_path(im).is_file()]
     if missing:
         raise UserError(f"--captions: no caption file {', '.join(missing)}; write one per photo, e.g. "
-                        f"'a {IDENTIFIER_MARK} dog on a sofa' (or leave out --captions)")
+                        f"'a {PLACEHOLDER} dog on a sofa' (or leave out --captions)")
     captions = []
     for im in images:
         text = " ".join(caption_path(im).read_text(encoding="utf-8").split())
-        if text.count(IDENTIFIER_MARK) != 1:
-            raise UserError(f"{caption_path(im)}: {text!r} must hold {IDENTIFIER_MARK} once, where the identifier "
-                            f"goes (e.g. 'a {IDENTIFIER_MARK} dog on a sofa')")
+        if text.count(PLACEHOLDER) != 1:
+            raise UserError(f"{caption_path(im)}: {text!r} must hold {PLACEHOLDER} once, where the identifier "
+                            f"goes (e.g. 'a {PLACEHOLDER} dog on a sofa')")
         captions.append(text)
     return captions
 

@@ -8,18 +8,17 @@ import torch
 
 from .errors import UserError
 from .export.cascade import default_export_dir
+from .identifier import PLACEHOLDER, fill_placeholder
 from .images import make_grid, save_png, save_pngs, to_pil
 from .models import find_sr_dir, load_cascade
 from .sample import sample_base, sample_sr, torch_unet_fn
 from .text import encode_negative, encode_prompts
 from .train import RUN_FILE, resolve_device, run_identifier
 
-IDENTIFIER_PLACEHOLDER = "[V]"
-
 
 def expand_prompt(prompt: str, model_dir: Path) -> str:
     """Replace the literal [V] with the identifier the run in `model_dir` was trained with."""
-    if IDENTIFIER_PLACEHOLDER not in prompt:
+    if PLACEHOLDER not in prompt:
         return prompt
     ident = run_identifier(model_dir)
     if ident is None:
@@ -27,7 +26,7 @@ def expand_prompt(prompt: str, model_dir: Path) -> str:
             f"the prompt uses [V] but {model_dir} has no {RUN_FILE} (not a dbfast train output); "
             "write the identifier itself"
         )
-    return prompt.replace(IDENTIFIER_PLACEHOLDER, ident)
+    return fill_placeholder(prompt, ident)
 
 
 TORCH_BACKENDS = ("torch", "compile")

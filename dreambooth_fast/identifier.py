@@ -174,14 +174,17 @@ def check_class_noun(tokenizer, noun: str) -> list[str]:
     return warnings
 
 
+PLACEHOLDER = "[V]"  # where prompts and captions put the identifier
+
+
 def instance_prompt(identifier: str, noun: str) -> str:
     """The caption of every subject image: 'a [V] [class noun]'."""
     return f"a {identifier} {noun}"
 
 
-def captioned_prompt(caption: str, identifier: str) -> str:
-    """A photo's own caption (--captions) with its [V] replaced by the identifier."""
-    return caption.replace("[V]", identifier)
+def fill_placeholder(text: str, identifier: str) -> str:
+    """`text` (a caption, a validation or generation prompt) with its [V] replaced by the identifier."""
+    return text.replace(PLACEHOLDER, identifier)
 
 
 def class_prompt(noun: str) -> str:

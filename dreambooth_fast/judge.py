@@ -127,7 +127,6 @@ def judge(image) -> Verdict:
     px = _as_array(image)
     h, w, _ = px.shape
     idx, _ = _nearest(px, _ENTRIES)
-    colour_of = idx % _N
     b = max(1, h // 32)
     border = np.concatenate([idx[:b].ravel(), idx[-b:].ravel(), idx[:, :b].ravel(), idx[:, -b:].ravel()])
     share = np.bincount(border, minlength=2 * _N) / border.size

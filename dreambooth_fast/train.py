@@ -140,7 +140,7 @@ def make_prompts(cascade: Cascade, cfg: TrainConfig, captions: list[str] | None 
         tqdm.write(f"{cfg.model} was tuned with identifier {ident!r}: keeping it")
     ident = ident or identifier.choose_identifier(tok, n_tokens=cfg.identifier_tokens, seed=cfg.seed)
     if captions:
-        instance = [identifier.captioned_prompt(c, ident) for c in captions]
+        instance = [identifier.fill_placeholder(c, ident) for c in captions]
     else:
         instance = [identifier.instance_prompt(ident, cfg.class_noun)]
     class_ = identifier.class_prompt(cfg.class_noun)
@@ -526,7 +526,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
     prompts = make_prompts(cascade, cfg, captions)
     validation = None
     if cfg.validation_prompt and cfg.validation_every:
-        text = cfg.validation_prompt.replace("[V]", prompts.identifier)
+        text = identifier.fill_placeholder(cfg.validation_prompt, prompts.identifier)
         validation = {
             "embeds": encode_prompts(cascade.tokenizer, cascade.text_encoder, [text] * 2),
             "negative": prompts.negative_embeds,
