@@ -524,6 +524,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
     for stage in stages:
         data.check_sizes(images, cascade.base_size if stage == "base" else cascade.sr_size)
     prompts = make_prompts(cascade, cfg, captions)
+    if saved_run and saved_run.get("instance_prompts", prompts.instance) != prompts.instance:
+        raise UserError(f"--resume: the captions changed since the run started (it trained on "
+                        f"{saved_run['instance_prompts']}); restore them or start a new run")
     validation = None
     if cfg.validation_prompt and cfg.validation_every:
         text = identifier.fill_placeholder(cfg.validation_prompt, prompts.identifier)

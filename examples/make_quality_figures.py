@@ -6,7 +6,7 @@ pictures). Base-stage images are 32 px, shown enlarged with nearest-neighbour so
 
 Each option is optional; each picture is written only when its models are given:
 - pretrained_cascade.png: 8 captions, base stage (top row) and stage II (bottom row) of --pretrained;
-- dreambooth_800_steps.png: --prior run (top row) and --no-prior run (bottom row), 4 recontextualisation
+- dreambooth_prior_vs_no_prior.png: --prior run (top row) and --no-prior run (bottom row), 4 recontextualisation
   prompts then 4 class prompts;
 - quickstart_result.png: the first 8 samples `make demo` wrote into --demo/samples/.
 """
@@ -59,7 +59,7 @@ def dreambooth_figure(prior: Path, no_prior: Path) -> Path:
         subject = f"a {info['identifier']} {info['class_noun']}"
         prompts = [f"{subject} on a {where}" for where in RECONTEXT] + [f"a {info['class_noun']}"] * 4
         cells += enlarge(sample(run, prompts, ("base",))["base"], 64)
-    return save_png(make_grid(cells, cols=8), OUT / "dreambooth_800_steps.png")
+    return save_png(make_grid(cells, cols=8), OUT / "dreambooth_prior_vs_no_prior.png")
 
 
 def demo_figure(run: Path) -> Path:

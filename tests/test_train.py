@@ -361,3 +361,21 @@ def test_the_closing_hint_suggests_a_place_the_embedded_model_can_draw(subject_d
     result = train(DEFAULT_MODEL, subject_dir, tmp_path / "run", "--no-prior", "--stages", "base")
     assert result.exit_code == 0, result.output
     assert 'dbfast generate "a [V] dog on a red background"' in result.output
+
+
+def test_resume_with_changed_captions_is_refused(tiny_cascade, subject_dir, tmp_path, monkeypatch):
+    from dreambooth_fast.train import StageTrainer
+
+    for i in range(4):
+        (subject_dir / f"{i}.txt").write_text("a [V] dog on a lawn")
+    options = ["--captions", "--stages", "base", "--no-prior", "--steps", "4"]
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(StageTrainer, "optimizer_step", interrupted)
+    assert_refused(train(tiny_cascade, subject_dir, out, *options), "interrupted", "--resume")
+    monkeypatch.undo()
+    (subject_dir / "2.txt").write_text("a [V] dog on a sofa")
+    assert_refused(train(tiny_cascade, subject_dir, out, *options, "--resume"), "captions changed")
