@@ -29,6 +29,7 @@ import torch
 from . import toy_world as world
 from .errors import UserError
 from .fileio import atomic_write_json
+from .identifier import class_prompt, instance_prompt
 from .judge import Verdict, judge
 from .train import RUN_FILE
 
@@ -79,11 +80,11 @@ def diversity(verdicts: list[Verdict]) -> float:
 
 def subject_metrics(cascade, ident: str, class_noun: str, n: int = 4, seed: int = 0, **sampling) -> dict:
     """Subject and background fidelity on the recontextualisation prompts; PRES and DIV on the class prompt."""
-    cases = [(f"a {ident} {class_noun} on {world.with_article(world.background_phrase(c, p))}", c, p)
+    cases = [(f"{instance_prompt(ident, class_noun)} on {world.with_article(world.background_phrase(c, p))}", c, p)
              for c, p in RECONTEXT for _ in range(n)]
     verdicts = [judge(im) for im in sample_images(cascade, [p for p, _, _ in cases], seed, **sampling)]
-    class_verdicts = [judge(im) for im in
-                      sample_images(cascade, [f"a {class_noun}"] * (len(RECONTEXT) * n), seed + 10_000, **sampling)]
+    class_prompts = [class_prompt(class_noun)] * (len(RECONTEXT) * n)
+    class_verdicts = [judge(im) for im in sample_images(cascade, class_prompts, seed + 10_000, **sampling)]
     return {
         "n": len(cases),
         "subject": float(np.mean([v.subject for v in verdicts])),

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from dreambooth_fast.identifier import class_prompt, instance_prompt
 from dreambooth_fast.images import make_grid, save_png, to_pil
 from dreambooth_fast.models import load_cascade
 from dreambooth_fast.sample import generate_cascade
@@ -56,8 +57,8 @@ def dreambooth_figure(prior: Path, no_prior: Path) -> Path:
     cells = []
     for run in (prior, no_prior):
         info = json.loads((run / "dreambooth.json").read_text())
-        subject = f"a {info['identifier']} {info['class_noun']}"
-        prompts = [f"{subject} on a {where}" for where in RECONTEXT] + [f"a {info['class_noun']}"] * 4
+        subject = instance_prompt(info["identifier"], info["class_noun"])
+        prompts = [f"{subject} on a {where}" for where in RECONTEXT] + [class_prompt(info["class_noun"])] * 4
         cells += enlarge(sample(run, prompts, ("base",))["base"], 64)
     return save_png(make_grid(cells, cols=8), OUT / "dreambooth_prior_vs_no_prior.png")
 
