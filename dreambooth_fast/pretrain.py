@@ -8,7 +8,8 @@ What is trained, as IF trains its stages, at toy size:
   borrow, it learns to read captions (from its token outputs, linear probes must recover the shape, object
   colour, background colour and pattern each caption names; `pretrain_text_encoder`);
 - the 32 px base UNet on the frozen encoder's embeddings, captions dropped 10% of the time for
-  classifier-free guidance;
+  classifier-free guidance; from step NAMED_FROM a quarter of the scenes are the world's named things
+  ("a bako ring": a made-up word standing for a two-coloured look);
 - the 32->64 px SR UNet on the same (detached) text embeddings, its low-res input upsampled and
   noise-augmented to a level drawn uniformly over the noising schedule, the level its class label.
 Both UNets predict epsilon in the first half of their 6-channel learned-range output (MSE, min-SNR-5
@@ -53,6 +54,10 @@ VOCAB_SIZE = 1000
 CHECKPOINT = "checkpoint.pt"
 COST_FILE = "pretrain.json"
 MIN_SNR_GAMMA = 5.0
+# Named things join the batches once shapes and colours are learnt (the first 11400 steps), as a quarter of
+# the scenes: the UNet learns that a rare word can stand for an appearance, as IF's did from web captions.
+NAMED_FROM = 11400
+NAMED_SHARE = 0.25
 TEXT_STEPS = 400
 # What the text encoder's probes read from a caption (`caption_labels`), and their classes.
 CAPTION_FIELDS = {"shape": toy_world.SHAPES, "colour": toy_world.COLOURS, "background": toy_world.COLOURS,
@@ -112,12 +117,15 @@ def train_tokenizer(folder: Path, seed: int, vocab_size: int = VOCAB_SIZE) -> No
     (folder / "spiece.model").write_bytes(buf.getvalue())
 
 
-def toy_batch(seed: int, step: int, n: int, drop: float = 0.1) -> tuple[torch.Tensor, list[str]]:
-    """Step `step`'s training batch: 64 px images in [-1, 1] and captions ("" with probability `drop`)."""
+def toy_batch(seed: int, step: int, n: int, drop: float = 0.1, named: float = 0.0) -> tuple[torch.Tensor, list[str]]:
+    """Step `step`'s training batch: 64 px images in [-1, 1] and captions ("" with probability `drop`); a share
+    `named` of the scenes are named things."""
     rng = random.Random(seed * 1_000_003 + step)
     images, captions = [], []
     for _ in range(n):
-        scene = toy_world.random_scene(rng)
+        # The roll is drawn only when named things are on, so earlier steps' batches are as they were.
+        is_named = named > 0 and rng.random() < named
+        scene = toy_world.named_scene(rng) if is_named else toy_world.random_scene(rng)
         images.append(np.asarray(toy_world.render(scene, SR_SIZE)))
         captions.append("" if rng.random() < drop else toy_world.caption(scene, rng))
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -225,7 +233,7 @@ def export_layout(models: Models, ema: dict[str, torch.Tensor], tokenizer_dir: P
                 atomic_write(out / name, lambda dst, src=built / name: shutil.copyfile(src, dst))
 
 
-def pretrain(out: str | Path, steps: int = 11400, *, resume: bool = False, seed: int = 0, threads: int = 1,
+def pretrain(out: str | Path, steps: int = 14400, *, resume: bool = False, seed: int = 0, threads: int = 1,
              base_batch: int = 16, sr_batch: int = 6, lr: float = 8e-4, warmup: int = 200,
              ema_decay: float = 0.995, checkpoint_every: int = 50, min_snr_gamma: float | None = MIN_SNR_GAMMA,
              text_steps: int = TEXT_STEPS) -> Path:
@@ -290,7 +298,7 @@ def pretrain(out: str | Path, steps: int = 11400, *, resume: bool = False, seed:
         for group in (*opt_base.param_groups, *opt_sr.param_groups):
             group["lr"] = lr * min(1.0, (step + 1) / warmup)
         gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        x64, captions = toy_batch(seed, step, base_batch)
+        x64, captions = toy_batch(seed, step, base_batch, named=NAMED_SHARE if step >= NAMED_FROM else 0.0)
         x32 = F.interpolate(x64, (BASE_SIZE, BASE_SIZE), mode="area")
         tokens = tokenizer([preprocess_prompt(c) for c in captions], padding="max_length", max_length=MAX_LENGTH,
                            truncation=True, return_tensors="pt")
@@ -350,7 +358,7 @@ def pretrain(out: str | Path, steps: int = 11400, *, resume: bool = False, seed:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="output directory (IF layout + checkpoint.pt + pretrain.json)")
-    parser.add_argument("--steps", type=int, default=11400, help="UNet steps (the shipped run: see its pretrain.json)")
+    parser.add_argument("--steps", type=int, default=14400, help="UNet steps (the shipped run: see its pretrain.json)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")

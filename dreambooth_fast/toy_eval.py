@@ -2,7 +2,8 @@
 
 For any cascade trained on the toy world (the embedded default model, or a DreamBooth run made from it):
 - prompt fidelity on the held-out (shape, colour) captions: shape right, colour right, both right (and the
-  same on captions of pairs seen in training, for comparison).
+  same on captions of pairs seen in training, for comparison);
+- named-thing fidelity: on "a bako ring on ..." captions, the named thing's shape and both its colours right.
 For a DreamBooth run (a directory with dreambooth.json) also, with its identifier and class noun:
 - subject fidelity: share of recontextualisation samples ("a [V] heart on a red striped background") that
   show the subject, and share with the requested background colour (and pattern);
@@ -71,6 +72,21 @@ def prompt_fidelity(cascade, n: int = 4, seed: int = 0, held_out: bool = True, *
             "shape_and_colour": float(np.mean([a and b for a, b in zip(shape, colour)]))}
 
 
+def named_fidelity(cascade, n: int = 4, seed: int = 0, **sampling) -> dict:
+    """Shape, colours and both right on captions of the named things, `n // 2` samples per name. Right means
+    what the judge reads on the world's own drawing of the caption's scene (a crescent moon split left|right
+    shows only a sliver of its second colour, too little for the judge to call it two-coloured)."""
+    rng = random.Random(seed)
+    scenes = [world.named_scene(rng, name) for name in world.NAMES for _ in range(max(1, n // 2))]
+    verdicts = [judge(im) for im in sample_images(cascade, [world.caption(s) for s in scenes], seed, **sampling)]
+    size = cascade.base_size
+    truths = [judge(world.render(s, size)) for s in scenes]
+    shape = [v.shape == t.shape for v, t in zip(verdicts, truths)]
+    colours = [set(v.colours) == set(t.colours) for v, t in zip(verdicts, truths)]
+    return {"n": len(scenes), "shape": float(np.mean(shape)), "colours": float(np.mean(colours)),
+            "shape_and_colours": float(np.mean([a and b for a, b in zip(shape, colours)]))}
+
+
 def diversity(verdicts: list[Verdict]) -> float:
     """Share of pairs whose judged (object colour, background colour, pattern) differ."""
     keys = [(v.colours, v.background, v.pattern) for v in verdicts]
@@ -110,7 +126,8 @@ def evaluate(model_dir: str | Path, *, n: int = 4, seed: int = 0, steps: int = S
     cascade = load_cascade(model_dir, stages=("base",))
     results: dict = {"model": str(model_dir), "steps": steps, "guidance": guidance, "seed": seed,
                      "prompt_fidelity": prompt_fidelity(cascade, n, seed, steps=steps, guidance=guidance),
-                     "prompt_fidelity_seen": prompt_fidelity(cascade, n, seed, False, steps=steps, guidance=guidance)}
+                     "prompt_fidelity_seen": prompt_fidelity(cascade, n, seed, False, steps=steps, guidance=guidance),
+                     "named_fidelity": named_fidelity(cascade, n, seed, steps=steps, guidance=guidance)}
     run_file = model_dir / RUN_FILE
     if run_file.is_file():
         run = json.loads(run_file.read_text())
@@ -133,6 +150,10 @@ def format_results(results: dict) -> str:
         seen = results["prompt_fidelity_seen"]
         lines.append(f"training-pair prompt fidelity ({seen['n']} samples): shape {seen['shape']:.0%}, "
                      f"colour {seen['colour']:.0%}, both {seen['shape_and_colour']:.0%}")
+    if "named_fidelity" in results:
+        named = results["named_fidelity"]
+        lines.append(f"named-thing fidelity ({named['n']} samples): shape {named['shape']:.0%}, both colours "
+                     f"{named['colours']:.0%}, both {named['shape_and_colours']:.0%}")
     if "dreambooth" in results:
         d = results["dreambooth"]
         lines += [f"subject fidelity ({d['n']} recontextualisation samples): subject {d['subject']:.0%}, "

@@ -1,9 +1,11 @@
 """The toy world: a seeded, procedural generator of captioned images, coloured shapes on plain or patterned
 backgrounds ("a red star on a blue striped background"), drawn anti-aliased at 64 px.
 
-Every object the world draws is one solid palette colour. The example subject (`draw_subject`) is a heart
-split down the middle, yellow on the left and purple on the right: the world draws hearts, but never that
-two-colour pattern, so a model pretrained here has never seen the subject. A fixed set of (shape, colour)
+Objects are one solid palette colour, except the named things (`NAMED_THINGS`): particular two-coloured
+objects that captions call by a name ("a bako star on a red background"), as web captions name a particular
+dog. The example subject (`draw_subject`) is a heart split down the middle, yellow on the left and purple on
+the right: the world draws hearts and two-coloured things, but never a two-coloured heart, so a model
+pretrained here has never seen the subject. A fixed set of (shape, colour)
 pairs, `HELD_OUT`, is never drawn in training mode; the pretrained model's prompt fidelity is measured on it.
 """
 
@@ -34,6 +36,36 @@ CLASS_NOUN = SUBJECT_SHAPE
 SUBJECT_BACKGROUNDS = (("blue", "plain"), ("green", "striped"), ("black", "dotted"), ("orange", "checked"))
 
 
+# Names of the named things: made-up words, none of them English or a pick of the identifier search.
+NAMES = ("bako", "dilu", "fema", "gowi", "huto", "jaki", "kemo", "lupa", "mivo", "nare", "pobi", "rusa", "sefo",
+         "tiku", "vola", "zepu")
+SPLITS = ("vertical", "horizontal")  # first colour left or top, second colour right or bottom
+
+
+@dataclass(frozen=True)
+class NamedThing:
+    shape: str
+    colours: tuple[str, str]
+    split: str  # one of SPLITS
+
+
+def _named_things(seed: int = 0) -> dict[str, NamedThing]:
+    """A fixed, seeded look for each name, no two alike. No named thing is a heart: the world never draws a
+    two-coloured heart, so the subject stays new."""
+    rng = random.Random(seed)
+    shapes = [s for s in SHAPES if s != SUBJECT_SHAPE]
+    things: dict[str, NamedThing] = {}
+    for name in NAMES:
+        thing = None
+        while thing is None or thing in things.values():
+            thing = NamedThing(rng.choice(shapes), tuple(rng.sample(COLOURS, 2)), rng.choice(SPLITS))
+        things[name] = thing
+    return things
+
+
+NAMED_THINGS = _named_things()
+
+
 def shade(colour: str) -> tuple[int, int, int]:
     """The second colour of a patterned background: the colour darkened (black: lightened to dark gray)."""
     if colour == "black":
@@ -51,6 +83,7 @@ class Scene:
     x: float  # centre, fractions of the image side
     y: float
     subject: bool = False
+    name: str | None = None  # a named thing's name (its colours and split are NAMED_THINGS[name]'s)
 
 
 def _shape_polygons(shape: str, cx: float, cy: float, r: float) -> list[tuple[str, list]]:
@@ -133,13 +166,25 @@ def render(scene: Scene, size: int = SIZE) -> Image.Image:
     _background(ImageDraw.Draw(image), scene.background, scene.pattern, side)
     mask = _object_mask(scene, side)
     image.paste(PALETTE[scene.colour], (0, 0), mask)
-    if scene.subject:
-        # The subject's pattern: the right half of the heart in the second colour.
-        right = Image.new("L", (side, side), 0)
-        ImageDraw.Draw(right).rectangle([scene.x * side, 0, side, side], fill=255)
-        right_of_mask = Image.fromarray(np.minimum(np.asarray(mask), np.asarray(right)))
-        image.paste(PALETTE[SUBJECT_COLOURS[1]], (0, 0), right_of_mask)
+    second = _second_colour(scene)
+    if second:
+        # The object's right (or bottom) half in its second colour.
+        colour, split = second
+        half = Image.new("L", (side, side), 0)
+        box = [scene.x * side, 0, side, side] if split == "vertical" else [0, scene.y * side, side, side]
+        ImageDraw.Draw(half).rectangle(box, fill=255)
+        image.paste(PALETTE[colour], (0, 0), Image.fromarray(np.minimum(np.asarray(mask), np.asarray(half))))
     return image.resize((size, size), Image.BOX)
+
+
+def _second_colour(scene: Scene) -> tuple[str, str] | None:
+    """(second colour, split) of a two-coloured object, else None."""
+    if scene.subject:
+        return SUBJECT_COLOURS[1], "vertical"
+    if scene.name:
+        thing = NAMED_THINGS[scene.name]
+        return thing.colours[1], thing.split
+    return None
 
 
 def with_article(phrase: str) -> str:
@@ -152,7 +197,7 @@ def background_phrase(colour: str, pattern: str) -> str:
 
 def caption(scene: Scene, rng: random.Random | None = None) -> str:
     """A caption of `scene`: the full one without `rng`, else one of a few phrasings, sometimes partial."""
-    thing = f"{scene.colour} {scene.shape}"
+    thing = f"{scene.name or scene.colour} {scene.shape}"  # a named thing's name stands for its colours
     where = background_phrase(scene.background, scene.pattern)
     if rng is None:
         return f"{with_article(thing)} on {with_article(where)}"
@@ -186,6 +231,16 @@ def random_scene(rng: random.Random, *, shape: str | None = None, colour: str | 
     size = rng.uniform(0.2, 0.34)
     x, y = rng.uniform(size + 0.04, 0.96 - size), rng.uniform(size + 0.04, 0.96 - size)
     return Scene(s, c, bg, pat, size, x, y)
+
+
+def named_scene(rng: random.Random, name: str | None = None) -> Scene:
+    """A named thing (`name`, else a random one) at a random place and size, on a background of neither of its
+    colours."""
+    name = name or rng.choice(NAMES)
+    thing = NAMED_THINGS[name]
+    background = rng.choice([c for c in COLOURS if c not in thing.colours])
+    scene = random_scene(rng, shape=thing.shape, colour=thing.colours[0], background=background, train=False)
+    return Scene(**{**scene.__dict__, "name": name})
 
 
 def sample(seed: int, n: int, *, train: bool = True, size: int = SIZE) -> list[tuple[Image.Image, str, Scene]]:

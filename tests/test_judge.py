@@ -79,7 +79,8 @@ def test_toy_eval_reports_prompt_fidelity_pres_and_div(tiny_cascade, tmp_path):
         {"identifier": "sks", "class_noun": "heart", "config": {"prior_preservation": True}}))
     results, path = evaluate(run, n=1, steps=2)
     assert path == run / "toy_eval.json" and json.loads(path.read_text()) == results
-    figures = {**results["prompt_fidelity"], **results["dreambooth"]}
-    assert {"shape", "colour", "shape_and_colour", "subject", "background", "pres", "div"} <= set(figures)
+    figures = {**results["prompt_fidelity"], **results["named_fidelity"], **results["dreambooth"]}
+    assert {"shape", "colour", "shape_and_colour", "colours", "shape_and_colours", "subject", "background", "pres",
+            "div"} <= set(figures)
     assert all(0 <= v <= 1 for k, v in figures.items() if not k.startswith("n"))
-    assert "PRES" in format_results(results)
+    assert "PRES" in format_results(results) and "named-thing fidelity" in format_results(results)

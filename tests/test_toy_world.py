@@ -102,6 +102,32 @@ def test_the_subject_is_a_pattern_the_world_never_draws():
         tuple(p) for p in subject.reshape(-1, 3)}
 
 
+def test_named_things_are_two_coloured_things_called_by_name_and_never_hearts():
+    assert len(set(world.NAMED_THINGS.values())) == len(world.NAMES)  # no two look alike
+    rng = random.Random(0)
+    for name in world.NAMES:
+        thing, scene = world.NAMED_THINGS[name], world.named_scene(rng, name)
+        assert thing.shape != world.SUBJECT_SHAPE and scene.background not in thing.colours
+        assert world.caption(scene).startswith(f"a {name} {thing.shape} on ")  # the name stands for the colours
+        image = world.render(scene)
+        assert {world.PALETTE[c] for c in thing.colours} <= {tuple(p) for p in np.asarray(image).reshape(-1, 3)}
+        verdict = judge(image)
+        assert verdict.shape == thing.shape and thing.colours[0] in verdict.colours and not verdict.subject
+
+
+def test_named_things_join_pretraining_batches_only_when_asked():
+    from dreambooth_fast.pretrain import toy_batch
+
+    def named_captions(captions):
+        return sum(any(name in c.split() for name in world.NAMES) for c in captions)
+
+    plain, captions = toy_batch(0, 5, 16)
+    assert named_captions(captions) == 0
+    assert torch.equal(plain, toy_batch(0, 5, 16, named=0.0)[0])  # batches before named things: as they were
+    _, captions = toy_batch(0, 5, 64, drop=0.0, named=0.25)
+    assert 6 <= named_captions(captions) <= 28
+
+
 @pytest.mark.skipif(not (DEFAULT_MODEL / "model_index.json").is_file(), reason="default model weights not built")
 def test_default_model_loads_as_an_if_cascade():
     from diffusers import IFPipeline, IFSuperResolutionPipeline
