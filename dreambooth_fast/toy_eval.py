@@ -7,7 +7,9 @@ For any cascade trained on the toy world (the embedded default model, or a Dream
 For a DreamBooth run (a directory with dreambooth.json) also, with its identifier and class noun:
 - subject fidelity: share of recontextualisation samples ("a [V] heart on a red striped background") that
   show the subject, and share with the requested background colour (and pattern);
-- PRES: share of class-prompt samples ("a heart") that show the subject (language drift);
+- PRES: share of class-prompt samples ("a heart") that show the subject (language drift), and the same on the
+  class noun in the recontextualisation prompts' places ("a heart on a red striped background"), where the
+  paper's PRES does not look;
 - DIV: share of pairs of class-prompt samples whose judged (object colour, background, pattern) differ.
 Judged at the base stage's 32 px (the judge reads that resolution without loss; see tests/test_judge.py).
 
@@ -95,10 +97,14 @@ def diversity(verdicts: list[Verdict]) -> float:
 
 
 def subject_metrics(cascade, ident: str, class_noun: str, n: int = 4, seed: int = 0, **sampling) -> dict:
-    """Subject and background fidelity on the recontextualisation prompts; PRES and DIV on the class prompt."""
-    cases = [(f"{instance_prompt(ident, class_noun)} on {world.with_article(world.background_phrase(c, p))}", c, p)
-             for c, p in RECONTEXT for _ in range(n)]
+    """Subject and background fidelity on the recontextualisation prompts; PRES and DIV on the class prompt, and
+    PRES on the class noun in the recontextualisation places."""
+    contexts = [(c, p) for c, p in RECONTEXT for _ in range(n)]
+    places = [f"on {world.with_article(world.background_phrase(c, p))}" for c, p in contexts]
+    cases = [(f"{instance_prompt(ident, class_noun)} {place}", c, p) for place, (c, p) in zip(places, contexts)]
     verdicts = [judge(im) for im in sample_images(cascade, [p for p, _, _ in cases], seed, **sampling)]
+    in_context = [f"{class_prompt(class_noun)} {place}" for place in places]
+    context_verdicts = [judge(im) for im in sample_images(cascade, in_context, seed + 20_000, **sampling)]
     class_prompts = [class_prompt(class_noun)] * (len(RECONTEXT) * n)
     class_verdicts = [judge(im) for im in sample_images(cascade, class_prompts, seed + 10_000, **sampling)]
     return {
@@ -111,6 +117,7 @@ def subject_metrics(cascade, ident: str, class_noun: str, n: int = 4, seed: int 
                                                  for v, (_, c, _) in zip(verdicts, cases)])),
         "n_class": len(class_verdicts),
         "pres": float(np.mean([v.subject for v in class_verdicts])),
+        "pres_in_context": float(np.mean([v.subject for v in context_verdicts])),
         "div": diversity(class_verdicts),
     }
 
@@ -159,7 +166,8 @@ def format_results(results: dict) -> str:
         lines += [f"subject fidelity ({d['n']} recontextualisation samples): subject {d['subject']:.0%}, "
                   f"requested background {d['background']:.0%} (with pattern {d['background_and_pattern']:.0%}), "
                   f"both {d['subject_and_background']:.0%}",
-                  f"class prompt ({d['n_class']} samples): PRES {d['pres']:.0%}, DIV {d['div']:.2f}"]
+                  f"class prompt ({d['n_class']} samples): PRES {d['pres']:.0%}, DIV {d['div']:.2f}; in the "
+                  f"recontextualisation places ('a {results['class_noun']} on ...'): PRES {d['pres_in_context']:.0%}"]
     return "\n".join(lines)
 
 

@@ -81,6 +81,6 @@ def test_toy_eval_reports_prompt_fidelity_pres_and_div(tiny_cascade, tmp_path):
     assert path == run / "toy_eval.json" and json.loads(path.read_text()) == results
     figures = {**results["prompt_fidelity"], **results["named_fidelity"], **results["dreambooth"]}
     assert {"shape", "colour", "shape_and_colour", "colours", "shape_and_colours", "subject", "background", "pres",
-            "div"} <= set(figures)
+            "pres_in_context", "div"} <= set(figures)
     assert all(0 <= v <= 1 for k, v in figures.items() if not k.startswith("n"))
     assert "PRES" in format_results(results) and "named-thing fidelity" in format_results(results)
