@@ -81,8 +81,7 @@ def named_fidelity(cascade, n: int = 4, seed: int = 0, **sampling) -> dict:
     rng = random.Random(seed)
     scenes = [world.named_scene(rng, name) for name in world.NAMES for _ in range(max(1, n // 2))]
     verdicts = [judge(im) for im in sample_images(cascade, [world.caption(s) for s in scenes], seed, **sampling)]
-    size = cascade.base_size
-    truths = [judge(world.render(s, size)) for s in scenes]
+    truths = [judge(world.render(s, cascade.base_size)) for s in scenes]
     shape = [v.shape == t.shape for v, t in zip(verdicts, truths)]
     colours = [set(v.colours) == set(t.colours) for v, t in zip(verdicts, truths)]
     return {"n": len(scenes), "shape": float(np.mean(shape)), "colours": float(np.mean(colours)),
@@ -105,7 +104,7 @@ def subject_metrics(cascade, ident: str, class_noun: str, n: int = 4, seed: int 
     verdicts = [judge(im) for im in sample_images(cascade, [p for p, _, _ in cases], seed, **sampling)]
     in_context = [f"{class_prompt(class_noun)} {place}" for place in places]
     context_verdicts = [judge(im) for im in sample_images(cascade, in_context, seed + 20_000, **sampling)]
-    class_prompts = [class_prompt(class_noun)] * (len(RECONTEXT) * n)
+    class_prompts = [class_prompt(class_noun)] * len(places)
     class_verdicts = [judge(im) for im in sample_images(cascade, class_prompts, seed + 10_000, **sampling)]
     return {
         "n": len(cases),

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -240,7 +240,7 @@ def named_scene(rng: random.Random, name: str | None = None) -> Scene:
     thing = NAMED_THINGS[name]
     background = rng.choice([c for c in COLOURS if c not in thing.colours])
     scene = random_scene(rng, shape=thing.shape, colour=thing.colours[0], background=background, train=False)
-    return Scene(**{**scene.__dict__, "name": name})
+    return replace(scene, name=name)
 
 
 def sample(seed: int, n: int, *, train: bool = True, size: int = SIZE) -> list[tuple[Image.Image, str, Scene]]:
@@ -258,7 +258,7 @@ def subject_scene(rng: random.Random, background: str | None = None, pattern: st
     allowed = [c for c in COLOURS if c not in SUBJECT_COLOURS]
     scene = random_scene(rng, shape=SUBJECT_SHAPE, colour=SUBJECT_COLOURS[0],
                          background=background or rng.choice(allowed), pattern=pattern)
-    return Scene(**{**scene.__dict__, "subject": True})
+    return replace(scene, subject=True)
 
 
 def draw_subject(seed: int, backgrounds: tuple[tuple[str, str], ...] = SUBJECT_BACKGROUNDS,
