@@ -99,7 +99,7 @@ def subject_metrics(cascade, ident: str, class_noun: str, n: int = 4, seed: int 
     """Subject and background fidelity on the recontextualisation prompts; PRES and DIV on the class prompt, and
     PRES on the class noun in the recontextualisation places."""
     contexts = [(c, p) for c, p in RECONTEXT for _ in range(n)]
-    places = [f"on {world.with_article(world.background_phrase(c, p))}" for c, p in contexts]
+    places = [world.on_background(c, p) for c, p in contexts]
     cases = [(f"{instance_prompt(ident, class_noun)} {place}", c, p) for place, (c, p) in zip(places, contexts)]
     verdicts = [judge(im) for im in sample_images(cascade, [p for p, _, _ in cases], seed, **sampling)]
     in_context = [f"{class_prompt(class_noun)} {place}" for place in places]

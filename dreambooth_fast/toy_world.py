@@ -195,19 +195,24 @@ def background_phrase(colour: str, pattern: str) -> str:
     return f"{colour} background" if pattern == "plain" else f"{colour} {pattern} background"
 
 
+def on_background(colour: str, pattern: str = "plain") -> str:
+    """The place phrase of a caption: "on a red striped background"."""
+    return f"on {with_article(background_phrase(colour, pattern))}"
+
+
 def caption(scene: Scene, rng: random.Random | None = None) -> str:
     """A caption of `scene`: the full one without `rng`, else one of a few phrasings, sometimes partial."""
     thing = f"{scene.name or scene.colour} {scene.shape}"  # a named thing's name stands for its colours
-    where = background_phrase(scene.background, scene.pattern)
     if rng is None:
-        return f"{with_article(thing)} on {with_article(where)}"
+        return f"{with_article(thing)} {on_background(scene.background, scene.pattern)}"
     roll = rng.random()
     if roll < 0.08:
         return with_article(scene.shape)
     if roll < 0.16:
         return with_article(thing)
     if roll < 0.24:
-        return f"{with_article(scene.shape)} on {with_article(where)}"
+        return f"{with_article(scene.shape)} {on_background(scene.background, scene.pattern)}"
+    where = background_phrase(scene.background, scene.pattern)
     return rng.choice([
         "{t} on {w}", "{t} on {w}", "a photo of {t} on {w}", "{t} in front of {w}", "{T} on {w}",
         "a drawing of {t} on {w}",

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from dreambooth_fast.fileio import atomic_write
 from dreambooth_fast.identifier import PLACEHOLDER, instance_prompt
-from dreambooth_fast.toy_world import SUBJECT_BACKGROUNDS, SUBJECT_SHAPE, background_phrase, draw_subject, with_article
+from dreambooth_fast.toy_world import SUBJECT_BACKGROUNDS, SUBJECT_SHAPE, draw_subject, on_background
 
 SEED = 7
 SIZE = 128  # drawn larger than the model's 64 px so the pictures read well; training resizes them
@@ -26,7 +26,7 @@ def make(out: Path = OUT) -> list[Path]:
     for i, (image, background) in enumerate(zip(draw_subject(SEED, size=SIZE), SUBJECT_BACKGROUNDS)):
         path = out / f"heart_{i}.png"
         atomic_write(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
-        caption = f"{instance_prompt(PLACEHOLDER, SUBJECT_SHAPE)} on {with_article(background_phrase(*background))}\n"
+        caption = f"{instance_prompt(PLACEHOLDER, SUBJECT_SHAPE)} {on_background(*background)}\n"
         atomic_write(path.with_suffix(".txt"), lambda tmp, caption=caption: tmp.write_text(caption))
         paths += [path, path.with_suffix(".txt")]
     return paths

@@ -24,13 +24,14 @@ from dreambooth_fast.identifier import class_prompt, instance_prompt
 from dreambooth_fast.images import make_grid, save_png, to_pil
 from dreambooth_fast.models import load_cascade
 from dreambooth_fast.sample import generate_cascade
+from dreambooth_fast.toy_world import on_background
 
 OUT = Path(__file__).resolve().parent
 CAPTIONS = ("a red star on a blue background", "a green circle on a white background",
             "a yellow square on a black striped background", "a white heart on a red background",
             "a blue triangle on an orange background", "a purple ring on a green background",
             "a black cross on a yellow background", "an orange moon on a blue background")
-RECONTEXT = ("red background", "white dotted background", "green checked background", "black striped background")
+RECONTEXT = (("red", "plain"), ("white", "dotted"), ("green", "checked"), ("black", "striped"))
 STEPS = 50
 SEED = 0
 
@@ -58,7 +59,7 @@ def dreambooth_figure(prior: Path, no_prior: Path) -> Path:
     for run in (prior, no_prior):
         info = json.loads((run / "dreambooth.json").read_text())
         subject = instance_prompt(info["identifier"], info["class_noun"])
-        prompts = [f"{subject} on a {where}" for where in RECONTEXT] + [class_prompt(info["class_noun"])] * 4
+        prompts = [f"{subject} {on_background(*place)}" for place in RECONTEXT] + [class_prompt(info["class_noun"])] * 4
         cells += enlarge(sample(run, prompts, ("base",))["base"], 64)
     return save_png(make_grid(cells, cols=8), OUT / "dreambooth_prior_vs_no_prior.png")
 
