@@ -3,7 +3,10 @@
 For any cascade trained on the toy world (the embedded default model, or a DreamBooth run made from it):
 - prompt fidelity on the held-out (shape, colour) captions: shape right, colour right, both right (and the
   same on captions of pairs seen in training, for comparison);
-- named-thing fidelity: on "a bako ring on ..." captions, the named thing's shape and both its colours right.
+- named-thing fidelity: on "a bako ring on ..." captions, the named thing's shape and both its colours right;
+- stage II fidelity (for a cascade with a stage II): on the held-out captions, the share of stage II images
+  that keep what the stage I image they upscale shows (shape, object colours, background), judged after
+  area-downsampling to stage I's size (stage II at its default guidance and noise level).
 For a DreamBooth run (a directory with dreambooth.json) also, with its identifier and class noun:
 - subject fidelity: share of recontextualisation samples ("a [V] heart on a red striped background") that
   show the subject, and share with the requested background colour (and pattern);
@@ -28,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from . import toy_world as world
 from .errors import UserError
@@ -44,19 +48,27 @@ RECONTEXT = (("red", "plain"), ("white", "plain"), ("red", "striped"), ("white",
              ("black", "striped"), ("blue", "dotted"), ("orange", "plain"))
 
 
-def sample_images(cascade, prompts: list[str], seed: int, steps: int = STEPS,
-                  guidance: float = GUIDANCE) -> list[np.ndarray]:
-    """Base-stage samples (HxWx3 uint8), image i drawn with seed + i."""
+def sample_stages(cascade, prompts: list[str], seed: int, steps: int = STEPS, guidance: float = GUIDANCE,
+                  stages: tuple[str, ...] = ("base",)) -> dict[str, list[np.ndarray]]:
+    """Samples (HxWx3 uint8) of each stage in `stages`, image i drawn with seed + i; both stages take `steps`,
+    stage II its default guidance and noise level."""
     from .sample import generate_cascade
 
-    images = []
+    images: dict[str, list[np.ndarray]] = {stage: [] for stage in stages}
     for start in range(0, len(prompts), BATCH):
         chunk = prompts[start:start + BATCH]
         generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
-        x = generate_cascade(cascade, chunk, stages=("base",), base_steps=steps, base_guidance=guidance,
-                             generator=generators, progress=False)["base"]
-        images += list(((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
+        out = generate_cascade(cascade, chunk, stages=stages, base_steps=steps, base_guidance=guidance,
+                               sr_steps=steps, generator=generators, progress=False)
+        for stage in stages:
+            images[stage] += list(((out[stage].clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
     return images
+
+
+def sample_images(cascade, prompts: list[str], seed: int, steps: int = STEPS,
+                  guidance: float = GUIDANCE) -> list[np.ndarray]:
+    """Base-stage samples (HxWx3 uint8), image i drawn with seed + i."""
+    return sample_stages(cascade, prompts, seed, steps, guidance)["base"]
 
 
 def prompt_fidelity(cascade, n: int = 4, seed: int = 0, held_out: bool = True, **sampling) -> dict:
@@ -86,6 +98,19 @@ def named_fidelity(cascade, n: int = 4, seed: int = 0, **sampling) -> dict:
     colours = [set(v.colours) == set(t.colours) for v, t in zip(verdicts, truths)]
     return {"n": len(scenes), "shape": float(np.mean(shape)), "colours": float(np.mean(colours)),
             "shape_and_colours": float(np.mean([a and b for a, b in zip(shape, colours)]))}
+
+
+def stage2_fidelity(cascade, n: int = 4, seed: int = 0, **sampling) -> dict:
+    """Shares of stage II images that keep the shape, object colours and background the judge reads on the stage
+    I image each one upscales (and all three), on the held-out captions, `n` per pair."""
+    prompts = [p for p, _ in world.held_out_prompts(seed, per_pair=n)]
+    images = sample_stages(cascade, prompts, seed, stages=("base", "sr"), **sampling)
+    size = images["base"][0].shape[:2][::-1]
+    pairs = [(judge(low), judge(Image.fromarray(high).resize(size, Image.BOX)))
+             for low, high in zip(images["base"], images["sr"])]
+    kept = {key: [getattr(a, key) == getattr(b, key) for a, b in pairs] for key in ("shape", "colours", "background")}
+    return {"n": len(pairs), **{k: float(np.mean(v)) for k, v in kept.items()},
+            "all": float(np.mean([all(row) for row in zip(*kept.values())]))}
 
 
 def diversity(verdicts: list[Verdict]) -> float:
@@ -129,11 +154,13 @@ def evaluate(model_dir: str | Path, *, n: int = 4, seed: int = 0, steps: int = S
     model_dir = Path(model_dir)
     torch.manual_seed(seed)
     random.seed(seed)
-    cascade = load_cascade(model_dir, stages=("base",))
+    cascade = load_cascade(model_dir)
     results: dict = {"model": str(model_dir), "steps": steps, "guidance": guidance, "seed": seed,
                      "prompt_fidelity": prompt_fidelity(cascade, n, seed, steps=steps, guidance=guidance),
                      "prompt_fidelity_seen": prompt_fidelity(cascade, n, seed, False, steps=steps, guidance=guidance),
                      "named_fidelity": named_fidelity(cascade, n, seed, steps=steps, guidance=guidance)}
+    if cascade.sr_unet is not None:
+        results["stage2_fidelity"] = stage2_fidelity(cascade, n, seed, steps=steps, guidance=guidance)
     run_file = model_dir / RUN_FILE
     if run_file.is_file():
         run = json.loads(run_file.read_text())
@@ -160,6 +187,10 @@ def format_results(results: dict) -> str:
         named = results["named_fidelity"]
         lines.append(f"named-thing fidelity ({named['n']} samples): shape {named['shape']:.0%}, both colours "
                      f"{named['colours']:.0%}, both {named['shape_and_colours']:.0%}")
+    if "stage2_fidelity" in results:
+        kept = results["stage2_fidelity"]
+        lines.append(f"stage II fidelity ({kept['n']} samples, kept from stage I): shape {kept['shape']:.0%}, "
+                     f"colours {kept['colours']:.0%}, background {kept['background']:.0%}, all {kept['all']:.0%}")
     if "dreambooth" in results:
         d = results["dreambooth"]
         lines += [f"subject fidelity ({d['n']} recontextualisation samples): subject {d['subject']:.0%}, "

@@ -83,4 +83,15 @@ def test_toy_eval_reports_prompt_fidelity_pres_and_div(tiny_cascade, tmp_path):
     assert {"shape", "colour", "shape_and_colour", "colours", "shape_and_colours", "subject", "background", "pres",
             "pres_in_context", "div"} <= set(figures)
     assert all(0 <= v <= 1 for k, v in figures.items() if not k.startswith("n"))
-    assert "PRES" in format_results(results) and "named-thing fidelity" in format_results(results)
+    assert set(results["stage2_fidelity"]) == {"n", "shape", "colours", "background", "all"}
+    text = format_results(results)
+    assert "PRES" in text and "named-thing fidelity" in text and "stage II fidelity" in text
+
+
+def test_stage2_fidelity_compares_stage_two_with_the_image_it_upscales(tiny_cascade):
+    from dreambooth_fast.models import load_cascade
+    from dreambooth_fast.toy_eval import stage2_fidelity
+
+    kept = stage2_fidelity(load_cascade(tiny_cascade), n=1, steps=2)
+    assert kept["n"] == len(world.held_out_prompts(0, per_pair=1))
+    assert 0 <= kept["all"] <= min(kept["shape"], kept["colours"], kept["background"]) <= 1
