@@ -14,7 +14,7 @@ What is trained, as IF trains its stages, at toy size:
   noise-augmented to a level drawn uniformly over the noising schedule, the level its class label.
 Both UNets predict epsilon in the first half of their 6-channel learned-range output (MSE, min-SNR-5
 weighted); the variance half is pulled to -1 (the posterior variance, a fixed-variance choice; IF learns it
-with the VLB).
+with the VLB). From step SR_V_FROM the base UNet is done and the SR UNet alone trains on, predicting v.
 
 Every step draws its batch and noise from (seed, step), so a resumed run is the run that was not stopped. The
 checkpoint (DIR/checkpoint.pt, EMA weights included) is written every --checkpoint-every steps; the IF layout
@@ -58,6 +58,11 @@ MIN_SNR_GAMMA = 5.0
 # the scenes: the UNet learns that a rare word can stand for an appearance, as IF's did from web captions.
 NAMED_FROM = 11400
 NAMED_SHARE = 0.25
+# From this step only stage II trains, and on the v target (Salimans & Ho 2022). Trained on epsilon, the toy SR
+# UNet read colours from its noisy input and barely from the low-res image: near t = T, where that input holds
+# no signal, an epsilon error costs almost nothing, so stage II sampled from pure noise redrew the colours
+# (it kept all of stage I in 22% of held-out samples). v carries the image itself at high noise.
+SR_V_FROM = 14400
 TEXT_STEPS = 400
 # What the text encoder's probes read from a caption (`caption_labels`), and their classes.
 CAPTION_FIELDS = {"shape": toy_world.SHAPES, "colour": toy_world.COLOURS, "background": toy_world.COLOURS,
@@ -196,7 +201,8 @@ class Models(torch.nn.Module):
         self.sr_unet = UNet2DConditionModel(**sr_unet_config())
 
 
-def _epsilon_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+def _prediction_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """MSE of the first half of a 6-channel output against `target` (epsilon or v); the variance half to -1."""
     eps, var = pred[:, :3], pred[:, 3:]
     per_sample = (eps - target).square().mean(dim=(1, 2, 3))
     if weights is not None:
@@ -216,7 +222,8 @@ def _ema_update(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: flo
                 ema[name].copy_(value)
 
 
-def export_layout(models: Models, ema: dict[str, torch.Tensor], tokenizer_dir: Path, out: Path) -> None:
+def export_layout(models: Models, ema: dict[str, torch.Tensor], tokenizer_dir: Path, out: Path,
+                  sr_prediction_type: str) -> None:
     """Write the EMA weights in IF's layout into `out` (each component swapped in atomically)."""
     from transformers import T5Tokenizer
 
@@ -225,7 +232,7 @@ def export_layout(models: Models, ema: dict[str, torch.Tensor], tokenizer_dir: P
     tokenizer = T5Tokenizer.from_pretrained(tokenizer_dir, extra_ids=0)
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         built = Path(tmp)
-        save_if_cascade(built, tokenizer, final.text_encoder, final.base_unet, final.sr_unet)
+        save_if_cascade(built, tokenizer, final.text_encoder, final.base_unet, final.sr_unet, sr_prediction_type)
         for name in LAYOUT:
             if (built / name).is_dir():
                 atomic_write_dir(out / name, lambda dst, src=built / name: shutil.copytree(src, dst))
@@ -233,7 +240,7 @@ def export_layout(models: Models, ema: dict[str, torch.Tensor], tokenizer_dir: P
                 atomic_write(out / name, lambda dst, src=built / name: shutil.copyfile(src, dst))
 
 
-def pretrain(out: str | Path, steps: int = 14400, *, resume: bool = False, seed: int = 0, threads: int = 1,
+def pretrain(out: str | Path, steps: int = 16400, *, resume: bool = False, seed: int = 0, threads: int = 1,
              base_batch: int = 16, sr_batch: int = 6, lr: float = 8e-4, warmup: int = 200,
              ema_decay: float = 0.995, checkpoint_every: int = 50, min_snr_gamma: float | None = MIN_SNR_GAMMA,
              text_steps: int = TEXT_STEPS) -> Path:
@@ -305,14 +312,19 @@ def pretrain(out: str | Path, steps: int = 14400, *, resume: bool = False, seed:
         with torch.no_grad():
             embeds = models.text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask)[0]
 
-        t = torch.randint(0, len(alphas), (base_batch,), generator=gen)
-        noisy, target = add_noise(x32, torch.randn(x32.shape, generator=gen), t, alphas)
-        weights = min_snr_weights(t, alphas, min_snr_gamma) if min_snr_gamma else None
-        base_loss = _epsilon_loss(models.base_unet(noisy, t, encoder_hidden_states=embeds).sample, target, weights)
-        opt_base.zero_grad(set_to_none=True)
-        base_loss.backward()
-        torch.nn.utils.clip_grad_norm_(base_params, 1.0)
-        opt_base.step()
+        base_on = step < SR_V_FROM
+        models.base_unet.requires_grad_(base_on)  # frozen, its EMA weights stay too (_ema_update)
+        if base_on:
+            t = torch.randint(0, len(alphas), (base_batch,), generator=gen)
+            noisy, target = add_noise(x32, torch.randn(x32.shape, generator=gen), t, alphas)
+            weights = min_snr_weights(t, alphas, min_snr_gamma) if min_snr_gamma else None
+            base_loss = _prediction_loss(models.base_unet(noisy, t, encoder_hidden_states=embeds).sample, target,
+                                         weights)
+            opt_base.zero_grad(set_to_none=True)
+            base_loss.backward()
+            torch.nn.utils.clip_grad_norm_(base_params, 1.0)
+            opt_base.step()
+            losses["base"].append(round(base_loss.item(), 5))
 
         # SR: the first rows of the same batch, low-res upsampled as IF's pipeline does, then noise-augmented.
         hi = x64[:sr_batch]
@@ -320,18 +332,18 @@ def pretrain(out: str | Path, steps: int = 14400, *, resume: bool = False, seed:
         levels = torch.randint(0, len(noising), (sr_batch,), generator=gen)
         low, _ = add_noise(low, torch.randn(low.shape, generator=gen), levels, noising)
         t = torch.randint(0, len(alphas), (sr_batch,), generator=gen)
-        noisy, target = add_noise(hi, torch.randn(hi.shape, generator=gen), t, alphas)
+        sr_target = "epsilon" if base_on else "v_prediction"
+        noisy, target = add_noise(hi, torch.randn(hi.shape, generator=gen), t, alphas, sr_target)
         pred = models.sr_unet(torch.cat([noisy, low], 1), t, encoder_hidden_states=embeds[:sr_batch],
                               class_labels=levels).sample
-        weights = min_snr_weights(t, alphas, min_snr_gamma) if min_snr_gamma else None
-        sr_loss = _epsilon_loss(pred, target, weights)
+        weights = min_snr_weights(t, alphas, min_snr_gamma, sr_target) if min_snr_gamma else None
+        sr_loss = _prediction_loss(pred, target, weights)
         opt_sr.zero_grad(set_to_none=True)
         sr_loss.backward()
         torch.nn.utils.clip_grad_norm_(models.sr_unet.parameters(), 1.0)
         opt_sr.step()
 
         _ema_update(ema, models, min(ema_decay, (1 + step) / (10 + step)))
-        losses["base"].append(round(base_loss.item(), 5))
         losses["sr"].append(round(sr_loss.item(), 5))
         if (step + 1) % 10 == 0:
             bar.set_postfix(base=f"{np.mean(losses['base'][-50:]):.4f}", sr=f"{np.mean(losses['sr'][-50:]):.4f}")
@@ -340,13 +352,14 @@ def pretrain(out: str | Path, steps: int = 14400, *, resume: bool = False, seed:
     bar.close()
     wall = time.time() - t0 if steps > start else wall
 
-    export_layout(models, ema, tokenizer_dir, out)
+    export_layout(models, ema, tokenizer_dir, out, "v_prediction" if steps > SR_V_FROM else "epsilon")
     n_params = {name: sum(p.numel() for p in module.parameters()) for name, module in models.named_children()}
     atomic_write_json(out / COST_FILE, {
         "steps": steps, "wall_s": round(wall, 1), "threads": threads, "device": "cpu",
         "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "seed": seed,
         "base_batch": base_batch, "sr_batch": sr_batch, "lr": lr, "warmup": warmup, "ema_decay": ema_decay,
-        "loss": f"epsilon MSE (both stages), min-SNR-{min_snr_gamma} weighted",
+        "loss": f"epsilon MSE (both stages), min-SNR-{min_snr_gamma} weighted; from step {SR_V_FROM} stage II "
+                f"alone, v MSE",
         "text_encoder": {"steps": text_steps, "probe_accuracy": text_accuracy},
         "parameters": n_params, "torch": torch.__version__,
         "final_loss": {k: round(float(np.mean(v[-100:])), 5) for k, v in losses.items() if v},
@@ -358,7 +371,7 @@ def pretrain(out: str | Path, steps: int = 14400, *, resume: bool = False, seed:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="output directory (IF layout + checkpoint.pt + pretrain.json)")
-    parser.add_argument("--steps", type=int, default=14400, help="UNet steps (the shipped run: see its pretrain.json)")
+    parser.add_argument("--steps", type=int, default=16400, help="UNet steps (the shipped run: see its pretrain.json)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")

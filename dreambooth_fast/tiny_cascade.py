@@ -117,9 +117,10 @@ def tiny_unet_config(sample_size: int, super_resolution: bool, width: int = 32, 
     return config
 
 
-def save_if_cascade(path: Path, tokenizer, text_encoder, base_unet, sr_unet=None) -> None:
+def save_if_cascade(path: Path, tokenizer, text_encoder, base_unet, sr_unet=None,
+                    sr_prediction_type: str = "epsilon") -> None:
     """Write stage I (with IF's schedulers) to `path` and, given an SR UNet, stage II to `path`/stage_2, exactly
-    as IF's pipelines save them."""
+    as IF's pipelines save them; `sr_prediction_type` is what the SR UNet predicts (IF's: epsilon)."""
     from diffusers import DDPMScheduler, IFPipeline, IFSuperResolutionPipeline
 
     IFPipeline(
@@ -130,7 +131,8 @@ def save_if_cascade(path: Path, tokenizer, text_encoder, base_unet, sr_unet=None
     if sr_unet is not None:
         IFSuperResolutionPipeline(
             tokenizer=tokenizer, text_encoder=None, unet=sr_unet,
-            scheduler=DDPMScheduler(**if_scheduler_config(sample_max_value=1.0)),
+            scheduler=DDPMScheduler(**{**if_scheduler_config(sample_max_value=1.0),
+                                       "prediction_type": sr_prediction_type}),
             image_noising_scheduler=DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2"),
             safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False,
         ).save_pretrained(path / STAGE_2_DIR, safe_serialization=True)

@@ -157,6 +157,26 @@ def test_pretrain_writes_a_loadable_cascade_and_its_cost(tmp_path):
     assert cost["text_encoder"]["steps"] == 2 and 0 <= cost["text_encoder"]["probe_accuracy"] <= 1
 
 
+def test_from_sr_v_from_only_stage_two_trains_and_it_predicts_v(tmp_path, monkeypatch):
+    from dreambooth_fast import pretrain as pretraining
+
+    monkeypatch.setattr(pretraining, "SR_V_FROM", 1)
+    options = dict(base_batch=2, sr_batch=1, checkpoint_every=1, text_steps=2)
+    pretraining.pretrain(tmp_path / "toy", steps=1, **options)
+    before = torch.load(tmp_path / "toy" / pretraining.CHECKPOINT, weights_only=True)
+    out = pretraining.pretrain(tmp_path / "toy", steps=2, resume=True, **options)
+    after = torch.load(out / pretraining.CHECKPOINT, weights_only=True)
+    for key in before["ema"]:
+        if not key.startswith("sr_unet."):
+            assert torch.equal(before["ema"][key], after["ema"][key]), key
+            assert torch.equal(before["model"][key], after["model"][key]), key
+    assert any(not torch.equal(before["ema"][k], after["ema"][k]) for k in before["ema"] if k.startswith("sr_unet."))
+    assert len(after["losses"]["base"]) == 1 and len(after["losses"]["sr"]) == 2
+    cascade = load_cascade(out)
+    assert cascade.base_scheduler.config.prediction_type == "epsilon"
+    assert cascade.sr_scheduler.config.prediction_type == "v_prediction"
+
+
 def test_caption_labels_read_every_phrasing_of_the_world():
     from dreambooth_fast.pretrain import CAPTION_FIELDS, caption_labels
 
