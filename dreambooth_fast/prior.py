@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .fileio import atomic_write_json, sha256_files
 from .images import save_pngs
-from .models import Cascade, weights_files
+from .models import Cascade, load_unet, weights_files
 from .sample import sample_base, sample_sr, torch_unet_fn
 
 
@@ -86,9 +86,12 @@ def generate_class_images(
     if done >= n:
         return folder
     atomic_write_json(folder / "key.json", key)
-    base_fn = torch_unet_fn(cascade.base_unet)
+    base_unet = cascade.base_unet
+    if base_unet is None:  # an SR-only run: its class images are still stage I's samples, upscaled
+        base_unet = load_unet(cascade.base_dir, str(cascade.sr_unet.device), cascade.sr_unet.dtype)
+    base_fn = torch_unet_fn(base_unet)
     sr_fn = torch_unet_fn(cascade.sr_unet) if settings.with_sr else None
-    place = {"device": cascade.base_unet.device, "dtype": cascade.base_unet.dtype}
+    place = {"device": base_unet.device, "dtype": base_unet.dtype}
     start = done - done % settings.batch_size  # batches are the unit of resumption
     with tqdm(total=n, initial=start, desc=f"class images for {settings.prompt!r}", unit="img") as bar:
         for first in range(start, n, settings.batch_size):

@@ -73,7 +73,8 @@ def test_sr_stage_alone_on_a_model_without_stage_2_is_refused(tiny_cascade, subj
     )
 
 
-def test_sr_prior_pairs_are_frozen_sr_upscalings_of_the_class_images(tiny_cascade, subject_dir, tmp_path):
+def test_sr_prior_pairs_are_frozen_sr_upscalings_of_the_class_images(tiny_cascade, subject_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # an empty cache: an SR-only run draws them itself
     out = tmp_path / "run"
     result = train(
         tiny_cascade, subject_dir, out, "--stages", "sr", "--validation-prompt", "a [V] dog", "--validation-every", "2"
