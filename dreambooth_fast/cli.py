@@ -190,8 +190,8 @@ def identifier(model_dir: str, n_tokens: int, seed: int, limit: int, check_word:
 @click.option("--model", type=click.Path(), help="Trained output (cascade dir with dreambooth.json) to generate from.")
 @click.option("--sr-model", type=click.Path(), help="Stage II directory, when not in MODEL/stage_2.")
 @click.option("--toy", is_flag=True,
-              help="Judge a toy-world model exactly (held-out prompt fidelity; for a DreamBooth run also subject "
-                   "fidelity, PRES, DIV); needs no encoders.")
+              help="Judge a toy-world model exactly (held-out prompt and named-thing fidelity, stage II fidelity; "
+                   "for a DreamBooth run also subject fidelity, PRES, DIV); needs no encoders.")
 @click.option("--real-images", type=click.Path(), help="Directory of the real subject photos.")
 @click.option("--clip", "clip_dir", type=click.Path(),
               help="Local CLIPModel directory (config, weights, tokenizer, preprocessor_config.json).")
