@@ -61,7 +61,8 @@ def sample_stages(cascade, prompts: list[str], seed: int, steps: int = STEPS, gu
         out = generate_cascade(cascade, chunk, stages=stages, base_steps=steps, base_guidance=guidance,
                                sr_steps=steps, generator=generators, progress=False)
         for stage in stages:
-            images[stage] += list(((out[stage].clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
+            x = out[stage].clamp(-1, 1)
+            images[stage] += list(((x + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
     return images
 
 
