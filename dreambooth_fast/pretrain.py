@@ -201,6 +201,11 @@ class Models(torch.nn.Module):
         self.sr_unet = UNet2DConditionModel(**sr_unet_config())
 
 
+def sr_target(step: int) -> str:
+    """What stage II predicts at training step `step` (at the last step: what its exported scheduler names)."""
+    return "epsilon" if step < SR_V_FROM else "v_prediction"
+
+
 def _prediction_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """MSE of the first half of a 6-channel output against `target` (epsilon or v); the variance half to -1."""
     eps, var = pred[:, :3], pred[:, 3:]
@@ -332,11 +337,11 @@ def pretrain(out: str | Path, steps: int = 16400, *, resume: bool = False, seed:
         levels = torch.randint(0, len(noising), (sr_batch,), generator=gen)
         low, _ = add_noise(low, torch.randn(low.shape, generator=gen), levels, noising)
         t = torch.randint(0, len(alphas), (sr_batch,), generator=gen)
-        sr_target = "epsilon" if base_on else "v_prediction"
-        noisy, target = add_noise(hi, torch.randn(hi.shape, generator=gen), t, alphas, sr_target)
+        target_type = sr_target(step)
+        noisy, target = add_noise(hi, torch.randn(hi.shape, generator=gen), t, alphas, target_type)
         pred = models.sr_unet(torch.cat([noisy, low], 1), t, encoder_hidden_states=embeds[:sr_batch],
                               class_labels=levels).sample
-        weights = min_snr_weights(t, alphas, min_snr_gamma, sr_target) if min_snr_gamma else None
+        weights = min_snr_weights(t, alphas, min_snr_gamma, target_type) if min_snr_gamma else None
         sr_loss = _prediction_loss(pred, target, weights)
         opt_sr.zero_grad(set_to_none=True)
         sr_loss.backward()
@@ -352,7 +357,7 @@ def pretrain(out: str | Path, steps: int = 16400, *, resume: bool = False, seed:
     bar.close()
     wall = time.time() - t0 if steps > start else wall
 
-    export_layout(models, ema, tokenizer_dir, out, "v_prediction" if steps > SR_V_FROM else "epsilon")
+    export_layout(models, ema, tokenizer_dir, out, sr_target(steps - 1))
     n_params = {name: sum(p.numel() for p in module.parameters()) for name, module in models.named_children()}
     atomic_write_json(out / COST_FILE, {
         "steps": steps, "wall_s": round(wall, 1), "threads": threads, "device": "cpu",
