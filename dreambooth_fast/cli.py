@@ -82,7 +82,10 @@ def _stages(value: str) -> tuple[str, ...]:
 @click.option("--steps", type=int, help="Optimizer steps per stage (paper ~1000).  [default: 1000]")
 @click.option("--sr-steps", type=int, help="Optimizer steps for the SR stage.  [default: --steps]")
 @click.option("--learning-rate", "--lr", type=float, help="Adam learning rate (paper, Imagen: 1e-5).  [default: 1e-5]")
-@click.option("--lr-warmup-steps", type=int, help="Linear warm-up steps, then constant.  [default: 0]")
+@click.option("--lr-warmup-steps", type=int, help="Linear warm-up steps before the schedule.  [default: 0]")
+@click.option("--lr-schedule", type=click.Choice(["constant", "linear", "cosine"]),
+              help="After warm-up: constant (diffusers' DreamBooth default), or decay to 0 by the last step,"
+                   " linearly or as a half cosine.  [default: constant]")
 @click.option("--batch-size", type=int, help="Subject rows per step (plus as many prior rows).  [default: 1]")
 @click.option("--gradient-accumulation", type=int, help="Micro-batches per optimizer step.  [default: 1]")
 @click.option("--max-grad-norm", type=float, help="Gradient clipping norm.  [default: 1.0]")

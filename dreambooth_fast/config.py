@@ -16,6 +16,7 @@ import tomllib
 from .errors import UserError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+LR_SCHEDULES = ("constant", "linear", "cosine")
 STAGES = ("base", "sr")
 
 
@@ -41,6 +42,7 @@ class TrainConfig:
     sr_steps: int | None = None
     learning_rate: float = 1e-5
     lr_warmup_steps: int = 0
+    lr_schedule: str = "constant"
     batch_size: int = 1
     gradient_accumulation: int = 1
     max_grad_norm: float = 1.0
@@ -78,6 +80,8 @@ class TrainConfig:
             raise UserError(f"--identifier-tokens must be 1, 2 or 3 (the paper's k), got {self.identifier_tokens}")
         if self.prior_preservation and self.num_class_images < 1 and not self.class_images_dir:
             raise UserError("--num-class-images must be at least 1 with prior preservation (or pass --no-prior)")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise UserError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if self.learning_rate <= 0:
             raise UserError(f"--learning-rate must be positive, got {self.learning_rate}")
         if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:

@@ -191,8 +191,15 @@ def stage_data(
     return StageData(subject, subject_cond, prior, _upscaled(low, sr_size))
 
 
-def _lr_lambda(warmup: int):
-    return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """The learning rate of update `step + 1` as a share of --learning-rate: linear warm-up over `warmup`
+    updates, then constant, or decaying to 0 at `total` (diffusers' `linear` and `cosine` schedules)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return max(0.0, 1.0 - progress) if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 def _optimizer(params: list, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
@@ -242,7 +249,9 @@ class StageTrainer:
             self.params = list(unet.parameters())
         unet.train()
         self.optimizer = _optimizer(self.params, cfg, cfg.learning_rate)
-        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg.lr_warmup_steps))
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(step, self.total_steps, cfg.lr_warmup_steps, cfg.lr_schedule)
+        )
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
         self.step = 0
         self.skipped = 0

@@ -10,6 +10,7 @@ from PIL import Image
 from runs import assert_refused, dbfast, train, unet_weights
 
 from dreambooth_fast.lora import LORA_WEIGHTS
+from dreambooth_fast.train import lr_factor
 
 
 def test_train_with_prior_writes_a_cascade_diffusers_loads(tiny_cascade, subject_dir, tmp_path):
@@ -152,6 +153,24 @@ def test_training_options_load_from_toml(tiny_cascade, subject_dir, tmp_path):
     assert result.exit_code == 0, result.output
     saved = json.loads((out / "dreambooth.json").read_text())["config"]
     assert saved["learning_rate"] == 2e-5 and saved["steps"] == 1 and saved["stages"] == ["base"]
+
+
+def test_lr_schedules_warm_up_then_hold_or_decay_to_zero_at_the_last_step():
+    factors = {s: [lr_factor(step, 10, 2, s) for step in range(10)] for s in ("constant", "linear", "cosine")}
+    for schedule, f in factors.items():
+        assert f[:3] == [0.5, 1.0, 1.0], schedule  # warm-up over 2 updates, then the full rate
+    assert factors["constant"][3:] == [1.0] * 7
+    assert factors["linear"][3:] == pytest.approx([0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125])
+    assert factors["cosine"][6] == pytest.approx(0.5)  # half way through the decay
+    assert all(a > b for a, b in zip(factors["cosine"][2:], factors["cosine"][3:], strict=False))
+    assert 0 < factors["cosine"][-1] < 0.05
+
+
+def test_an_unknown_lr_schedule_in_a_config_file_is_refused(tiny_cascade, subject_dir, tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text('lr-schedule = "step"\n')
+    result = train(tiny_cascade, subject_dir, tmp_path / "run", "--config", config)
+    assert_refused(result, "--lr-schedule", "cosine", out=tmp_path / "run")
 
 
 def test_captions_give_each_photo_its_own_prompt(tiny_cascade, subject_dir, tmp_path):
