@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .config import LR_SCHEDULES, PRECISIONS
 from .errors import UserError
 
 
@@ -83,13 +84,13 @@ def _stages(value: str) -> tuple[str, ...]:
 @click.option("--sr-steps", type=int, help="Optimizer steps for the SR stage.  [default: --steps]")
 @click.option("--learning-rate", "--lr", type=float, help="Adam learning rate (paper, Imagen: 1e-5).  [default: 1e-5]")
 @click.option("--lr-warmup-steps", type=int, help="Linear warm-up steps before the schedule.  [default: 0]")
-@click.option("--lr-schedule", type=click.Choice(["constant", "linear", "cosine"]),
-              help="After warm-up: constant (diffusers' DreamBooth default), or decay to 0 by the last step,"
-                   " linearly or as a half cosine.  [default: constant]")
+@click.option("--lr-schedule", type=click.Choice(LR_SCHEDULES),
+              help="After warm-up: constant (diffusers' DreamBooth default), or decaying towards 0 at the last"
+                   " step, linearly or along a half cosine.  [default: constant]")
 @click.option("--batch-size", type=int, help="Subject rows per step (plus as many prior rows).  [default: 1]")
 @click.option("--gradient-accumulation", type=int, help="Micro-batches per optimizer step.  [default: 1]")
 @click.option("--max-grad-norm", type=float, help="Gradient clipping norm.  [default: 1.0]")
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]),
+@click.option("--precision", type=click.Choice(PRECISIONS),
               help="Autocast precision; fp16 uses loss scaling.  [default: fp32]")
 @click.option("--gradient-checkpointing", is_flag=True, default=None, help="Trade compute for activation memory.")
 @click.option("--min-snr-gamma", type=float, help="Min-SNR-gamma loss weighting of the subject rows (e.g. 5).")
