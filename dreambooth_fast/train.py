@@ -418,8 +418,9 @@ class StageTrainer:
 
 
 def _check_resume_config(cfg: TrainConfig, saved: dict) -> None:
-    now = cfg.to_dict()
-    differ = sorted(k for k in now if k not in RESUMABLE_CHANGES and now.get(k) != saved.get(k))
+    now, defaults = cfg.to_dict(), TrainConfig().to_dict()
+    # An option added to dbfast since the run was saved is not in its config: the run used its default.
+    differ = sorted(k for k in now if k not in RESUMABLE_CHANGES and now[k] != saved.get(k, defaults[k]))
     if differ:
         raise UserError(
             f"--resume with different options than the run ({', '.join(differ)}): use the same options "

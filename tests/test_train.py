@@ -287,6 +287,18 @@ def test_resume_with_changed_options_is_refused(tiny_cascade, subject_dir, tmp_p
     assert_refused(train(tiny_cascade, subject_dir, out, *common, "--lr", "1e-3", "--resume"), "learning_rate")
 
 
+def test_a_run_saved_before_an_option_existed_counts_it_at_its_default_on_resume(tiny_cascade, subject_dir, tmp_path):
+    out = tmp_path / "run"
+    common = ["--stages", "base", "--no-prior", "--steps", "1"]
+    assert train(tiny_cascade, subject_dir, out, *common).exit_code == 0
+    run = json.loads((out / "dreambooth.json").read_text())
+    del run["config"]["lr_schedule"]  # as a dbfast without --lr-schedule wrote it
+    (out / "dreambooth.json").write_text(json.dumps(run))
+    # Same options: past the options check, to the next one (this run is finished).
+    assert_refused(train(tiny_cascade, subject_dir, out, *common, "--resume"), "finished")
+    assert_refused(train(tiny_cascade, subject_dir, out, *common, "--lr-schedule", "cosine", "--resume"), "lr_schedule")
+
+
 def test_resume_of_a_finished_run_says_how_to_train_further(tiny_cascade, subject_dir, tmp_path):
     out = tmp_path / "run"
     common = ["--stages", "base", "--no-prior", "--steps", "1"]
