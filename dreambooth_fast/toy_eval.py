@@ -72,15 +72,19 @@ def sample_images(cascade, prompts: list[str], seed: int, steps: int = STEPS,
     return sample_stages(cascade, prompts, seed, steps, guidance)["base"]
 
 
-def prompt_fidelity(cascade, n: int = 4, seed: int = 0, held_out: bool = True, **sampling) -> dict:
-    """Shape, colour and both right on the held-out (shape, colour) captions, `n` samples per pair; with
-    `held_out` False, on as many full captions of training pairs."""
+def caption_cases(n: int = 4, seed: int = 0, held_out: bool = True) -> list[tuple[str, world.Scene]]:
+    """The held-out (shape, colour) captions, `n` per pair; with `held_out` False, as many full captions of
+    training pairs."""
     cases = world.held_out_prompts(seed, per_pair=n)
-    if not held_out:
-        rng = random.Random(seed)
-        scenes = [world.random_scene(rng) for _ in cases]
-        cases = [(world.caption(s), s) for s in scenes]
-    verdicts = [judge(im) for im in sample_images(cascade, [p for p, _ in cases], seed, **sampling)]
+    if held_out:
+        return cases
+    rng = random.Random(seed)
+    return [(world.caption(s), s) for s in (world.random_scene(rng) for _ in cases)]
+
+
+def prompt_fidelity(cases: list[tuple[str, world.Scene]], images: list[np.ndarray]) -> dict:
+    """Shape, colour and both right: what the judge reads on each image against its caption's scene."""
+    verdicts = [judge(im) for im in images]
     shape = [v.shape == s.shape for v, (_, s) in zip(verdicts, cases)]
     colour = [v.colour == s.colour for v, (_, s) in zip(verdicts, cases)]
     return {"n": len(cases), "shape": float(np.mean(shape)), "colour": float(np.mean(colour)),
@@ -101,14 +105,11 @@ def named_fidelity(cascade, n: int = 4, seed: int = 0, **sampling) -> dict:
             "shape_and_colours": float(np.mean([a and b for a, b in zip(shape, colours)]))}
 
 
-def stage2_fidelity(cascade, n: int = 4, seed: int = 0, **sampling) -> dict:
+def stage2_fidelity(base: list[np.ndarray], sr: list[np.ndarray]) -> dict:
     """Shares of stage II images that keep the shape, object colours and background the judge reads on the stage
-    I image each one upscales (and all three), on the held-out captions, `n` per pair."""
-    prompts = [p for p, _ in world.held_out_prompts(seed, per_pair=n)]
-    images = sample_stages(cascade, prompts, seed, stages=("base", "sr"), **sampling)
-    size = images["base"][0].shape[:2][::-1]
-    pairs = [(judge(low), judge(Image.fromarray(high).resize(size, Image.BOX)))
-             for low, high in zip(images["base"], images["sr"])]
+    I image each one upscales (and all three), stage II judged after area-downsampling to stage I's size."""
+    size = base[0].shape[:2][::-1]
+    pairs = [(judge(low), judge(Image.fromarray(high).resize(size, Image.BOX))) for low, high in zip(base, sr)]
     kept = {key: [getattr(a, key) == getattr(b, key) for a, b in pairs] for key in ("shape", "colours", "background")}
     return {"n": len(pairs), **{k: float(np.mean(v)) for k, v in kept.items()},
             "all": float(np.mean([all(row) for row in zip(*kept.values())]))}
@@ -156,12 +157,17 @@ def evaluate(model_dir: str | Path, *, n: int = 4, seed: int = 0, steps: int = S
     torch.manual_seed(seed)
     random.seed(seed)
     cascade = load_cascade(model_dir)
+    # The held-out captions' stage I images serve both prompt fidelity and stage II fidelity: drawn once.
+    held_out, seen = caption_cases(n, seed), caption_cases(n, seed, held_out=False)
+    stages = ("base",) if cascade.sr_unet is None else ("base", "sr")
+    images = sample_stages(cascade, [p for p, _ in held_out], seed, steps, guidance, stages)
     results: dict = {"model": str(model_dir), "steps": steps, "guidance": guidance, "seed": seed,
-                     "prompt_fidelity": prompt_fidelity(cascade, n, seed, steps=steps, guidance=guidance),
-                     "prompt_fidelity_seen": prompt_fidelity(cascade, n, seed, False, steps=steps, guidance=guidance),
+                     "prompt_fidelity": prompt_fidelity(held_out, images["base"]),
+                     "prompt_fidelity_seen": prompt_fidelity(seen, sample_images(cascade, [p for p, _ in seen], seed,
+                                                                                 steps, guidance)),
                      "named_fidelity": named_fidelity(cascade, n, seed, steps=steps, guidance=guidance)}
-    if cascade.sr_unet is not None:
-        results["stage2_fidelity"] = stage2_fidelity(cascade, n, seed, steps=steps, guidance=guidance)
+    if "sr" in images:
+        results["stage2_fidelity"] = stage2_fidelity(images["base"], images["sr"])
     run_file = model_dir / RUN_FILE
     if run_file.is_file():
         run = json.loads(run_file.read_text())
