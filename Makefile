@@ -26,7 +26,8 @@ setup: $(VENV)/.installed
 demo: setup
 	$(BIN)/dbfast doctor
 	$(BIN)/dbfast train --images examples/subject --class heart --output $(RUN) --overwrite \
-	  --captions --num-class-images 50 --steps 3000 --lr 3e-4 --lr-schedule cosine --min-snr-gamma 5 --stages base
+	  --captions --num-class-images 50 --class-guidance-scale 2 \
+	  --steps 3000 --lr 3e-4 --lr-schedule cosine --min-snr-gamma 5 --stages base
 	$(BIN)/dbfast generate "a [V] heart on a red background" --model $(RUN) -n 8 --stages base --out $(RUN)/samples
 
 lint: setup

@@ -78,7 +78,8 @@ def _stages(value: str) -> tuple[str, ...]:
               help="Class images to generate (paper ~1000; diffusers 100, recommends 200-300).  [default: 100]")
 @click.option("--class-images-dir", type=click.Path(), help="Use these class images instead of generating them.")
 @click.option("--class-sample-steps", type=int, help="Stage I sampling steps per class image.  [default: 50]")
-@click.option("--class-guidance-scale", type=float, help="Guidance scale of the class images.  [default: 7.0]")
+@click.option("--class-guidance-scale", type=float,
+              help="Guidance scale of the class images; lower draws a more varied class.  [default: 7.0]")
 @click.option("--sr-sample-steps", type=int, help="Stage II sampling steps per class image.  [default: 25]")
 @click.option("--steps", type=int, help="Optimizer steps per stage (paper ~1000).  [default: 1000]")
 @click.option("--sr-steps", type=int, help="Optimizer steps for the SR stage.  [default: --steps]")
