@@ -116,7 +116,7 @@ def train(config_file: str | None, resume: bool, overwrite: bool, **options) -> 
     """Fine-tune a cascade on a subject with DreamBooth: bind a rare-token identifier to the subject with the
     class-specific prior preservation loss, stage by stage (base, then super-resolution)."""
     from .config import TrainConfig, load_toml
-    from .train import DEFAULT_MODEL
+    from .models import DEFAULT_MODEL
     from .train import train as run_training
 
     values = load_toml(config_file) if config_file else {}
@@ -226,8 +226,8 @@ def eval_(model, sr_model, toy, real_images, clip_dir, dino_dir, lpips_dir, live
     the 25 protocol prompts, printed beside the paper's rows and written as JSON. With --toy: the toy world's
     exact judge instead (see QUALITY.md)."""
     if toy:
+        from .models import default_model_dir
         from .toy_eval import STEPS, evaluate, format_results
-        from .train import default_model_dir
 
         results, path = evaluate(model or default_model_dir(), n=n, seed=seed, steps=steps or STEPS, out=out)
         click.echo(format_results(results))

@@ -413,9 +413,8 @@ def generate_eval_images(model_dir: str | Path, prompts: list[str], n_per_prompt
     from .export import default_export_dir
     from .generate import TORCH_BACKENDS, unet_runner
     from .images import save_png, to_pil
-    from .models import load_cascade
+    from .models import load_cascade, resolve_device
     from .sample import BASE_STEPS, SR_STEPS, generate_cascade
-    from .train import resolve_device
 
     if n_per_prompt < 1:
         raise UserError(f"--n {n_per_prompt}: generate at least one image per prompt")
@@ -444,16 +443,10 @@ def generate_eval_images(model_dir: str | Path, prompts: list[str], n_per_prompt
 
 def subject_of(model_dir: str | Path) -> tuple[str | None, str | None]:
     """(identifier, class noun) recorded in a trained model's dreambooth.json, (None, None) where absent."""
-    from .train import RUN_FILE
+    from .rundir import read_run
 
-    path = Path(model_dir) / RUN_FILE
-    if not path.is_file():
-        return None, None
-    try:
-        info = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from None
-    return info.get("identifier"), info.get("class_noun")
+    run = read_run(model_dir) or {}
+    return run.get("identifier"), run.get("class_noun")
 
 
 def generate_protocol(model_dir: str | Path, out_dir: str | Path, *, identifier: str, class_noun: str,
@@ -491,7 +484,7 @@ def run_eval(model: str | Path | None, real_images: str | Path, clip: str | Path
     Results go to `out` (default MODEL/eval.json, or GENERATED/eval.json); generated images to the results
     file's name without `.json` plus `-images` (MODEL/eval-images by default). Returns (results, results path).
     """
-    from .train import resolve_device
+    from .models import resolve_device
 
     if generated is None and model is None:
         raise UserError("give --model to generate the evaluation images, or --generated DIR to score existing ones")

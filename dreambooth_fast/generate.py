@@ -10,10 +10,10 @@ from .errors import UserError
 from .export.cascade import default_export_dir
 from .identifier import PLACEHOLDER, fill_placeholder
 from .images import make_grid, save_png, save_pngs, to_pil
-from .models import find_sr_dir, load_cascade
+from .models import find_sr_dir, load_cascade, resolve_device
+from .rundir import RUN_FILE, run_identifier
 from .sample import sample_base, sample_sr, torch_unet_fn
 from .text import encode_negative, encode_prompts
-from .train import RUN_FILE, resolve_device, run_identifier
 
 
 def expand_prompt(prompt: str, model_dir: Path) -> str:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import random
 from pathlib import Path
 
@@ -38,7 +37,7 @@ from .errors import UserError
 from .fileio import atomic_write_json
 from .identifier import class_prompt, instance_prompt
 from .judge import Verdict, judge
-from .train import RUN_FILE
+from .rundir import read_run
 
 STEPS = 50
 GUIDANCE = 7.0
@@ -168,15 +167,14 @@ def evaluate(model_dir: str | Path, *, n: int = 4, seed: int = 0, steps: int = S
                      "named_fidelity": named_fidelity(cascade, n, seed, steps=steps, guidance=guidance)}
     if "sr" in images:
         results["stage2_fidelity"] = stage2_fidelity(images["base"], images["sr"])
-    run_file = model_dir / RUN_FILE
-    if run_file.is_file():
-        run = json.loads(run_file.read_text())
+    run = read_run(model_dir)
+    if run:
         results["identifier"], results["class_noun"] = run["identifier"], run["class_noun"]
         results["prior_preservation"] = run.get("config", {}).get("prior_preservation")
         results["dreambooth"] = subject_metrics(cascade, run["identifier"], run["class_noun"], n, seed, steps=steps,
                                                 guidance=guidance)
     # A run's results go beside it; a plain model (maybe the packaged default) is not written into.
-    path = Path(out) if out else (model_dir if run_file.is_file() else Path.cwd()) / "toy_eval.json"
+    path = Path(out) if out else (model_dir if run else Path.cwd()) / "toy_eval.json"
     atomic_write_json(path, results)
     return results, path
 

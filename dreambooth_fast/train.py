@@ -12,7 +12,6 @@ SR stage's input is [x_t, noise-augmented upscaled low-res image], the augmentat
 
 from __future__ import annotations
 
-import json
 import math
 import platform
 import shutil
@@ -30,22 +29,35 @@ from .config import TrainConfig
 from .errors import UserError
 from .fileio import atomic_write_dir, atomic_write_json, link_or_copy_tree
 from .images import make_grid, save_png, to_pil
-from .models import STAGE_2_DIR, Cascade, check_stage_dir, find_sr_dir, load_cascade, load_tokenizer
+from .models import (
+    STAGE_2_DIR,
+    Cascade,
+    check_stage_dir,
+    default_model_dir,
+    find_sr_dir,
+    load_cascade,
+    load_tokenizer,
+    resolve_device,
+)
 from .prior import PriorSettings, generate_class_images
+from .rundir import (
+    CHECKPOINTS,
+    RUN_ARTIFACTS,
+    RUN_FILE,
+    VALIDATION,
+    check_not_finished,
+    check_output_dir,
+    check_resume_config,
+    read_run,
+    run_identifier,
+)
 from .sample import BASE_GUIDANCE, SR_GUIDANCE, SR_NOISE_LEVEL, sample_base, sample_sr, torch_unet_fn
 from .snr import min_snr_weights
 from .text import encode_negative, encode_prompts
 
-RUN_FILE = "dreambooth.json"
-CHECKPOINTS = "checkpoints"
-VALIDATION = "validation"
-# What a run adds beside the model layout; not copied when a tuned model is the input of another run.
-RUN_ARTIFACTS = (RUN_FILE, CHECKPOINTS, VALIDATION)
 VALIDATION_STEPS = 25
 CLASS_IMAGE_BATCH = 4
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Options that may change between a run and its --resume (they do not change what is learnt).
-RESUMABLE_CHANGES = {"steps", "sr_steps", "checkpoint_every", "validation_every", "validation_prompt", "device"}
 
 
 @dataclass
@@ -58,60 +70,6 @@ class Prompts:
     negative_embeds: torch.Tensor
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(
-            f"--device {name}: no CUDA device is available here (torch {torch.__version__}); use --device cpu"
-        )
-    return torch.device(name)
-
-
-DEFAULT_MODEL = Path(__file__).resolve().parent / "default_model"
-
-
-def default_model_dir() -> Path:
-    """The model used without --model: the embedded toy-world cascade the package ships (QUALITY.md), else
-    (a checkout without its weights) a tiny random cascade built once into the user cache."""
-    if (DEFAULT_MODEL / "model_index.json").is_file():
-        return DEFAULT_MODEL
-    from .prior import default_cache_root
-    from .tiny_cascade import build_tiny_cascade
-
-    path = default_cache_root().parent / "tiny-cascade"
-    if not (path / "model_index.json").is_file() or not (path / STAGE_2_DIR / "model_index.json").is_file():
-        tqdm.write(f"no --model given and no embedded model: building a tiny random IF cascade at {path}")
-        shutil.rmtree(path, ignore_errors=True)
-        tmp = path.with_name(path.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        build_tiny_cascade(tmp)
-        tmp.rename(path)
-    return path
-
-
-def check_output_dir(output: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to write into a directory that holds something else; --overwrite replaces only a dbfast run."""
-    if not output.exists():
-        if resume:
-            raise UserError(f"--resume: {output} does not exist; start a new run without --resume")
-        return
-    if not output.is_dir():
-        raise UserError(f"--output {output} is a file; choose a directory")
-    is_run = (output / RUN_FILE).is_file()
-    if resume:
-        if not is_run:
-            raise UserError(f"--resume: {output} holds no dbfast run to resume")
-        return
-    if any(output.iterdir()):
-        if not is_run:
-            raise UserError(f"--output {output} is not empty and holds no dbfast run; choose another directory")
-        if not overwrite:
-            raise UserError(
-                f"--output {output} already holds a run: pass --resume to continue it or --overwrite to replace it"
-            )
-
-
 def _stage_dir(out: Path, stage: str) -> Path:
     return out if stage == "base" else out / STAGE_2_DIR
 
@@ -122,12 +80,6 @@ def _pick_stages(cfg: TrainConfig, has_sr: bool) -> list[str]:
             raise UserError(f"--stages sr: {cfg.model} has no stage II (stage_2/); pass --sr-model DIR")
         tqdm.write(f"{cfg.model} has no stage II (stage_2/): training the base stage only")
     return [s for s in ("base", "sr") if s in cfg.stages and (s == "base" or has_sr)]
-
-
-def run_identifier(model_dir: Path) -> str | None:
-    """The identifier a dbfast run in `model_dir` was trained with (None if it is not a dbfast output)."""
-    run_file = Path(model_dir) / RUN_FILE
-    return json.loads(run_file.read_text())["identifier"] if run_file.is_file() else None
 
 
 def make_prompts(cascade: Cascade, cfg: TrainConfig, captions: list[str] | None = None) -> Prompts:
@@ -417,27 +369,6 @@ class StageTrainer:
         return save_png(make_grid(to_pil(images), cols=len(images)), path)
 
 
-def _check_resume_config(cfg: TrainConfig, saved: dict) -> None:
-    now, defaults = cfg.to_dict(), TrainConfig().to_dict()
-    # An option added to dbfast since the run was saved is not in its config: the run used its default.
-    differ = sorted(k for k in now if k not in RESUMABLE_CHANGES and now[k] != saved.get(k, defaults[k]))
-    if differ:
-        raise UserError(
-            f"--resume with different options than the run ({', '.join(differ)}): use the same options "
-            "or start a new run"
-        )
-
-
-def _check_not_finished(latest: dict | None, out: Path, stages: list[str]) -> None:
-    """--resume continues an interrupted run; a finished one has nothing left (a larger --steps does not
-    extend it: its optimizer and schedule ended), so say how to train further instead of doing nothing."""
-    if latest and set(stages) <= set(latest["completed_stages"]):
-        raise UserError(
-            f"--resume: {out} is finished (stages {', '.join(stages)} done): to train it further, start a new "
-            f"run from it with --model {out} --output NEW_DIR"
-        )
-
-
 def write_output_stage(out: Path, stage: str, trainer: StageTrainer, cfg: TrainConfig) -> None:
     """Put the tuned stage into the output layout: merged or full weights in unet/, or the LoRA adapter."""
     stage_dir = _stage_dir(out, stage)
@@ -509,11 +440,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
         check_stage_dir(sr_dir, "sr")
     stages = _pick_stages(cfg, sr_dir is not None)
     check_output_dir(out, resume, overwrite)
-    saved_run = json.loads((out / RUN_FILE).read_text()) if resume else None
+    saved_run = read_run(out) if resume else None
     latest = read_latest(out / CHECKPOINTS) if resume else None  # a new run starts from an empty directory
     if saved_run:
-        _check_resume_config(cfg, saved_run["config"])
-        _check_not_finished(latest, out, stages)
+        check_resume_config(cfg, saved_run["config"])
+        check_not_finished(latest, out, stages)
     images = data.load_subject_images(cfg.images, skip_bad=cfg.skip_bad_images)
     captions = data.load_captions(images) if cfg.captions else None
     unused = [] if cfg.captions else data.unused_captions(images)

@@ -385,7 +385,7 @@ def test_a_caption_without_the_identifier_mark_is_refused(tiny_cascade, subject_
 
 
 def test_the_closing_hint_suggests_a_place_the_embedded_model_can_draw(subject_dir, tmp_path):
-    from dreambooth_fast.train import DEFAULT_MODEL
+    from dreambooth_fast.models import DEFAULT_MODEL
 
     if not (DEFAULT_MODEL / "model_index.json").is_file():
         pytest.skip("no embedded default model in this checkout")
