@@ -81,7 +81,7 @@ def git_commit() -> str:
 def environment(device: str) -> dict[str, str | int]:
     """The columns every result row starts with."""
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "commit": git_commit(),
         "torch": torch.__version__,
         "device": device,

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
+import os
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-
-import tomllib
 
 from .errors import UserError
 
@@ -62,6 +63,7 @@ class TrainConfig:
     device: str = "auto"
 
     def validate(self) -> TrainConfig:
+        _check_types(self)
         if not self.images:
             raise UserError("--images is required: a directory with 3-5 photos of the subject")
         if not self.class_noun or not self.class_noun.strip():
@@ -82,10 +84,21 @@ class TrainConfig:
             raise UserError("--num-class-images must be at least 1 with prior preservation (or pass --no-prior)")
         if self.lr_schedule not in LR_SCHEDULES:
             raise UserError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
-        if self.learning_rate <= 0:
-            raise UserError(f"--learning-rate must be positive, got {self.learning_rate}")
-        if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
-            raise UserError(f"--min-snr-gamma must be positive (5 is usual), got {self.min_snr_gamma}")
+        _check_number("learning_rate", self.learning_rate, "a positive number (the paper: 1e-5)", low=0)
+        _check_number("max_grad_norm", self.max_grad_norm, "a positive number (1 is usual)", low=0)
+        _check_number("prior_weight", self.prior_weight, "a positive number (the paper's lambda: 1)", low=0)
+        _check_number("class_guidance_scale", self.class_guidance_scale, "a number >= 0 (1 or less: no guidance)",
+                      low=0, inclusive=True)
+        if self.min_snr_gamma is not None:
+            _check_number("min_snr_gamma", self.min_snr_gamma, "a positive number (5 is usual)", low=0)
+        for name in ("class_sample_steps", "sr_sample_steps"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.sr_steps is not None and self.sr_steps < 1:
+            raise UserError(f"--sr-steps must be at least 1, got {self.sr_steps}")
+        for name in ("lr_warmup_steps", "validation_every", "num_class_images", "seed"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
         if self.lora_rank < 0:
             raise UserError(f"--lora-rank must be 0 (full fine-tuning) or positive, got {self.lora_rank}")
         if self.merge_lora and self.lora_rank == 0:
@@ -102,6 +115,30 @@ class TrainConfig:
         data = dataclasses.asdict(self)
         data["stages"] = list(self.stages)
         return data
+
+
+def _check_number(name: str, value: float, what: str, low: float, inclusive: bool = False) -> None:
+    """A float option must be finite and above `low` (nan passes every comparison, so test it first)."""
+    if not math.isfinite(value) or value < low or (value == low and not inclusive):
+        raise UserError(f"--{name.replace('_', '-')} must be {what}, got {value}")
+
+
+def _check_types(cfg: TrainConfig) -> None:
+    """Values from a TOML file arrive untyped: "1e-5" as a string or 3.5 steps must be one clear line."""
+    for field in dataclasses.fields(cfg):
+        value = getattr(cfg, field.name)
+        if value is None or field.name == "stages":
+            continue
+        kind = {"int": int, "float": float, "bool": bool}.get(field.type.split(" |")[0], str)
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if kind is float:  # an integer is a fine float
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if kind is str:  # a path from the Python API
+            ok = isinstance(value, str | os.PathLike)
+        if not ok:
+            raise UserError(f"--{field.name.replace('_', '-')} must be {kind.__name__}, got {value!r}")
+    if not isinstance(cfg.stages, tuple | list) or not all(isinstance(s, str) for s in cfg.stages):
+        raise UserError(f"--stages must be a comma list of {', '.join(STAGES)}, got {cfg.stages!r}")
 
 
 def _require(module: str, option: str, extra: str) -> None:

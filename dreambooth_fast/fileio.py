@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -81,3 +84,62 @@ def sha256_files(paths: list[Path]) -> str:
             while chunk := f.read(1 << 24):
                 digest.update(chunk)
     return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, *, wait: bool, on_wait: Callable[[], object] | None = None) -> Iterator[bool]:
+    """Hold an exclusive flock on `path` (created if missing) for the `with` block. The OS releases it when the
+    process dies, so kill -9 leaves no stale lock. When another process holds it: with wait=False, yield False
+    at once (nothing is locked then); with wait=True, call `on_wait` and block until it is free. The holder's
+    pid is written into the file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not wait:
+                yield False
+                return
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            f.truncate(0)
+            f.write(f"{os.getpid()}\n")
+            f.flush()
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def lock_holder(path: Path) -> str:
+    """The pid written into a lock file by file_lock, or '?'."""
+    try:
+        return path.read_text().strip() or "?"
+    except OSError:
+        return "?"
+
+
+def free_bytes(path: Path) -> int:
+    """Free space for an unprivileged writer on the file system that holds `path` (or its nearest parent)."""
+    path = Path(path).absolute()
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """True for a failed write that ran out of space: ENOSPC/EDQUOT, or torch's and safetensors' wrappers of it
+    (they raise RuntimeError/other types whose message carries the OS error)."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(err).lower()
+    return "no space left" in text or "disk quota" in text or "file write failed" in text
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"

@@ -138,9 +138,12 @@ def load_text_encoder(model_dir: str | Path, device: str = "cpu", dtype: torch.d
     folder = Path(model_dir) / "text_encoder"
     if not folder.is_dir():
         raise UserError(f"{folder} is missing: stage I must ship its T5 text encoder")
-    encoder = T5EncoderModel.from_pretrained(
-        folder, local_files_only=True, use_safetensors=_prefer_safetensors(folder), dtype=dtype
-    )
+    try:
+        encoder = T5EncoderModel.from_pretrained(
+            folder, local_files_only=True, use_safetensors=_prefer_safetensors(folder), dtype=dtype
+        )
+    except (OSError, ValueError, RuntimeError) as err:
+        raise _unloadable(folder, err) from None
     return encoder.to(device).eval().requires_grad_(False)
 
 
@@ -149,13 +152,31 @@ def _prefer_safetensors(folder: Path) -> bool:
     return any(folder.glob("*.safetensors"))
 
 
+def _unloadable(folder: Path, err: Exception) -> UserError:
+    """One line for weights that cannot be read: a pickle file is read as plain tensors only (never run as
+    code), so one holding anything else is refused; say how to convert it to safetensors."""
+    pickles = sorted(p.name for p in folder.glob("*.bin"))
+    if pickles and not _prefer_safetensors(folder):
+        return UserError(
+            f"{folder / pickles[0]} cannot be loaded: pickle weights are loaded only as plain tensors, never as "
+            "code, and this file holds something else or is damaged; convert it to safetensors on a machine "
+            "where you trust it (torch.load it, then safetensors.torch.save_file the state dict beside it)"
+        )
+    cause = err.__cause__ or err
+    reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:200]
+    return UserError(f"the weights in {folder} cannot be loaded ({reason}): restore or re-download them")
+
+
 def load_unet(stage_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
     from diffusers import UNet2DConditionModel
 
     folder = Path(stage_dir) / "unet"
-    unet = UNet2DConditionModel.from_pretrained(
-        folder, local_files_only=True, torch_dtype=dtype, use_safetensors=_prefer_safetensors(folder)
-    )
+    try:
+        unet = UNet2DConditionModel.from_pretrained(
+            folder, local_files_only=True, torch_dtype=dtype, use_safetensors=_prefer_safetensors(folder)
+        )
+    except (OSError, ValueError, RuntimeError) as err:
+        raise _unloadable(folder, err) from None
     # A LoRA run's output holds the adapter beside the untouched UNet: apply it, folded into the weights.
     if lora.load_saved_adapter(unet, Path(stage_dir)):
         lora.merge_adapter(unet)

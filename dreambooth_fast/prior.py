@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .fileio import atomic_write_json, sha256_files
+from .fileio import atomic_write_json, file_lock, sha256_files
 from .images import save_pngs
 from .models import Cascade, load_unet, weights_files
 from .sample import sample_base, sample_sr, torch_unet_fn
@@ -78,13 +78,26 @@ def generate_class_images(
 ) -> Path:
     """Make sure `n` class images exist in the cache and return their directory (base/ and, with SR, sr/).
 
-    `class_embeds` and `negative_embeds` are one row each (the class prompt and the empty prompt)."""
+    `class_embeds` and `negative_embeds` are one row each (the class prompt and the empty prompt). Two runs
+    that need the same class images take turns: the second waits for the first, then draws only what is
+    still missing (each PNG is also written atomically, so a reader never sees half an image)."""
     key = cache_key(cascade, settings)
     folder = cache_dir_for(key, cache_root or default_cache_root())
     folders = [folder / "base"] + ([folder / "sr"] if settings.with_sr else [])
+    if min(_done(f, n) for f in folders) >= n:
+        return folder
+    message = f"waiting for another run drawing the same class images into {folder}"
+    with file_lock(folder / ".lock", wait=True, on_wait=lambda: tqdm.write(message)):
+        _draw_class_images(cascade, class_embeds, negative_embeds, n, settings, key, folder)
+    return folder
+
+
+def _draw_class_images(cascade: Cascade, class_embeds: torch.Tensor, negative_embeds: torch.Tensor, n: int,
+                       settings: PriorSettings, key: dict, folder: Path) -> None:
+    folders = [folder / "base"] + ([folder / "sr"] if settings.with_sr else [])
     done = min(_done(f, n) for f in folders)
     if done >= n:
-        return folder
+        return
     atomic_write_json(folder / "key.json", key)
     base_unet = cascade.base_unet
     if base_unet is None:  # an SR-only run: its class images are still stage I's samples, upscaled
@@ -129,4 +142,3 @@ def generate_class_images(
             # The base image is written last: a batch counts as done once base/ has it.
             save_pngs(base, folder / "base", prefix="", start=first)
             bar.update(count)
-    return folder

@@ -8,17 +8,23 @@ keeps two runs out of one output directory.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from .config import TrainConfig
 from .errors import UserError
+from .fileio import file_lock, free_bytes, human_bytes, is_disk_full, lock_holder
 
 RUN_FILE = "dreambooth.json"
 CHECKPOINTS = "checkpoints"
 VALIDATION = "validation"
 # What a run adds beside the model layout; not copied when a tuned model is the input of another run.
 RUN_ARTIFACTS = (RUN_FILE, CHECKPOINTS, VALIDATION)
+LOCK_FILE = ".dbfast.lock"  # held by the run writing the directory; not part of the run
 # Options that may change between a run and its --resume (they do not change what is learnt).
 RESUMABLE_CHANGES = {"steps", "sr_steps", "checkpoint_every", "validation_prompt", "validation_every", "device"}
 
@@ -53,7 +59,7 @@ def check_output_dir(output: Path, resume: bool, overwrite: bool) -> None:
         if not is_run:
             raise UserError(f"--resume: {output} holds no dbfast run to resume")
         return
-    if any(output.iterdir()):
+    if any(p.name != LOCK_FILE for p in output.iterdir()):
         if not is_run:
             raise UserError(f"--output {output} is not empty and holds no dbfast run; choose another directory")
         if not overwrite:
@@ -81,3 +87,91 @@ def check_not_finished(latest: dict | None, out: Path, stages: list[str]) -> Non
             f"--resume: {out} is finished (stages {', '.join(stages)} done): to train it further, start a new "
             f"run from it with --model {out} --output NEW_DIR"
         )
+
+
+def _overlaps(a: Path, b: Path) -> bool:
+    """True when one of the two directories is the other or lies inside it (after resolving links)."""
+    a, b = a.resolve(), b.resolve()
+    return a == b or a in b.parents or b in a.parents
+
+
+def check_output_not_input(output: Path, inputs: dict[str, str | Path | None]) -> None:
+    """Refuse an --output that is an input directory, inside one, or holds one: --overwrite would delete the
+    input, and copying a model into itself never ends. `inputs` maps an option name to its directory."""
+    for option, folder in inputs.items():
+        if folder is not None and Path(folder).exists() and _overlaps(output, Path(folder)):
+            raise UserError(
+                f"--output {output} overlaps {option} {folder}: a run never writes into or around its inputs; "
+                "choose a new --output (to train a finished run further, pass it as --model)"
+            )
+
+
+def check_can_create(folder: Path, option: str) -> None:
+    """Check, without leaving anything behind, that `folder` exists as a writable directory or can be made:
+    a read-only or virtual file system fails here with one line instead of a traceback mid-run."""
+    existing = folder.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{option} {folder}: {existing} is a file, so the directory cannot be created there")
+    probe = existing / f".dbfast-probe-{os.getpid()}"
+    try:
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as err:
+        raise UserError(
+            f"{option} {folder} cannot be written ({err.strerror} in {existing}); choose a writable place"
+        ) from None
+
+
+@contextlib.contextmanager
+def output_lock(output: Path) -> Iterator[None]:
+    """Hold the output directory for one run: a second run into it is refused at once. The lock is an flock on
+    OUTPUT/.dbfast.lock (released by the OS when the process ends, kill -9 too). A directory this run made and
+    left holding nothing but the lock (it stopped before writing anything) is removed again."""
+    made = not output.exists()
+    output.mkdir(parents=True, exist_ok=True)
+    lock = output / LOCK_FILE
+    with file_lock(lock, wait=False) as held:
+        if not held:
+            raise UserError(
+                f"--output {output} is in use by another dbfast run (pid {lock_holder(lock)}): wait for it to "
+                "finish or choose another --output"
+            )
+        try:
+            yield
+        finally:
+            if made and [p.name for p in output.iterdir()] == [LOCK_FILE]:
+                lock.unlink()
+                output.rmdir()
+
+
+def clear_run(output: Path) -> None:
+    """--overwrite: remove the previous run's files, keeping the lock this run holds."""
+    for item in output.iterdir():
+        if item.name == LOCK_FILE:
+            continue
+        if item.is_dir() and not item.is_symlink():
+            shutil.rmtree(item)
+        else:
+            item.unlink()
+
+
+def check_free_space(folder: Path, need: int, what: str) -> str | None:
+    """A warning when `folder`'s file system has less free space than `need` bytes (None when it fits)."""
+    free = free_bytes(folder)
+    if free >= need:
+        return None
+    return (f"{what} needs about {human_bytes(need)} but {folder} has {human_bytes(free)} free: "
+            "the run will stop when the disk is full (the last checkpoint survives)")
+
+
+def disk_full_error(err: BaseException, what: str, folder: Path, need: int, last_good: str | None) -> UserError | None:
+    """The one-line error for a write that ran out of space, or None when `err` is something else."""
+    if not is_disk_full(err):
+        return None
+    keep = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
+    return UserError(
+        f"writing {what} failed: the disk is full (it needs about {human_bytes(need)}, {folder} has "
+        f"{human_bytes(free_bytes(folder))} free); {keep}: free space, then continue with --resume"
+    )

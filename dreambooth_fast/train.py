@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import platform
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,16 +37,23 @@ from .models import (
     load_cascade,
     load_tokenizer,
     resolve_device,
+    weights_files,
 )
-from .prior import PriorSettings, generate_class_images
+from .prior import PriorSettings, default_cache_root, generate_class_images
 from .rundir import (
     CHECKPOINTS,
     RUN_ARTIFACTS,
     RUN_FILE,
     VALIDATION,
+    check_can_create,
+    check_free_space,
     check_not_finished,
     check_output_dir,
+    check_output_not_input,
     check_resume_config,
+    clear_run,
+    disk_full_error,
+    output_lock,
     read_run,
     run_identifier,
 )
@@ -68,6 +74,20 @@ class Prompts:
     instance_embeds: torch.Tensor  # one row per instance prompt
     class_embeds: torch.Tensor
     negative_embeds: torch.Tensor
+
+
+@dataclass
+class Validation:
+    """What a stage's validation grids are drawn with (--validation-prompt, every --validation-every steps)."""
+
+    embeds: torch.Tensor  # the validation prompt, one row per image of the grid
+    negative: torch.Tensor
+    size: int  # the stage's resolution
+    base_size: int
+    guidance: float
+    noising_scheduler: object | None  # stage II's augmentation schedule
+    steps: int = VALIDATION_STEPS
+    noise_level: int = SR_NOISE_LEVEL
 
 
 def _stage_dir(out: Path, stage: str) -> Path:
@@ -178,7 +198,7 @@ class StageTrainer:
         device: torch.device,
         out: Path,
         completed: list[str],
-        validation: dict | None,
+        validation: Validation | None,
     ):
         self.stage, self.unet, self.cfg, self.device, self.out = stage, unet, cfg, device, out
         self.rows, self.prompts, self.completed, self.validation = rows, prompts, completed, validation
@@ -207,12 +227,28 @@ class StageTrainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
         self.step = 0
         self.skipped = 0
+        self.last_checkpoint: str | None = None
 
     # -- state ------------------------------------------------------------------------------------------
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return lora.adapter_state(self.unet) if self.cfg.lora_rank else self.unet.state_dict()
 
+    def check_finite(self) -> None:
+        """Never write weights that are not all finite. The loss of each step is checked before its update, so
+        weights that are not finite now went so in the last update: name that step."""
+        bad = sum(int((~torch.isfinite(p)).sum()) for p in self.params)
+        if bad:
+            raise UserError(
+                f"stage {self.stage}: {bad} weights are not finite after step {self.step}; nothing was written "
+                f"for this step (the last checkpoint is {self.last_checkpoint or 'none'}); try a lower "
+                "--learning-rate, --max-grad-norm 1, or --precision fp32"
+            )
+
+    def trainable_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.params)
+
     def save(self) -> None:
+        self.check_finite()
         state = {
             "step": self.step,
             "skipped": self.skipped,
@@ -222,9 +258,22 @@ class StageTrainer:
             "generator": self.generator.get_state(),
             "config": self.cfg.to_dict(),
         }
-        save_checkpoint(self.out / CHECKPOINTS, self.stage, self.step, self.trainable_state(), state, self.completed)
+        try:
+            path = save_checkpoint(self.out / CHECKPOINTS, self.stage, self.step, self.trainable_state(), state,
+                                   self.completed)
+        except (OSError, RuntimeError) as err:
+            # weights + Adam's two moments, written beside the previous checkpoint before it is removed
+            full = disk_full_error(err, f"the {self.stage} checkpoint at step {self.step}", self.out,
+                                   3 * self.trainable_bytes(), self.last_checkpoint)
+            if full is None:
+                raise
+            raise full from None
+        self.last_checkpoint = str(path)
 
-    def restore(self, weights: dict[str, torch.Tensor], state: dict) -> None:
+    def restore(self, root: Path, latest: dict) -> None:
+        """Continue from the checkpoint `latest` (checkpoint.read_latest) names under `root`."""
+        weights, state = load_checkpoint(root, latest)
+        self.last_checkpoint = str(root / latest["dir"])
         if self.cfg.lora_rank:
             lora.load_adapter_state(self.unet, weights)
         else:
@@ -333,36 +382,16 @@ class StageTrainer:
         v = self.validation
         unet_fn = torch_unet_fn(self.unet)
         generator = torch.Generator().manual_seed(self.cfg.seed)
-        n = v["embeds"].shape[0]
-        embeds, negative = v["embeds"].to(self.device), v["negative"].to(self.device)
+        n = v.embeds.shape[0]
+        embeds, negative = v.embeds.to(self.device), v.negative.to(self.device)
         if self.stage == "base":
-            images = sample_base(
-                unet_fn,
-                self.scheduler,
-                embeds,
-                negative,
-                size=v["size"],
-                steps=v["steps"],
-                guidance_scale=v["guidance"],
-                generator=generator,
-                progress=False,
-            )
+            images = sample_base(unet_fn, self.scheduler, embeds, negative, size=v.size, steps=v.steps,
+                                 guidance_scale=v.guidance, generator=generator, progress=False)
         else:
-            low = F.interpolate(self.rows.subject_cond[:n], size=(v["base_size"],) * 2, mode="area")
-            images = sample_sr(
-                unet_fn,
-                self.scheduler,
-                v["noising_scheduler"],
-                low.to(self.device),
-                embeds[: len(low)],
-                negative,
-                size=v["size"],
-                steps=v["steps"],
-                guidance_scale=v["guidance"],
-                noise_level=v["noise_level"],
-                generator=generator,
-                progress=False,
-            )
+            low = F.interpolate(self.rows.subject_cond[:n], size=(v.base_size,) * 2, mode="area")
+            images = sample_sr(unet_fn, self.scheduler, v.noising_scheduler, low.to(self.device),
+                               embeds[: len(low)], negative, size=v.size, steps=v.steps, guidance_scale=v.guidance,
+                               noise_level=v.noise_level, generator=generator, progress=False)
         self.unet.train()
         path = self.out / VALIDATION / f"{self.stage}-step-{self.step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -371,12 +400,19 @@ class StageTrainer:
 
 def write_output_stage(out: Path, stage: str, trainer: StageTrainer, cfg: TrainConfig) -> None:
     """Put the tuned stage into the output layout: merged or full weights in unet/, or the LoRA adapter."""
+    trainer.check_finite()
     stage_dir = _stage_dir(out, stage)
-    if cfg.lora_rank and not cfg.merge_lora:
-        lora.save_adapter(trainer.unet, stage_dir)
-        return
-    unet = lora.merge_adapter(trainer.unet) if cfg.lora_rank else trainer.unet
-    atomic_write_dir(stage_dir / "unet", lambda tmp: unet.save_pretrained(tmp, safe_serialization=True))
+    try:
+        if cfg.lora_rank and not cfg.merge_lora:
+            lora.save_adapter(trainer.unet, stage_dir)
+            return
+        unet = lora.merge_adapter(trainer.unet) if cfg.lora_rank else trainer.unet
+        atomic_write_dir(stage_dir / "unet", lambda tmp: unet.save_pretrained(tmp, safe_serialization=True))
+    except (OSError, RuntimeError) as err:
+        full = disk_full_error(err, f"the tuned {stage} UNet", out, trainer.trainable_bytes(), trainer.last_checkpoint)
+        if full is None:
+            raise
+        raise full from None
     # An adapter copied from the input model is folded into these weights now: it must not apply twice.
     (stage_dir / lora.LORA_WEIGHTS).unlink(missing_ok=True)
 
@@ -414,6 +450,11 @@ def prepare_class_images(
         cfg.seed,
         CLASS_IMAGE_BATCH,
     )
+    # Raw RGB bytes per image, an upper bound for the PNGs
+    need = cfg.num_class_images * 3 * (cascade.base_size**2 + (cascade.sr_size**2 if "sr" in stages else 0))
+    warning = check_free_space(default_cache_root(), need, f"{cfg.num_class_images} class images")
+    if warning:
+        tqdm.write(f"warning: {warning}")
     dtype = AUTOCAST[cfg.precision]
     try:
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
@@ -426,25 +467,37 @@ def prepare_class_images(
         ) from None
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
-    """Run DreamBooth as `cfg` says; return the output directory."""
+@dataclass
+class RunInputs:
+    """What a run reads, checked before anything is written."""
+
+    out: Path
+    device: torch.device
+    stages: list[str]
+    sr_dir: Path | None
+    images: list[data.SubjectImage]
+    captions: list[str] | None
+
+
+def check_inputs(cfg: TrainConfig) -> RunInputs:
+    """Every mistake a user can make in the options, paths, photos and class noun, found before the first
+    byte is written (the model's weights are loaded later; their errors also come before any write)."""
     cfg.validate()
     if cfg.model is None:
         cfg.model = str(default_model_dir())
     out = Path(cfg.output)
     device = resolve_device(cfg.device)
-    # Everything a user can get wrong is checked before the first byte is written.
     check_stage_dir(Path(cfg.model), "base")
     sr_dir = find_sr_dir(Path(cfg.model), cfg.sr_model)
     if cfg.sr_model is not None:
         check_stage_dir(sr_dir, "sr")
     stages = _pick_stages(cfg, sr_dir is not None)
-    check_output_dir(out, resume, overwrite)
-    saved_run = read_run(out) if resume else None
-    latest = read_latest(out / CHECKPOINTS) if resume else None  # a new run starts from an empty directory
-    if saved_run:
-        check_resume_config(cfg, saved_run["config"])
-        check_not_finished(latest, out, stages)
+    inputs = {"--model": cfg.model, "--sr-model": sr_dir if "sr" in stages else None, "--images": cfg.images,
+              "--class-images-dir": cfg.class_images_dir}
+    check_output_not_input(out, inputs)
+    check_can_create(out, "--output")
+    if cfg.prior_preservation and not cfg.class_images_dir:
+        check_can_create(default_cache_root(), "the class-image cache")
     images = data.load_subject_images(cfg.images, skip_bad=cfg.skip_bad_images)
     captions = data.load_captions(images) if cfg.captions else None
     unused = [] if cfg.captions else data.unused_captions(images)
@@ -460,30 +513,33 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
                  if f" {cfg.class_noun} " not in f" {c} "]
     for warning in warnings:
         tqdm.write(f"warning: {warning}")
+    return RunInputs(out, device, stages, sr_dir, images, captions)
 
-    cascade = load_cascade(cfg.model, cfg.sr_model, device=str(device), stages=tuple(stages))
-    for stage in stages:
-        data.check_sizes(images, cascade.base_size if stage == "base" else cascade.sr_size)
-    prompts = make_prompts(cascade, cfg, captions)
-    if saved_run and saved_run.get("instance_prompts", prompts.instance) != prompts.instance:
-        raise UserError(f"--resume: the captions changed since the run started (it trained on "
-                        f"{saved_run['instance_prompts']}); restore them or start a new run")
-    validation = None
-    if cfg.validation_prompt and cfg.validation_every:
-        text = identifier.fill_placeholder(cfg.validation_prompt, prompts.identifier)
-        validation = {
-            "embeds": encode_prompts(cascade.tokenizer, cascade.text_encoder, [text] * 2),
-            "negative": prompts.negative_embeds,
-        }
-    cascade.text_encoder = None  # embeddings are cached: the text encoder is not needed any more
 
-    if overwrite and out.exists() and not resume:
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if Path(cfg.model).resolve() != out.resolve():
-        link_or_copy_tree(cfg.model, out, skip=RUN_ARTIFACTS)
-    if "sr" in stages and cfg.sr_model is not None:
-        link_or_copy_tree(sr_dir, out / STAGE_2_DIR, skip=RUN_ARTIFACTS)
+def estimated_write_bytes(cfg: TrainConfig, inputs: RunInputs, cascade: Cascade) -> int:
+    """About how much the run writes into --output: each tuned UNet, its checkpoint (weights and Adam's two
+    moments, briefly twice while the next replaces it) and, where hard links cannot be made, a copy of the
+    model. An estimate for the warning before the run, not a promise."""
+    stage_dirs = [cascade.base_dir if s == "base" else cascade.sr_dir for s in inputs.stages]
+    unet_bytes = max(sum(f.stat().st_size for f in weights_files(d)) for d in stage_dirs)
+    total = len(stage_dirs) * unet_bytes + 6 * unet_bytes
+    parent = inputs.out if inputs.out.exists() else inputs.out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if parent.stat().st_dev != Path(cfg.model).stat().st_dev:
+        total += sum(f.stat().st_size for f in Path(cfg.model).rglob("*") if f.is_file())
+    return total
+
+
+def start_run(cfg: TrainConfig, inputs: RunInputs, prompts: Prompts, saved_run: dict | None, overwrite: bool) -> dict:
+    """Lay out the output directory (the input model's layout, hard-linked) and write its run file: from then on
+    the directory is a run that --resume continues."""
+    out = inputs.out
+    if overwrite and saved_run is None:
+        clear_run(out)
+    link_or_copy_tree(cfg.model, out, skip=RUN_ARTIFACTS)
+    if "sr" in inputs.stages and cfg.sr_model is not None:
+        link_or_copy_tree(inputs.sr_dir, out / STAGE_2_DIR, skip=RUN_ARTIFACTS)
     run = {
         "identifier": prompts.identifier,
         "class_noun": cfg.class_noun,
@@ -494,46 +550,83 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
         "versions": _versions(),
         "class_images": None,
         "source_model": str(cfg.model),
-        "source_sr_model": str(sr_dir) if sr_dir else None,
-        "stages": stages,
+        "source_sr_model": str(inputs.sr_dir) if inputs.sr_dir else None,
+        "stages": inputs.stages,
         "final_loss": saved_run.get("final_loss", {}) if saved_run else {},
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    atomic_write_json(out / RUN_FILE, run)  # from here on the directory is a run: --resume continues it
-    class_dir = prepare_class_images(cfg, cascade, prompts, stages, device)
-    run["class_images"] = str(class_dir) if class_dir else None
     atomic_write_json(out / RUN_FILE, run)
+    return run
 
-    completed = list(latest["completed_stages"]) if latest else []
-    for stage in stages:
-        if stage in completed:
-            continue
-        unet = getattr(cascade, f"{stage}_unet")
-        setattr(cascade, f"{stage}_unet", None)  # the trainer holds it now; freed with the trainer
-        scheduler = cascade.base_scheduler if stage == "base" else cascade.sr_scheduler
-        noising = cascade.sr_noising_scheduler if stage == "sr" else None
-        rows = stage_data(stage, cascade, images, class_dir, cfg.flip, bool(cfg.class_images_dir))
-        stage_validation = None
-        if validation:
-            stage_validation = {
-                **validation,
-                "size": cascade.base_size if stage == "base" else cascade.sr_size,
-                "base_size": cascade.base_size,
-                "steps": VALIDATION_STEPS,
-                "guidance": BASE_GUIDANCE if stage == "base" else SR_GUIDANCE,
-                "noising_scheduler": noising,
-                "noise_level": SR_NOISE_LEVEL,
-            }
-        trainer = StageTrainer(
-            stage, unet, scheduler, noising, rows, prompts, cfg, device, out, completed, stage_validation
-        )
-        if latest and latest.get("stage") == stage:
-            trainer.restore(*load_checkpoint(out / CHECKPOINTS, latest))
-        run["final_loss"][stage] = trainer.run()
-        write_output_stage(out, stage, trainer, cfg)
-        completed.append(stage)
-        mark_stage_done(out / CHECKPOINTS, completed)
-        run["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+
+def stage_validation(cfg: TrainConfig, cascade: Cascade, stage: str, embeds: torch.Tensor | None,
+                     negative: torch.Tensor) -> Validation | None:
+    if embeds is None:
+        return None
+    return Validation(
+        embeds=embeds,
+        negative=negative,
+        size=cascade.base_size if stage == "base" else cascade.sr_size,
+        base_size=cascade.base_size,
+        guidance=BASE_GUIDANCE if stage == "base" else SR_GUIDANCE,
+        noising_scheduler=cascade.sr_noising_scheduler if stage == "sr" else None,
+    )
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
+    """Run DreamBooth as `cfg` says; return the output directory: check the inputs, prepare the output, then
+    train stage by stage."""
+    inputs = check_inputs(cfg)
+    out, stages = inputs.out, inputs.stages
+    with output_lock(out):
+        check_output_dir(out, resume, overwrite)
+        saved_run = read_run(out) if resume else None
+        latest = read_latest(out / CHECKPOINTS) if resume else None  # a new run starts from an empty directory
+        if saved_run:
+            check_resume_config(cfg, saved_run["config"])
+            check_not_finished(latest, out, stages)
+
+        cascade = load_cascade(cfg.model, cfg.sr_model, device=str(inputs.device), stages=tuple(stages))
+        for stage in stages:
+            data.check_sizes(inputs.images, cascade.base_size if stage == "base" else cascade.sr_size)
+        prompts = make_prompts(cascade, cfg, inputs.captions)
+        if saved_run and saved_run.get("instance_prompts", prompts.instance) != prompts.instance:
+            raise UserError(f"--resume: the captions changed since the run started (it trained on "
+                            f"{saved_run['instance_prompts']}); restore them or start a new run")
+        validation_embeds = None
+        if cfg.validation_prompt and cfg.validation_every:
+            text = identifier.fill_placeholder(cfg.validation_prompt, prompts.identifier)
+            validation_embeds = encode_prompts(cascade.tokenizer, cascade.text_encoder, [text] * 2)
+        cascade.text_encoder = None  # embeddings are cached: the text encoder is not needed any more
+        warning = check_free_space(out, estimated_write_bytes(cfg, inputs, cascade), "the run's output")
+        if warning:
+            tqdm.write(f"warning: {warning}")
+
+        run = start_run(cfg, inputs, prompts, saved_run, overwrite)
+        class_dir = prepare_class_images(cfg, cascade, prompts, stages, inputs.device)
+        run["class_images"] = str(class_dir) if class_dir else None
         atomic_write_json(out / RUN_FILE, run)
-        del trainer, unet
+
+        completed = list(latest["completed_stages"]) if latest else []
+        for stage in stages:
+            if stage in completed:
+                continue
+            unet = getattr(cascade, f"{stage}_unet")
+            setattr(cascade, f"{stage}_unet", None)  # the trainer holds it now; freed with the trainer
+            scheduler = cascade.base_scheduler if stage == "base" else cascade.sr_scheduler
+            noising = cascade.sr_noising_scheduler if stage == "sr" else None
+            rows = stage_data(stage, cascade, inputs.images, class_dir, cfg.flip, bool(cfg.class_images_dir))
+            validation = stage_validation(cfg, cascade, stage, validation_embeds, prompts.negative_embeds)
+            trainer = StageTrainer(stage, unet, scheduler, noising, rows, prompts, cfg, inputs.device, out,
+                                   completed, validation)
+            if latest and latest.get("stage") == stage:
+                trainer.restore(out / CHECKPOINTS, latest)
+            run["final_loss"][stage] = trainer.run()
+            run.setdefault("skipped_steps", {})[stage] = trainer.skipped  # fp16 overflows
+            write_output_stage(out, stage, trainer, cfg)
+            completed.append(stage)
+            mark_stage_done(out / CHECKPOINTS, completed)
+            run["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+            atomic_write_json(out / RUN_FILE, run)
+            del trainer, unet
     return out
