@@ -7,7 +7,7 @@ A step is one call of the stage's UNet runner at the sampler's batch (one prompt
 `dbfast generate`'s default steps (50 + 25) and guidance; the same seed for every backend, and the largest pixel
 difference of its image from eager's is recorded. What each backend costs once (compilation, ONNX export with
 its parity check, engine build) is recorded as prepare_s and excluded from the timings. Backends run as
-`dbfast generate --backend` runs them (generate.unet_runner), at their default precision: torch and compile in
+`dbfast generate --backend` runs them (backends.unet_runner), at their default precision: torch and compile in
 the model's float32, onnx from its fp32 export, trt from its fp16 engine. A backend that cannot run here (no
 TensorRT, no GPU) gets a row saying why. On the tiny cascade.
 
@@ -33,15 +33,14 @@ from benchmarks.common import (
     run_info,
     summarize,
 )
+from dreambooth_fast.backends import BACKENDS, unet_runner
 from dreambooth_fast.errors import UserError
 from dreambooth_fast.export import export_cascade
 from dreambooth_fast.export.onnx_export import unet_spec
-from dreambooth_fast.generate import unet_runner
 from dreambooth_fast.models import load_cascade
 from dreambooth_fast.sample import generate_cascade
 from dreambooth_fast.tiny_cascade import build_tiny_cascade
 
-BACKENDS = ("torch", "compile", "onnx", "trt")
 EAGER = "torch"
 PROMPT = "a red star on a blue background"
 # dbfast generate's defaults (generate.generate_images).

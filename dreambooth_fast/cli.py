@@ -9,7 +9,8 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .config import LR_SCHEDULES, PRECISIONS
+from .backends import BACKENDS
+from .config import LR_SCHEDULES, PRECISIONS, TrainConfig
 from .errors import UserError
 
 
@@ -49,6 +50,12 @@ def doctor() -> None:
     click.echo(report())
 
 
+def default(field: str) -> str:
+    """'  [default: X]' for a help text, X read from TrainConfig: the defaults are written once."""
+    value = getattr(TrainConfig(), field)
+    return f"  [default: {','.join(value) if isinstance(value, tuple) else value}]"
+
+
 def _stages(value: str) -> tuple[str, ...]:
     return tuple(s.strip() for s in value.split(",") if s.strip())
 
@@ -62,60 +69,70 @@ def _stages(value: str) -> tuple[str, ...]:
 @click.option("--sr-model", type=click.Path(),
               help="IF stage II directory when it is not MODEL/stage_2 (e.g. IF-II-L-v1.0).")
 @click.option("--output", type=click.Path(),
-              help="Output directory: the tuned cascade plus dreambooth.json.  [default: runs/dreambooth]")
+              help="Output directory: the tuned cascade plus dreambooth.json." + default("output"))
 @click.option("--config", "config_file", type=click.Path(),
               help="TOML file of these options (keys as the long option names).")
-@click.option("--stages", help="Stages to train, comma separated: base, sr.  [default: base,sr]")
+@click.option("--stages", help="Stages to train, comma separated: base, sr." + default("stages"))
 @click.option("--identifier", help="Use this identifier instead of searching the vocabulary for rare tokens.")
-@click.option("--identifier-tokens", type=int, help="Rare tokens in the identifier, 1-3 (the paper's k).  [default: 1]")
+@click.option("--identifier-tokens", type=int,
+              help="Rare tokens in the identifier, 1-3 (the paper's k)." + default("identifier_tokens"))
 @click.option("--captions", is_flag=True, default=None,
               help="Caption each photo from NAME.txt beside it, [V] marking the identifier (e.g. 'a [V] dog on a "
                    "sofa'), instead of 'a [V] [class]' for all: what the caption names is not bound to [V].")
 @click.option("--prior/--no-prior", "prior_preservation", default=None,
               help="Class-specific prior preservation loss (the paper's method).  [default: on]")
-@click.option("--prior-weight", type=float, help="lambda, the prior loss weight.  [default: 1.0, the paper's]")
+@click.option("--prior-weight", type=float, help="lambda, the prior loss weight." + default("prior_weight"))
 @click.option("--num-class-images", type=int,
-              help="Class images to generate (paper ~1000; diffusers 100, recommends 200-300).  [default: 100]")
+              help="Class images to generate (paper ~1000; diffusers 100, recommends 200-300)."
+                   + default("num_class_images"))
 @click.option("--class-images-dir", type=click.Path(), help="Use these class images instead of generating them.")
-@click.option("--class-sample-steps", type=int, help="Stage I sampling steps per class image.  [default: 50]")
+@click.option("--class-sample-steps", type=int,
+              help="Stage I sampling steps per class image." + default("class_sample_steps"))
 @click.option("--class-guidance-scale", type=float,
-              help="Guidance scale of the class images; lower draws a more varied class.  [default: 7.0]")
-@click.option("--sr-sample-steps", type=int, help="Stage II sampling steps per class image.  [default: 25]")
-@click.option("--steps", type=int, help="Optimizer steps per stage (paper ~1000).  [default: 1000]")
+              help="Guidance scale of the class images; lower draws a more varied class."
+                   + default("class_guidance_scale"))
+@click.option("--sr-sample-steps", type=int,
+              help="Stage II sampling steps per class image." + default("sr_sample_steps"))
+@click.option("--steps", type=int, help="Optimizer steps per stage (paper ~1000)." + default("steps"))
 @click.option("--sr-steps", type=int, help="Optimizer steps for the SR stage.  [default: --steps]")
-@click.option("--learning-rate", "--lr", type=float, help="Adam learning rate (paper, Imagen: 1e-5).  [default: 1e-5]")
-@click.option("--lr-warmup-steps", type=int, help="Linear warm-up steps before the schedule.  [default: 0]")
+@click.option("--learning-rate", "--lr", type=float,
+              help="Adam learning rate (paper, Imagen: 1e-5)." + default("learning_rate"))
+@click.option("--lr-warmup-steps", type=int,
+              help="Linear warm-up steps before the schedule." + default("lr_warmup_steps"))
 @click.option("--lr-schedule", type=click.Choice(LR_SCHEDULES),
               help="After warm-up: constant (diffusers' DreamBooth default), or decaying towards 0 at the last"
-                   " step, linearly or along a half cosine.  [default: constant]")
-@click.option("--batch-size", type=int, help="Subject rows per step (plus as many prior rows).  [default: 1]")
-@click.option("--gradient-accumulation", type=int, help="Micro-batches per optimizer step.  [default: 1]")
-@click.option("--max-grad-norm", type=float, help="Gradient clipping norm.  [default: 1.0]")
+                   " step, linearly or along a half cosine." + default("lr_schedule"))
+@click.option("--batch-size", type=int, help="Subject rows per step (plus as many prior rows)." + default("batch_size"))
+@click.option("--gradient-accumulation", type=int,
+              help="Micro-batches per optimizer step." + default("gradient_accumulation"))
+@click.option("--max-grad-norm", type=float, help="Gradient clipping norm." + default("max_grad_norm"))
 @click.option("--precision", type=click.Choice(PRECISIONS),
-              help="Autocast precision; fp16 uses loss scaling.  [default: fp32]")
+              help="Autocast precision; fp16 uses loss scaling." + default("precision"))
 @click.option("--gradient-checkpointing", is_flag=True, default=None, help="Trade compute for activation memory.")
 @click.option("--min-snr-gamma", type=float, help="Min-SNR-gamma loss weighting of the subject rows (e.g. 5).")
 @click.option("--lora-rank", type=int,
-              help="Train a LoRA adapter of this rank instead of the whole UNet.  [default: 0]")
+              help="Train a LoRA adapter of this rank instead of the whole UNet." + default("lora_rank"))
 @click.option("--merge", "merge_lora", is_flag=True, default=None,
               help="With --lora-rank: write merged weights, not the adapter.")
 @click.option("--use-8bit-adam", is_flag=True, default=None, help="8-bit Adam (bitsandbytes, an optional extra).")
 @click.option("--sr-noise-level", type=int,
-              help="SR conditioning noise augmentation, IF's 0-999 scale (paper: lowered to 1e-5 -> 0).  [default: 0]")
+              help="SR conditioning noise augmentation, IF's 0-999 scale (paper: lowered to 1e-5 -> 0)."
+                   + default("sr_noise_level"))
 @click.option("--flip", is_flag=True, default=None, help="Add horizontally flipped copies of the subject photos.")
 @click.option("--skip-bad-images", is_flag=True, default=None,
               help="Skip unreadable photos (with a warning) instead of stopping.")
-@click.option("--checkpoint-every", type=int, help="Steps between checkpoints.  [default: 250]")
+@click.option("--checkpoint-every", type=int, help="Steps between checkpoints." + default("checkpoint_every"))
 @click.option("--validation-prompt", help="Prompt for validation grids ('[V]' is replaced by the identifier).")
-@click.option("--validation-every", type=int, help="Steps between validation grids (0: never).  [default: 0]")
-@click.option("--seed", type=int, help="Seed of everything random in the run.  [default: 0]")
-@click.option("--device", help="auto, cpu, cuda or cuda:N.  [default: auto]")
+@click.option("--validation-every", type=int,
+              help="Steps between validation grids (0: never)." + default("validation_every"))
+@click.option("--seed", type=int, help="Seed of everything random in the run." + default("seed"))
+@click.option("--device", help="auto, cpu, cuda or cuda:N." + default("device"))
 @click.option("--resume", is_flag=True, help="Continue the run in --output from its last checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace the run already in --output.")
 def train(config_file: str | None, resume: bool, overwrite: bool, **options) -> None:
     """Fine-tune a cascade on a subject with DreamBooth: bind a rare-token identifier to the subject with the
     class-specific prior preservation loss, stage by stage (base, then super-resolution)."""
-    from .config import TrainConfig, load_toml
+    from .config import load_toml
     from .models import DEFAULT_MODEL
     from .train import train as run_training
 
@@ -146,7 +163,7 @@ def train(config_file: str | None, resume: bool, overwrite: bool, **options) -> 
 @click.option("--noise-level", default=250, show_default=True, type=click.IntRange(0, 999),
               help="Stage II noise augmentation of the upscaled image (IF's default 250).")
 @click.option("--seed", default=0, show_default=True, help="Seed; image k uses its own generator seeded seed + k.")
-@click.option("--backend", default="torch", show_default=True, type=click.Choice(["torch", "compile", "onnx", "trt"]),
+@click.option("--backend", default="torch", show_default=True, type=click.Choice(BACKENDS),
               help="UNet backend: eager torch, torch.compile, ONNX Runtime or TensorRT (after dbfast export).")
 @click.option("--export-dir", type=click.Path(),
               help="Where dbfast export wrote ONNX/TensorRT files [default: MODEL/export].")
@@ -212,7 +229,7 @@ def identifier(model_dir: str, n_tokens: int, seed: int, limit: int, check_word:
 @click.option("--out", type=click.Path(), help="Results JSON [default: MODEL/eval.json or GENERATED/eval.json].")
 @click.option("--identifier", help="The subject's identifier [default: from MODEL/dreambooth.json].")
 @click.option("--class", "class_noun", help="The subject's class noun [default: from MODEL/dreambooth.json].")
-@click.option("--backend", default="torch", show_default=True, type=click.Choice(["torch", "compile", "onnx", "trt"]),
+@click.option("--backend", default="torch", show_default=True, type=click.Choice(BACKENDS),
               help="UNet backend for generation, as in dbfast generate.")
 @click.option("--export-dir", type=click.Path(), help="Exports for onnx/trt [default: MODEL/export].")
 @click.option("--steps", type=click.IntRange(1), help="Stage I sampling steps [default: IF's 100].")

@@ -410,8 +410,8 @@ def generate_eval_images(model_dir: str | Path, prompts: list[str], n_per_prompt
     on `batch_size` (images per sampler call) or the device. Steps default to IF's (100 base, 50 SR), guidance
     to IF's. `backend` is any of `dbfast generate`'s; exported ones are read from `export_dir` (MODEL/export).
     """
+    from .backends import TORCH_BACKENDS, unet_runner
     from .export import default_export_dir
-    from .generate import TORCH_BACKENDS, unet_runner
     from .images import save_png, to_pil
     from .models import load_cascade, resolve_device
     from .sample import BASE_STEPS, SR_STEPS, generate_cascade

@@ -6,13 +6,14 @@ from pathlib import Path
 
 import torch
 
+from .backends import TORCH_BACKENDS, unet_runner
 from .errors import UserError
 from .export.cascade import default_export_dir
 from .identifier import PLACEHOLDER, fill_placeholder
 from .images import make_grid, save_png, save_pngs, to_pil
 from .models import find_sr_dir, load_cascade, resolve_device
 from .rundir import RUN_FILE, run_identifier
-from .sample import sample_base, sample_sr, torch_unet_fn
+from .sample import sample_cascade
 from .text import encode_negative, encode_prompts
 
 
@@ -27,22 +28,6 @@ def expand_prompt(prompt: str, model_dir: Path) -> str:
             "write the identifier itself"
         )
     return fill_placeholder(prompt, ident)
-
-
-TORCH_BACKENDS = ("torch", "compile")
-
-
-def unet_runner(
-    backend: str, unet: torch.nn.Module | None, stage_dir: Path, export_dir: Path, stage: str, device: torch.device
-):
-    """The UNet as a `unet_fn` for the sampler: eager, torch.compile'd, ONNX Runtime or TensorRT."""
-    if backend == "torch":
-        return torch_unet_fn(unet)
-    if backend == "compile":
-        return torch_unet_fn(torch.compile(unet))
-    from .export import make_unet_runner
-
-    return make_unet_runner(backend, stage, export_dir, stage_dir=stage_dir, device=device.type)
 
 
 def generate_images(
@@ -78,34 +63,13 @@ def generate_images(
     cond = encode_prompts(cascade.tokenizer, cascade.text_encoder, [text] * n)
     uncond = encode_negative(cascade.tokenizer, cascade.text_encoder)
     cascade.text_encoder = None
+    runners = {stage: unet_runner(backend, getattr(cascade, f"{stage}_unet"), getattr(cascade, f"{stage}_dir"),
+                                  export_dir, stage, dev) for stage in stages}
     # One generator per image, seeded seed + k: image k is the same whatever n is.
     generators = [torch.Generator().manual_seed(seed + k) for k in range(n)]
-    base_fn = unet_runner(backend, cascade.base_unet, cascade.base_dir, export_dir, "base", dev)
-    images = sample_base(
-        base_fn,
-        cascade.base_scheduler,
-        cond,
-        uncond,
-        size=cascade.base_size,
-        steps=steps,
-        guidance_scale=guidance,
-        generator=generators,
-    )
-    if "sr" in stages:
-        sr_fn = unet_runner(backend, cascade.sr_unet, cascade.sr_dir, export_dir, "sr", dev)
-        images = sample_sr(
-            sr_fn,
-            cascade.sr_scheduler,
-            cascade.sr_noising_scheduler,
-            images,
-            cond,
-            uncond,
-            size=cascade.sr_size,
-            steps=sr_steps,
-            guidance_scale=sr_guidance,
-            noise_level=noise_level,
-            generator=generators,
-        )
+    images = sample_cascade(cascade, runners, cond, uncond, stages=stages, base_steps=steps, base_guidance=guidance,
+                            sr_steps=sr_steps, sr_guidance=sr_guidance, noise_level=noise_level,
+                            generator=generators)["sr" if "sr" in stages else "base"]
     out_dir = Path(out) if out else model / "samples"
     paths = save_pngs(images, out_dir, prefix="image-")
     grid = save_png(make_grid(to_pil(images), cols=min(n, 4)), out_dir / "grid.png")

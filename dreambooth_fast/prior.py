@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from .fileio import atomic_write_json, file_lock, sha256_files
 from .images import save_pngs
 from .models import Cascade, load_unet, weights_files
-from .sample import sample_base, sample_sr, torch_unet_fn
+from .sample import sample_cascade, torch_unet_fn
 
 
 @dataclass(frozen=True)
@@ -102,43 +102,23 @@ def _draw_class_images(cascade: Cascade, class_embeds: torch.Tensor, negative_em
     base_unet = cascade.base_unet
     if base_unet is None:  # an SR-only run: its class images are still stage I's samples, upscaled
         base_unet = load_unet(cascade.base_dir, str(cascade.sr_unet.device), cascade.sr_unet.dtype)
-    base_fn = torch_unet_fn(base_unet)
-    sr_fn = torch_unet_fn(cascade.sr_unet) if settings.with_sr else None
+    runners = {"base": torch_unet_fn(base_unet)}
+    if settings.with_sr:
+        runners["sr"] = torch_unet_fn(cascade.sr_unet)
+    stages = tuple(runners)
     place = {"device": base_unet.device, "dtype": base_unet.dtype}
     start = done - done % settings.batch_size  # batches are the unit of resumption
     with tqdm(total=n, initial=start, desc=f"class images for {settings.prompt!r}", unit="img") as bar:
         for first in range(start, n, settings.batch_size):
             count = min(settings.batch_size, n - first)
             generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + first)
-            cond = class_embeds.to(**place).expand(count, -1, -1)
-            uncond = negative_embeds.to(**place)
-            base = sample_base(
-                base_fn,
-                cascade.base_scheduler,
-                cond,
-                uncond,
-                size=cascade.base_size,
-                steps=settings.base_steps,
-                guidance_scale=settings.guidance_scale,
-                generator=generator,
-                progress=False,
-            )
-            if sr_fn is not None:
-                sr = sample_sr(
-                    sr_fn,
-                    cascade.sr_scheduler,
-                    cascade.sr_noising_scheduler,
-                    base,
-                    cond,
-                    uncond,
-                    size=cascade.sr_size,
-                    steps=settings.sr_steps,
-                    guidance_scale=settings.sr_guidance_scale,
-                    noise_level=settings.sr_noise_level,
-                    generator=generator,
-                    progress=False,
-                )
-                save_pngs(sr, folder / "sr", prefix="", start=first)
+            images = sample_cascade(cascade, runners, class_embeds.to(**place).expand(count, -1, -1),
+                                    negative_embeds.to(**place), stages=stages, base_steps=settings.base_steps,
+                                    base_guidance=settings.guidance_scale, sr_steps=settings.sr_steps,
+                                    sr_guidance=settings.sr_guidance_scale, noise_level=settings.sr_noise_level,
+                                    generator=generator, progress=False)
+            if settings.with_sr:
+                save_pngs(images["sr"], folder / "sr", prefix="", start=first)
             # The base image is written last: a batch counts as done once base/ has it.
-            save_pngs(base, folder / "base", prefix="", start=first)
+            save_pngs(images["base"], folder / "base", prefix="", start=first)
             bar.update(count)

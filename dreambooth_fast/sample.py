@@ -151,35 +151,49 @@ def _placement(unet: torch.nn.Module | None, fallback: torch.nn.Module) -> dict:
 
 
 @torch.no_grad()
-def generate_cascade(cascade, prompts: list[str], *, stages: tuple[str, ...] = ("base", "sr"),
-                     base_unet_fn: UnetFn | None = None, sr_unet_fn: UnetFn | None = None,
-                     base_steps: int = BASE_STEPS, base_guidance: float = BASE_GUIDANCE, sr_steps: int = SR_STEPS,
-                     sr_guidance: float = SR_GUIDANCE, noise_level: int = SR_NOISE_LEVEL,
-                     generator: Generator = None, progress: bool = True) -> dict[str, torch.Tensor]:
-    """Run a loaded `models.Cascade` on `prompts` (one image each): {"base": ..., "sr": ...} for the stages run.
-
-    The runners default to the cascade's torch UNets; embeddings follow each UNet's device and dtype (for a
-    non-torch runner without a UNet loaded: the text encoder's). One generator runs through both stages, as
-    in diffusers' IF example.
-    """
-    if cascade.text_encoder is None:
-        raise ValueError("generate_cascade needs the cascade loaded with its text encoder")
+def sample_cascade(cascade, runners: dict[str, UnetFn], cond: torch.Tensor, uncond: torch.Tensor, *,
+                   stages: tuple[str, ...] = ("base", "sr"), base_steps: int = BASE_STEPS,
+                   base_guidance: float = BASE_GUIDANCE, sr_steps: int = SR_STEPS, sr_guidance: float = SR_GUIDANCE,
+                   noise_level: int = SR_NOISE_LEVEL, generator: Generator = None, progress: bool = True,
+                   placement: dict[str, dict] | None = None) -> dict[str, torch.Tensor]:
+    """The cascade: stage I draws one image per row of the prompt embeddings `cond` (`uncond`: the empty
+    prompt's row), then, with "sr" in `stages`, stage II upscales them. `runners` maps "base" and "sr" to a
+    UNet runner (any backend); the schedulers and sizes come from the loaded `models.Cascade`. One generator
+    runs through both stages, as in diffusers' IF example. `placement` gives each stage's embedding device
+    and dtype where they differ from `cond`'s. Returns {"base": ..., "sr": ...} for the stages run."""
     if "sr" in stages and cascade.sr_scheduler is None:
         raise UserError(f"{cascade.base_dir} has no stage II (stage_2/): pass --sr-model or --stages base")
-    cond = encode_prompts(cascade.tokenizer, cascade.text_encoder, prompts)
-    uncond = encode_negative(cascade.tokenizer, cascade.text_encoder)
+    place = placement or {}
     out: dict[str, torch.Tensor] = {}
-
-    base_fn = base_unet_fn or torch_unet_fn(cascade.base_unet)
-    place = _placement(cascade.base_unet, cascade.text_encoder)
-    out["base"] = sample_base(base_fn, cascade.base_scheduler, cond.to(**place), uncond.to(**place),
+    to = place.get("base", {})
+    out["base"] = sample_base(runners["base"], cascade.base_scheduler, cond.to(**to), uncond.to(**to),
                               size=cascade.base_size, steps=base_steps, guidance_scale=base_guidance,
                               generator=generator, progress=progress)
     if "sr" in stages:
-        sr_fn = sr_unet_fn or torch_unet_fn(cascade.sr_unet)
-        place = _placement(cascade.sr_unet, cascade.text_encoder)
-        out["sr"] = sample_sr(sr_fn, cascade.sr_scheduler, cascade.sr_noising_scheduler, out["base"],
-                              cond.to(**place), uncond.to(**place), size=cascade.sr_size, steps=sr_steps,
+        to = place.get("sr", {})
+        out["sr"] = sample_sr(runners["sr"], cascade.sr_scheduler, cascade.sr_noising_scheduler, out["base"],
+                              cond.to(**to), uncond.to(**to), size=cascade.sr_size, steps=sr_steps,
                               guidance_scale=sr_guidance, noise_level=noise_level, generator=generator,
                               progress=progress)
     return out
+
+
+@torch.no_grad()
+def generate_cascade(cascade, prompts: list[str], *, stages: tuple[str, ...] = ("base", "sr"),
+                     base_unet_fn: UnetFn | None = None, sr_unet_fn: UnetFn | None = None,
+                     **sampling) -> dict[str, torch.Tensor]:
+    """`sample_cascade` for prompts given as text, on a cascade loaded with its text encoder.
+
+    The runners default to the cascade's torch UNets; embeddings follow each UNet's device and dtype (for a
+    non-torch runner without a UNet loaded: the text encoder's). `sampling`: sample_cascade's settings.
+    """
+    if cascade.text_encoder is None:
+        raise ValueError("generate_cascade needs the cascade loaded with its text encoder")
+    cond = encode_prompts(cascade.tokenizer, cascade.text_encoder, prompts)
+    uncond = encode_negative(cascade.tokenizer, cascade.text_encoder)
+    runners = {"base": base_unet_fn or torch_unet_fn(cascade.base_unet)}
+    placement = {"base": _placement(cascade.base_unet, cascade.text_encoder)}
+    if "sr" in stages:
+        runners["sr"] = sr_unet_fn or (torch_unet_fn(cascade.sr_unet) if cascade.sr_unet is not None else None)
+        placement["sr"] = _placement(cascade.sr_unet, cascade.text_encoder)
+    return sample_cascade(cascade, runners, cond, uncond, stages=stages, placement=placement, **sampling)

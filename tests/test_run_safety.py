@@ -85,14 +85,14 @@ def test_two_runs_needing_the_same_class_images_draw_each_image_once(tiny_cascad
     negative = encode_negative(cascade.tokenizer, cascade.text_encoder)
     settings = prior.PriorSettings("a dog", 2, 7.0, 2, 4.0, 250, False, 0, 2)
     drawn = []
-    sample_base = prior.sample_base
+    sample_cascade = prior.sample_cascade
 
     def counting(*args, **kwargs):
-        images = sample_base(*args, **kwargs)
-        drawn.append(len(images))
+        images = sample_cascade(*args, **kwargs)
+        drawn.append(len(images["base"]))
         return images
 
-    monkeypatch.setattr(prior, "sample_base", counting)
+    monkeypatch.setattr(prior, "sample_cascade", counting)
     runs = [threading.Thread(target=prior.generate_class_images,
                              args=(cascade, embeds, negative, 6, settings, tmp_path / "cache")) for _ in range(2)]
     for run in runs:

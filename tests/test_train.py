@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from runs import assert_refused, dbfast, train, unet_weights
 
-from dreambooth_fast.lora import LORA_WEIGHTS
+from dreambooth_fast.lora import LORA_WEIGHTS, TARGET_MODULES
 from dreambooth_fast.train import lr_factor
 
 
@@ -113,8 +113,11 @@ def test_lora_merge_writes_plain_weights(tiny_cascade, subject_dir, tmp_path):
     result = train(tiny_cascade, subject_dir, out, "--lora-rank", "4", "--merge", "--no-prior", "--stages", "base")
     assert result.exit_code == 0, result.output
     assert not (out / LORA_WEIGHTS).exists()
-    tuned = unet_weights(out)
-    assert set(tuned) == set(unet_weights(tiny_cascade))
+    tuned, original = unet_weights(out), unet_weights(tiny_cascade)
+    assert set(tuned) == set(original)
+    changed = [k for k, v in tuned.items() if not torch.equal(v, original[k])]
+    # The adapter wraps the attention projections: merging changes those weights, nothing else.
+    assert changed and all(any(f".{m}." in k for m in TARGET_MODULES) for k in changed), changed
 
 
 def test_generate_runs_the_cascade_and_replaces_the_identifier(tiny_cascade, subject_dir, tmp_path):
@@ -340,9 +343,14 @@ def test_a_diverging_run_stops_with_the_step_and_what_to_try(tiny_cascade, subje
 
 def test_fp16_training_with_loss_scaling_runs(tiny_cascade, subject_dir, tmp_path):
     out = tmp_path / "run"
-    result = train(tiny_cascade, subject_dir, out, "--precision", "fp16", "--no-prior", "--stages", "base")
+    result = train(tiny_cascade, subject_dir, out, "--precision", "fp16", "--no-prior", "--stages", "base",
+                   "--steps", "6")
     assert result.exit_code == 0, result.output
-    assert all(torch.isfinite(v).all() for v in unet_weights(out).values())
+    tuned, original = unet_weights(out), unet_weights(tiny_cascade)
+    assert all(torch.isfinite(v).all() for v in tuned.values())
+    assert any(not torch.equal(v, original[k]) for k, v in tuned.items())
+    skipped = json.loads((out / "dreambooth.json").read_text())["skipped_steps"]["base"]
+    assert skipped < 6  # the loss scaler found a scale that trains, not one that skips every update
 
 
 def test_ctrl_c_while_making_class_images_keeps_them_and_resume_continues(
