@@ -15,7 +15,8 @@ from safetensors.torch import save_file
 
 from dreambooth_fast.cli import main
 from dreambooth_fast.errors import UserError
-from dreambooth_fast.evaluate import (
+from dreambooth_fast.evaluate.prompts import LIVE_TEMPLATES, OBJECT_TEMPLATES, eval_prompts, pres_prompt
+from dreambooth_fast.evaluate.protocol import (
     DIV_FALLBACK,
     DIV_LPIPS,
     MANIFEST,
@@ -34,7 +35,6 @@ from dreambooth_fast.evaluate import (
     to_tensor,
     within_similarity,
 )
-from dreambooth_fast.prompts import LIVE_TEMPLATES, OBJECT_TEMPLATES, eval_prompts, pres_prompt
 
 # ---- tiny encoders --------------------------------------------------------------------------------------
 

@@ -45,8 +45,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from .errors import UserError
-from .fileio import atomic_write_json
+from ..errors import UserError
+from ..fileio import atomic_write_json
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "dbfast-eval/1"
@@ -410,11 +410,11 @@ def generate_eval_images(model_dir: str | Path, prompts: list[str], n_per_prompt
     on `batch_size` (images per sampler call) or the device. Steps default to IF's (100 base, 50 SR), guidance
     to IF's. `backend` is any of `dbfast generate`'s; exported ones are read from `export_dir` (MODEL/export).
     """
-    from .export import default_export_dir
-    from .generate import TORCH_BACKENDS, unet_runner
-    from .images import save_png, to_pil
-    from .models import load_cascade, resolve_device
-    from .sample import BASE_STEPS, SR_STEPS, generate_cascade
+    from ..export import default_export_dir
+    from ..generate import TORCH_BACKENDS, unet_runner
+    from ..images import save_png, to_pil
+    from ..models import load_cascade, resolve_device
+    from ..sample import BASE_STEPS, SR_STEPS, generate_cascade
 
     if n_per_prompt < 1:
         raise UserError(f"--n {n_per_prompt}: generate at least one image per prompt")
@@ -443,7 +443,7 @@ def generate_eval_images(model_dir: str | Path, prompts: list[str], n_per_prompt
 
 def subject_of(model_dir: str | Path) -> tuple[str | None, str | None]:
     """(identifier, class noun) recorded in a trained model's dreambooth.json, (None, None) where absent."""
-    from .rundir import read_run
+    from ..rundir import read_run
 
     run = read_run(model_dir) or {}
     return run.get("identifier"), run.get("class_noun")
@@ -455,7 +455,7 @@ def generate_protocol(model_dir: str | Path, out_dir: str | Path, *, identifier:
 
     The directory is built under a temporary name and swapped into place, so it is complete or absent.
     """
-    from .fileio import atomic_write_dir
+    from ..fileio import atomic_write_dir
     from .prompts import eval_prompts, pres_prompt
 
     prompts = eval_prompts(identifier, class_noun, live)
@@ -484,7 +484,7 @@ def run_eval(model: str | Path | None, real_images: str | Path, clip: str | Path
     Results go to `out` (default MODEL/eval.json, or GENERATED/eval.json); generated images to the results
     file's name without `.json` plus `-images` (MODEL/eval-images by default). Returns (results, results path).
     """
-    from .models import resolve_device
+    from ..models import resolve_device
 
     if generated is None and model is None:
         raise UserError("give --model to generate the evaluation images, or --generated DIR to score existing ones")
