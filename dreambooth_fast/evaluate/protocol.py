@@ -42,15 +42,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from tqdm.auto import tqdm
 
+from ..data import load_subject_images, read_image
 from ..errors import UserError
 from ..fileio import atomic_write_json
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "dbfast-eval/1"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 BATCH = 16
 
 DIV_LPIPS = "DIV"
@@ -69,24 +69,9 @@ PAPER_ROWS = [
 
 # ---- images ---------------------------------------------------------------------------------------------
 
-def open_rgb(path: Path) -> Image.Image:
-    """An image file as upright RGB (EXIF orientation applied); a UserError if it cannot be read."""
-    try:
-        with Image.open(path) as im:
-            return ImageOps.exif_transpose(im).convert("RGB")
-    except (UnidentifiedImageError, OSError) as err:
-        raise UserError(f"{path}: cannot read this image ({err}); replace or remove the file") from None
-
-
-def load_image_dir(folder: str | Path, what: str = "--real-images") -> list[Image.Image]:
-    """Every image file directly in `folder` (by suffix, sorted by name); other files are ignored."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"{what} {folder}: not a directory")
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not paths:
-        raise UserError(f"{what} {folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in it")
-    return [open_rgb(p) for p in paths]
+def load_real_images(folder: str | Path) -> list[Image.Image]:
+    """The real subject photos, read as `dbfast train` reads them, so that DINO and CLIP-I see the trained pixels."""
+    return [photo.image for photo in load_subject_images(folder, option="--real-images")]
 
 
 # ---- similarity maths -----------------------------------------------------------------------------------
@@ -327,13 +312,13 @@ def score_generated(generated: str | Path, real_images: str | Path, clip: ClipEn
                     lpips: Lpips | None = None, progress: bool = False) -> dict:
     """Score a generated-images directory against the real subject photos; the results as a JSON-able dict."""
     manifest = read_manifest(generated)
-    real = load_image_dir(real_images)
+    real = load_real_images(real_images)
     real_dino, real_clip = dino.embed(real), clip.embed(real)
     div_name = DIV_LPIPS if lpips is not None else DIV_FALLBACK
 
     per_prompt, all_dino, all_clip, text_sims, divs = [], [], [], [], []
     for entry in tqdm(manifest["subject"], desc="scoring prompts", disable=not progress):
-        images = [open_rgb(p) for p in entry["images"]]
+        images = [read_image(p) for p in entry["images"]]
         gen_dino, gen_clip = dino.embed(images), clip.embed(images)
         text = clip.embed_texts([entry.get("clip_text") or entry["prompt"]]).expand(len(images), -1)
         row = {"prompt": entry["prompt"], "n": len(images), "DINO": cross_similarity(gen_dino, real_dino),
@@ -355,7 +340,7 @@ def score_generated(generated: str | Path, real_images: str | Path, clip: ClipEn
                div_name: float(np.mean(divs)) if divs else None}
     n_class = 0
     if manifest.get("class"):
-        class_images = [open_rgb(p) for p in manifest["class"]["images"]]
+        class_images = [read_image(p) for p in manifest["class"]["images"]]
         n_class = len(class_images)
         metrics["PRES"] = cross_similarity(dino.embed(class_images), real_dino)
     real_row = ({"DINO": within_similarity(real_dino), "CLIP-I": within_similarity(real_clip)} if len(real) > 1
@@ -497,7 +482,7 @@ def run_eval(model: str | Path | None, real_images: str | Path, clip: str | Path
     # Check the inputs before loading anything, and load the encoders before minutes of generation.
     _check_model_dir(clip, "--clip")
     _check_model_dir(dino, "--dino")
-    load_image_dir(real_images)
+    load_real_images(real_images)
     encoder_device = str(resolve_device(device))
     clip_encoder, dino_encoder = load_clip(clip, encoder_device), load_dino(dino, encoder_device)
     lpips_net = load_lpips(lpips, encoder_device) if lpips is not None else None
