@@ -16,25 +16,24 @@ from safetensors.torch import save_file
 from dreambooth_fast.cli import main
 from dreambooth_fast.data import load_subject_images
 from dreambooth_fast.errors import UserError
-from dreambooth_fast.evaluate.prompts import LIVE_TEMPLATES, OBJECT_TEMPLATES, eval_prompts, pres_prompt
-from dreambooth_fast.evaluate.protocol import (
+from dreambooth_fast.evaluate.encoders import load_clip, load_dino, load_lpips, to_tensor
+from dreambooth_fast.evaluate.metrics import (
     DIV_FALLBACK,
     DIV_LPIPS,
-    MANIFEST,
-    MANIFEST_FORMAT,
     cross_similarity,
-    format_table,
-    generate_eval_images,
-    load_clip,
-    load_dino,
-    load_lpips,
     mean_pairwise_lpips,
     paired_similarity,
+    within_similarity,
+)
+from dreambooth_fast.evaluate.prompts import LIVE_TEMPLATES, OBJECT_TEMPLATES, eval_prompts, pres_prompt
+from dreambooth_fast.evaluate.protocol import (
+    MANIFEST,
+    MANIFEST_FORMAT,
+    format_table,
+    generate_eval_images,
     run_eval,
     score_generated,
     subject_of,
-    to_tensor,
-    within_similarity,
 )
 
 # ---- tiny encoders --------------------------------------------------------------------------------------
