@@ -1,12 +1,19 @@
 """Subject photos in, training tensors out: validate, EXIF-orient, convert to RGB, centre-crop, resize.
 
+`read_image` and `load_subject_images` are the one reader of photos: training reads the subject and class images
+with them and `dbfast eval` the real photos it scores against, so both see the same pixels.
+
 Problems the user can fix raise UserError (one line naming the file and what to do); problems the run can live
-with (a skipped bad file, a photo smaller than the stage resolution) are `warnings.warn` UserWarnings.
+with (a skipped bad file, fewer than 3 photos, a photo smaller than the stage resolution) are `warnings.warn`
+UserWarnings.
 """
 
 from __future__ import annotations
 
+import errno
 import io
+import os
+import stat
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,7 +29,9 @@ from .identifier import PLACEHOLDER
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 # Photo formats we do not read: named in a warning so that a folder of iPhone HEICs is not silently ignored.
 _OTHER_IMAGE_SUFFIXES = (".heic", ".heif", ".avif", ".gif", ".bmp", ".tif", ".tiff", ".jxl", ".raw", ".dng")
-_SKIP_HINT = "pass --skip-bad-images to go on without it"
+# The subject photos of `dbfast train`: the only directory where --skip-bad-images applies and 3-5 photos are wanted.
+SUBJECT_OPTION = "--images"
+MIN_SUBJECT_PHOTOS = 3
 
 
 @dataclass(frozen=True)
@@ -38,26 +47,35 @@ class SubjectImage:
 
 
 def load_subject_images(images_dir: str | Path, *, skip_bad: bool = False, min_size: int | None = None,
-                        option: str = "--images") -> list[SubjectImage]:
+                        option: str = SUBJECT_OPTION) -> list[SubjectImage]:
     """Read every .jpg/.jpeg/.png/.webp in `images_dir` (not recursive, dotfiles ignored), sorted by name.
 
-    A file with an image suffix that cannot be decoded fully raises UserError naming it, or with `skip_bad`
-    is skipped with a warning (UserError still if none is left). With `min_size` (the largest resolution the
-    photos will be trained at) the sizes are checked as `check_sizes` does. Errors about the directory name
-    `option`, the command-line option it came from (e.g. "--class-images-dir" for prior images).
+    An entry with an image suffix that cannot be read as an image (see `read_image`: also a broken link, a link
+    loop, a directory) raises UserError naming it, or with `skip_bad` is skipped with a warning (UserError still
+    if none is left). With `min_size` (the largest resolution the photos will be trained at) the sizes are
+    checked as `check_sizes` does. Messages name `option`, the command-line option the directory came from
+    (e.g. "--class-images-dir" for prior images); only for SUBJECT_OPTION do they point at --skip-bad-images
+    and warn about fewer than 3 photos.
     """
     paths = _image_paths(Path(images_dir), option)
+    subject = option == SUBJECT_OPTION
+    what_to_do = "fix or remove the file" + (", or pass --skip-bad-images to go on without it" if subject else "")
     images = []
     for path in paths:
         try:
-            images.append(SubjectImage(path, _read_rgb(path)))
+            images.append(SubjectImage(path, read_image(path)))
         except UserError as err:
             if not skip_bad:
-                raise UserError(f"{err}; fix or remove the file, or {_SKIP_HINT}") from None
+                raise UserError(f"{err}; {what_to_do}") from None
             warnings.warn(f"skipping {err}", UserWarning, stacklevel=2)
     if not images:
         raise UserError(f"{option} {images_dir}: none of its {len(paths)} image files could be read; "
                         "add readable jpg/png/webp images")
+    if subject and len(images) < MIN_SUBJECT_PHOTOS:
+        count = f"{len(images)} photo" + ("s" if len(images) > 1 else "")
+        warnings.warn(f"{option} {images_dir}: only {count} of the subject; DreamBooth wants 3-5 (different poses "
+                      "and backgrounds); with fewer it tends to copy the photos rather than learn the subject",
+                      UserWarning, stacklevel=2)
     if min_size is not None:
         check_sizes(images, min_size)
     return images
@@ -138,7 +156,8 @@ def _image_paths(images_dir: Path, option: str) -> list[Path]:
     if not entries:
         raise UserError(f"{option} {images_dir}: the directory is empty; put jpg/png/webp images in it "
                         "(for a subject, 3-5 photos)")
-    paths = [p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+    # Anything named like a photo counts, readable or not (a broken link, a directory): read_image names it.
+    paths = [p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES]
     if not paths:
         found = ", ".join(p.name + ("/" if p.is_dir() else "") for p in entries[:8])
         more = f" and {len(entries) - 8} more" if len(entries) > 8 else ""
@@ -151,10 +170,22 @@ def _image_paths(images_dir: Path, option: str) -> list[Path]:
     return paths
 
 
-def _read_rgb(path: Path) -> Image.Image:
+def read_image(path: Path) -> Image.Image:
     """Decode `path` fully (so truncation shows here, not mid-training), orient it and convert it to RGB.
-    Raises UserError("<path>: <what is wrong>") for anything that is not a readable image."""
-    if path.stat().st_size == 0:
+    Raises UserError("<path>: <what is wrong>") for anything that is not a readable image file."""
+    try:
+        info = path.stat()  # follows links: a link to nowhere and a link loop fail here
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise UserError(f"{path}: symbolic link loop") from None
+        if err.errno == errno.ENOENT and path.is_symlink():
+            raise UserError(f"{path}: broken symbolic link to {os.readlink(path)}, which does not exist") from None
+        raise UserError(f"{path}: cannot read it ({err.strerror})") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise UserError(f"{path}: a directory, not an image file")
+    if not stat.S_ISREG(info.st_mode):
+        raise UserError(f"{path}: not a regular file")  # a pipe or device would block or never end
+    if info.st_size == 0:
         raise UserError(f"{path}: empty file (0 bytes)")
     try:
         with Image.open(path) as opened:

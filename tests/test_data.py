@@ -1,10 +1,13 @@
 """Subject photos: every accepted input becomes an upright RGB image; every bad one is a one-line UserError
 naming the file (or a warning where the run can go on)."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from runs import assert_refused, train
 
 from dreambooth_fast.data import check_sizes, load_subject_images, prepare
 from dreambooth_fast.errors import UserError
@@ -184,6 +187,47 @@ def test_skip_bad_warns_and_goes_on(tmp_path):
     assert [im.path.name for im in images] == ["good.jpg"]
 
 
+def _broken_link(path):
+    path.symlink_to(path.parent / "deleted.jpg")
+
+
+def _link_loop(path):
+    path.symlink_to(path)
+
+
+def _directory(path):
+    path.mkdir()
+
+
+def _pipe(path):
+    os.mkfifo(path)  # opening it to read would wait forever for a writer
+
+
+def _no_read_permission(path):
+    corner_image().save(path)
+    path.chmod(0)
+
+
+@pytest.mark.parametrize("make, reason", [
+    (_broken_link, "broken symbolic link"),
+    (_link_loop, "symbolic link loop"),
+    (_directory, "a directory"),
+    (_pipe, "not a regular file"),
+    pytest.param(_no_read_permission, "permission denied", marks=pytest.mark.skipif(
+        os.geteuid() == 0, reason="root reads a file without read permission")),
+])
+def test_unreadable_entry_named_like_a_photo_is_named_not_ignored(tmp_path, make, reason):
+    corner_image().save(tmp_path / "good.jpg")
+    make(tmp_path / "bad.jpg")
+    with pytest.raises(UserError, match=reason) as err:
+        load_subject_images(tmp_path)
+    message = str(err.value)
+    assert str(tmp_path / "bad.jpg") in message and "--skip-bad-images" in message and "\n" not in message
+    with pytest.warns(UserWarning, match="bad.jpg"):
+        images = load_subject_images(tmp_path, skip_bad=True)
+    assert [im.path.name for im in images] == ["good.jpg"]
+
+
 def test_skip_bad_with_nothing_left_is_an_error(tmp_path):
     (tmp_path / "a.jpg").write_bytes(b"")
     (tmp_path / "b.png").write_text("nope")
@@ -201,6 +245,26 @@ def test_small_image_warns_and_too_small_refuses(tmp_path):
     check_sizes(images, 48)  # big enough: silent
     with pytest.raises(UserError, match="half"):
         load_subject_images(tmp_path, min_size=128)
+
+
+def test_fewer_than_three_photos_warn_and_load(tmp_path):
+    corner_image().save(tmp_path / "a.jpg")
+    corner_image().save(tmp_path / "b.jpg")
+    with pytest.warns(UserWarning, match=r"only 2 photos.*3-5"):
+        assert len(load_subject_images(tmp_path)) == 2
+
+
+def test_three_photos_load_without_a_warning(tmp_path, recwarn):
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        corner_image().save(tmp_path / name)
+    assert len(load_subject_images(tmp_path)) == 3
+    assert not recwarn.list
+
+
+def test_few_class_images_do_not_warn(tmp_path, recwarn):
+    corner_image().save(tmp_path / "a.jpg")
+    assert len(load_subject_images(tmp_path, option="--class-images-dir")) == 1
+    assert not recwarn.list
 
 
 # --- prepare --------------------------------------------------------------------------------------------------
@@ -225,3 +289,20 @@ def test_prepare_flip_appends_mirrored_copies(tmp_path):
     assert flipped.shape == (4, 3, 24, 24)
     assert torch.equal(flipped[:2], plain) and torch.equal(flipped[2:], plain.flip(-1))
     assert flipped[2, 0, 1, -2] > 0.9 and flipped[2, 0, 1, 1] < -0.9  # red block now top-right
+
+
+# --- through `dbfast train` -----------------------------------------------------------------------------------
+
+def test_train_with_two_photos_prints_a_warning_and_trains(tiny_cascade, subject_dir, tmp_path):
+    for extra in sorted(subject_dir.iterdir())[2:]:
+        extra.unlink()
+    result = train(tiny_cascade, subject_dir, tmp_path / "out", "--no-prior", "--stages", "base")
+    assert result.exit_code == 0, result.output
+    assert f"warning: --images {subject_dir}: only 2 photos of the subject; DreamBooth wants 3-5" in result.output
+    assert (tmp_path / "out" / "dreambooth.json").is_file()
+
+
+def test_train_names_a_broken_link_among_the_photos(tiny_cascade, subject_dir, tmp_path):
+    (subject_dir / "moved.jpg").symlink_to(tmp_path / "elsewhere.jpg")
+    result = train(tiny_cascade, subject_dir, tmp_path / "out")
+    assert_refused(result, "moved.jpg: broken symbolic link", "--skip-bad-images", out=tmp_path / "out")

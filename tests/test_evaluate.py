@@ -14,27 +14,27 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from dreambooth_fast.cli import main
+from dreambooth_fast.data import load_subject_images
 from dreambooth_fast.errors import UserError
-from dreambooth_fast.evaluate import (
+from dreambooth_fast.evaluate.encoders import load_clip, load_dino, load_lpips, to_tensor
+from dreambooth_fast.evaluate.metrics import (
     DIV_FALLBACK,
     DIV_LPIPS,
-    MANIFEST,
-    MANIFEST_FORMAT,
     cross_similarity,
-    format_table,
-    generate_eval_images,
-    load_clip,
-    load_dino,
-    load_lpips,
     mean_pairwise_lpips,
     paired_similarity,
+    within_similarity,
+)
+from dreambooth_fast.evaluate.prompts import LIVE_TEMPLATES, OBJECT_TEMPLATES, eval_prompts, pres_prompt
+from dreambooth_fast.evaluate.protocol import (
+    MANIFEST,
+    MANIFEST_FORMAT,
+    format_table,
+    generate_eval_images,
     run_eval,
     score_generated,
     subject_of,
-    to_tensor,
-    within_similarity,
 )
-from dreambooth_fast.prompts import LIVE_TEMPLATES, OBJECT_TEMPLATES, eval_prompts, pres_prompt
 
 # ---- tiny encoders --------------------------------------------------------------------------------------
 
@@ -369,7 +369,7 @@ def test_generated_dir_mistakes_are_user_errors(tmp_path, encoders, dog_photos):
     with pytest.raises(UserError, match="no manifest.json"):
         score_generated(tmp_path, dog_photos, clip, dino)
     generated = _write_generated(tmp_path / "gen", {"a sks dog": [_noise_image(0)]})
-    with pytest.raises(UserError, match="--real-images .*no images"):
+    with pytest.raises(UserError, match=r"--real-images .*no \.jpg/\.jpeg/\.png/\.webp files"):
         score_generated(generated, tmp_path / "gen", clip, dino)
     (generated / "00" / "0000.png").unlink()
     with pytest.raises(UserError, match="does not exist"):
@@ -377,6 +377,56 @@ def test_generated_dir_mistakes_are_user_errors(tmp_path, encoders, dog_photos):
     (generated / MANIFEST).write_text("{")
     with pytest.raises(UserError, match="manifest.json: not valid JSON"):
         score_generated(generated, dog_photos, clip, dino)
+
+
+# ---- the real photos are read as training reads them (dreambooth_fast.data) -------------------------------
+
+
+def _deep_grey_photo() -> Image.Image:
+    return Image.fromarray(np.random.default_rng(0).integers(0, 65536, (48, 48), dtype=np.uint16))
+
+
+def _half_transparent_photo() -> Image.Image:
+    pixels = np.random.default_rng(1).integers(0, 256, (48, 48, 4), dtype=np.uint8)
+    pixels[:, :24, 3] = 0  # left half fully transparent: its colours are not part of the picture
+    pixels[:, 24:, 3] = 255
+    return Image.fromarray(pixels, mode="RGBA")
+
+
+@pytest.mark.parametrize("photo", [_deep_grey_photo, _half_transparent_photo], ids=["16-bit grey", "RGBA"])
+def test_real_photos_score_the_pixels_training_sees(tmp_path, encoders, photo):
+    clip, dino = encoders
+    (tmp_path / "real").mkdir()
+    photo().save(tmp_path / "real" / "photo.png")
+    [trained_on] = load_subject_images(tmp_path / "real")
+    generated = _write_generated(tmp_path / "gen", {"a sks dog": [trained_on.image]})
+    metrics = score_generated(generated, tmp_path / "real", clip, dino)["metrics"]
+    assert metrics["DINO"] == pytest.approx(1.0, abs=1e-6)
+    assert metrics["CLIP-I"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_real_images_are_the_files_training_reads(tmp_path, encoders):
+    clip, dino = encoders
+    (tmp_path / "real").mkdir()
+    _noise_image(0).save(tmp_path / "real" / "a.png")
+    _noise_image(1).save(tmp_path / "real" / "b.bmp")  # not a format training reads
+    generated = _write_generated(tmp_path / "gen", {"a sks dog": [_noise_image(2)]})
+    with pytest.warns(UserWarning, match="b.bmp"):
+        results = score_generated(generated, tmp_path / "real", clip, dino)
+    assert results["counts"]["real"] == 1
+
+
+def test_cli_names_a_broken_link_among_the_real_images(tmp_path, encoder_dirs):
+    (tmp_path / "real").mkdir()
+    _noise_image(0).save(tmp_path / "real" / "a.png")
+    (tmp_path / "real" / "b.jpg").symlink_to(tmp_path / "deleted.jpg")
+    generated = _write_generated(tmp_path / "gen", {"a sks dog": [_noise_image(1)]})
+    result = CliRunner().invoke(main, ["eval", "--generated", str(generated), "--real-images", str(tmp_path / "real"),
+                                       "--clip", str(encoder_dirs[0]), "--dino", str(encoder_dirs[1])])
+    assert result.exit_code == 2, result.output
+    message = result.output.strip().splitlines()[-1]
+    assert message.startswith("error: ") and "b.jpg: broken symbolic link" in message
+    assert "Traceback" not in result.output and "--skip-bad-images" not in message  # not an eval option
 
 
 def test_cli_scores_a_generated_dir(tmp_path, encoder_dirs, dog_photos):
