@@ -127,11 +127,13 @@ def check_can_create(folder: Path, option: str) -> None:
 @contextlib.contextmanager
 def output_lock(output: Path) -> Iterator[None]:
     """Hold the output directory for one run: a second run into it is refused at once. The lock is an flock on
-    OUTPUT/.dbfast.lock (released by the OS when the process ends, kill -9 too). A directory this run made and
-    left holding nothing but the lock (it stopped before writing anything) is removed again."""
+    OUTPUT/.dbfast.lock (released by the OS when the process ends, kill -9 too). A run that stops before its
+    run file exists (refused, or failed loading) takes its lock file away again, and the directory too if it
+    made it: a directory that is not a run is left as it was."""
     made = not output.exists()
     output.mkdir(parents=True, exist_ok=True)
     lock = output / LOCK_FILE
+    had_lock = lock.exists()
     with file_lock(lock, wait=False) as held:
         if not held:
             raise UserError(
@@ -141,9 +143,10 @@ def output_lock(output: Path) -> Iterator[None]:
         try:
             yield
         finally:
-            if made and [p.name for p in output.iterdir()] == [LOCK_FILE]:
+            if not had_lock and not (output / RUN_FILE).exists():
                 lock.unlink()
-                output.rmdir()
+                if made and not any(output.iterdir()):
+                    output.rmdir()
 
 
 def clear_run(output: Path) -> None:
