@@ -39,7 +39,7 @@ from dreambooth_fast.export.onnx_export import unet_spec
 from dreambooth_fast.generate import unet_runner
 from dreambooth_fast.models import load_cascade
 from dreambooth_fast.sample import generate_cascade
-from dreambooth_fast.tiny_cascade import build_tiny_cascade
+from dreambooth_fast.toy.tiny_cascade import build_tiny_cascade
 
 BACKENDS = ("torch", "compile", "onnx", "trt")
 EAGER = "torch"

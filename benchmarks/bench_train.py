@@ -53,7 +53,7 @@ from benchmarks.common import (
 from dreambooth_fast import ops
 from dreambooth_fast.config import TrainConfig
 from dreambooth_fast.models import STAGE_2_DIR, load_cascade, load_scheduler, load_unet
-from dreambooth_fast.tiny_cascade import build_tiny_cascade, if_scheduler_config, tiny_unet_config
+from dreambooth_fast.toy.tiny_cascade import build_tiny_cascade, if_scheduler_config, tiny_unet_config
 from dreambooth_fast.train import AUTOCAST, Prompts, StageData, StageTrainer
 
 CHANNELS = 3

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from dreambooth_fast import toy_world as world
-from dreambooth_fast.judge import accuracy, judge
-from dreambooth_fast.toy_eval import diversity
+from dreambooth_fast.toy import world
+from dreambooth_fast.toy.evaluation import diversity
+from dreambooth_fast.toy.judge import accuracy, judge
 
 SUBJECT_PNGS = sorted((Path(__file__).resolve().parents[1] / "examples" / "subject").glob("*.png"))
 
@@ -71,7 +71,7 @@ def test_toy_eval_reports_prompt_fidelity_pres_and_div(tiny_cascade, tmp_path):
     import json
     import shutil
 
-    from dreambooth_fast.toy_eval import evaluate, format_results
+    from dreambooth_fast.toy.evaluation import evaluate, format_results
 
     run = tmp_path / "run"
     shutil.copytree(tiny_cascade, run)
@@ -89,7 +89,7 @@ def test_toy_eval_reports_prompt_fidelity_pres_and_div(tiny_cascade, tmp_path):
 
 
 def test_stage2_fidelity_compares_stage_two_with_the_image_it_upscales():
-    from dreambooth_fast.toy_eval import stage2_fidelity
+    from dreambooth_fast.toy.evaluation import stage2_fidelity
 
     scenes = [world.random_scene(random.Random(k)) for k in range(6)]
     base = [np.asarray(world.render(s, 32)) for s in scenes]

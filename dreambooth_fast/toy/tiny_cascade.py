@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .models import STAGE_2_DIR
+from ..models import STAGE_2_DIR
 
 _COLOURS = "red green blue yellow purple orange pink white black brown gray cyan".split()
 _SHAPES = "circle square triangle star heart cross ring diamond hexagon moon dog cat".split()

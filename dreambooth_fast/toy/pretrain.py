@@ -1,6 +1,6 @@
 """Pretrain the embedded default model from scratch on the toy world, in DeepFloyd IF's layout.
 
-    python -m dreambooth_fast.pretrain --out DIR [--steps N] [--resume] [--threads 1]
+    python -m dreambooth_fast.toy.pretrain --out DIR [--steps N] [--resume] [--threads 1]
 
 What is trained, as IF trains its stages, at toy size:
 - a SentencePiece tokenizer on the toy captions plus filler text (so rare tokens exist, as in T5's vocabulary);
@@ -39,12 +39,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import toy_world
-from .fileio import atomic_write, atomic_write_dir, atomic_write_json
-from .models import STAGE_2_DIR
-from .ops import add_noise
-from .snr import min_snr_weights
-from .text import MAX_LENGTH, preprocess_prompt
+from ..fileio import atomic_write, atomic_write_dir, atomic_write_json
+from ..models import STAGE_2_DIR
+from ..ops import add_noise
+from ..snr import min_snr_weights
+from ..text import MAX_LENGTH, preprocess_prompt
+from . import world
 from .tiny_cascade import if_scheduler_config, save_if_cascade, training_text
 
 BASE_SIZE = 32
@@ -65,8 +65,8 @@ NAMED_SHARE = 0.25
 SR_V_FROM = 14400
 TEXT_STEPS = 400
 # What the text encoder's probes read from a caption (`caption_labels`), and their classes.
-CAPTION_FIELDS = {"shape": toy_world.SHAPES, "colour": toy_world.COLOURS, "background": toy_world.COLOURS,
-                  "pattern": toy_world.PATTERNS}
+CAPTION_FIELDS = {"shape": world.SHAPES, "colour": world.COLOURS, "background": world.COLOURS,
+                  "pattern": world.PATTERNS}
 LAYOUT = ("model_index.json", "unet", "text_encoder", "tokenizer", "scheduler", STAGE_2_DIR)
 
 
@@ -111,7 +111,7 @@ def train_tokenizer(folder: Path, seed: int, vocab_size: int = VOCAB_SIZE) -> No
     import sentencepiece as spm
 
     rng = random.Random(seed)
-    captions = [toy_world.caption(toy_world.random_scene(rng, train=False), rng) for _ in range(6000)]
+    captions = [world.caption(world.random_scene(rng, train=False), rng) for _ in range(6000)]
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(captions + training_text(seed)), model_writer=buf, vocab_size=vocab_size,
@@ -130,9 +130,9 @@ def toy_batch(seed: int, step: int, n: int, drop: float = 0.1, named: float = 0.
     for _ in range(n):
         # The roll is drawn only when named things are on, so earlier steps' batches are as they were.
         is_named = named > 0 and rng.random() < named
-        scene = toy_world.named_scene(rng) if is_named else toy_world.random_scene(rng)
-        images.append(np.asarray(toy_world.render(scene, SR_SIZE)))
-        captions.append("" if rng.random() < drop else toy_world.caption(scene, rng))
+        scene = world.named_scene(rng) if is_named else world.random_scene(rng)
+        images.append(np.asarray(world.render(scene, SR_SIZE)))
+        captions.append("" if rng.random() < drop else world.caption(scene, rng))
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
     return x, captions
 
@@ -141,14 +141,14 @@ def caption_labels(caption: str) -> dict[str, int]:
     """The class index of each CAPTION_FIELDS field `caption` names (-1 where it names none), read from its
     words: the colour before the shape word is the object's, the words after it describe the background."""
     words = caption.split()
-    shape_at = next((i for i, w in enumerate(words) if w in toy_world.SHAPES), None)
+    shape_at = next((i for i, w in enumerate(words) if w in world.SHAPES), None)
     if shape_at is None:
         return dict.fromkeys(CAPTION_FIELDS, -1)
     after = words[shape_at + 1:]
     found = {"shape": words[shape_at],
-             "colour": words[shape_at - 1] if shape_at and words[shape_at - 1] in toy_world.COLOURS else None,
-             "background": next((w for w in after if w in toy_world.COLOURS), None),
-             "pattern": next((w for w in after if w in toy_world.PATTERNS), "plain" if "background" in after else None)}
+             "colour": words[shape_at - 1] if shape_at and words[shape_at - 1] in world.COLOURS else None,
+             "background": next((w for w in after if w in world.COLOURS), None),
+             "pattern": next((w for w in after if w in world.PATTERNS), "plain" if "background" in after else None)}
     return {k: CAPTION_FIELDS[k].index(v) if v else -1 for k, v in found.items()}
 
 
@@ -167,7 +167,7 @@ def pretrain_text_encoder(text_encoder: torch.nn.Module, tokenizer, seed: int, s
 
     def batch_of(step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         rng = random.Random(seed * 1_000_003 + 7_000_000 + step)
-        captions = [toy_world.caption(toy_world.random_scene(rng, train=False), rng) for _ in range(batch)]
+        captions = [world.caption(world.random_scene(rng, train=False), rng) for _ in range(batch)]
         tokens = tokenizer([preprocess_prompt(c) for c in captions], padding="max_length", max_length=MAX_LENGTH,
                            truncation=True, return_tensors="pt")
         mask = tokens.attention_mask.float()
@@ -368,7 +368,7 @@ def pretrain(out: str | Path, steps: int = 16400, *, resume: bool = False, seed:
         "text_encoder": {"steps": text_steps, "probe_accuracy": text_accuracy},
         "parameters": n_params, "torch": torch.__version__,
         "final_loss": {k: round(float(np.mean(v[-100:])), 5) for k, v in losses.items() if v},
-        "command": f"python -m dreambooth_fast.pretrain --out {out} --steps {steps} --threads {threads}",
+        "command": f"python -m dreambooth_fast.toy.pretrain --out {out} --steps {steps} --threads {threads}",
     })
     return out
 

@@ -16,7 +16,7 @@ For a DreamBooth run (a directory with dreambooth.json) also, with its identifie
 - DIV: share of pairs of class-prompt samples whose judged (object colour, background, pattern) differ.
 Judged at the base stage's 32 px (the judge reads that resolution without loss; see tests/test_judge.py).
 
-    python -m dreambooth_fast.toy_eval --model DIR [--n 4] [--out FILE]
+    python -m dreambooth_fast.toy.evaluation --model DIR [--n 4] [--out FILE]
 
 Results go to --out, else DIR/toy_eval.json for a DreamBooth run, else ./toy_eval.json.
 """
@@ -32,17 +32,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import toy_world as world
-from .errors import UserError
-from .fileio import atomic_write_json
-from .identifier import class_prompt, instance_prompt
+from ..errors import UserError
+from ..fileio import atomic_write_json
+from ..identifier import class_prompt, instance_prompt
+from ..rundir import read_run
+from . import world
 from .judge import Verdict, judge
-from .rundir import read_run
 
 STEPS = 50
 GUIDANCE = 7.0
 BATCH = 16
-# New places for the subject: none of these is a background of its 4 images (toy_world.SUBJECT_BACKGROUNDS).
+# New places for the subject: none of these is a background of its 4 images (world.SUBJECT_BACKGROUNDS).
 RECONTEXT = (("red", "plain"), ("white", "plain"), ("red", "striped"), ("white", "dotted"), ("green", "checked"),
              ("black", "striped"), ("blue", "dotted"), ("orange", "plain"))
 
@@ -51,7 +51,7 @@ def sample_stages(cascade, prompts: list[str], seed: int, steps: int = STEPS, gu
                   stages: tuple[str, ...] = ("base",)) -> dict[str, list[np.ndarray]]:
     """Samples (HxWx3 uint8) of each stage in `stages`, image i drawn with seed + i; both stages take `steps`,
     stage II its default guidance and noise level."""
-    from .sample import generate_cascade
+    from ..sample import generate_cascade
 
     images: dict[str, list[np.ndarray]] = {stage: [] for stage in stages}
     for start in range(0, len(prompts), BATCH):
@@ -150,7 +150,7 @@ def subject_metrics(cascade, ident: str, class_noun: str, n: int = 4, seed: int 
 def evaluate(model_dir: str | Path, *, n: int = 4, seed: int = 0, steps: int = STEPS, guidance: float = GUIDANCE,
              out: str | Path | None = None) -> tuple[dict, Path]:
     """Measure a toy-world cascade (and, for a DreamBooth run, its subject); write the results as JSON."""
-    from .models import load_cascade
+    from ..models import load_cascade
 
     model_dir = Path(model_dir)
     torch.manual_seed(seed)
@@ -207,7 +207,7 @@ def format_results(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Judge a toy-world cascade (see dreambooth_fast/toy_eval.py).")
+    parser = argparse.ArgumentParser(description="Judge a toy-world cascade (see dreambooth_fast/toy/evaluation.py).")
     parser.add_argument("--model", required=True)
     parser.add_argument("--n", type=int, default=4, help="samples per prompt")
     parser.add_argument("--seed", type=int, default=0)
