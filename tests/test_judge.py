@@ -88,6 +88,22 @@ def test_toy_eval_reports_prompt_fidelity_pres_and_div(tiny_cascade, tmp_path):
     assert "PRES" in text and "named-thing fidelity" in text and "stage II fidelity" in text
 
 
+def test_dbfast_eval_toy_is_the_command_line_of_the_toy_evaluation(tiny_cascade, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from dreambooth_fast.cli import main
+
+    out = tmp_path / "toy.json"
+    args = ["eval", "--toy", "--model", tiny_cascade, "--n", "1", "--steps", "2", "--seed", "3", "--out", out]
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    results = json.loads(out.read_text())
+    assert (results["steps"], results["seed"], results["prompt_fidelity"]["n"]) == (2, 3, 8)
+    assert "held-out prompt fidelity" in result.output and f"results: {out}" in result.output
+
+
 def test_stage2_fidelity_compares_stage_two_with_the_image_it_upscales():
     from dreambooth_fast.toy.evaluation import stage2_fidelity
 

@@ -16,14 +16,13 @@ For a DreamBooth run (a directory with dreambooth.json) also, with its identifie
 - DIV: share of pairs of class-prompt samples whose judged (object colour, background, pattern) differ.
 Judged at the base stage's 32 px (the judge reads that resolution without loss; see tests/test_judge.py).
 
-    python -m dreambooth_fast.toy.evaluation --model DIR [--n 4] [--out FILE]
+    dbfast eval --toy [--model DIR] [--n 4] [--seed 0] [--steps 50] [--out FILE]
 
 Results go to --out, else DIR/toy_eval.json for a DreamBooth run, else ./toy_eval.json.
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import random
 from pathlib import Path
@@ -32,7 +31,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import UserError
 from ..fileio import atomic_write_json
 from ..identifier import class_prompt, instance_prompt
 from ..rundir import read_run
@@ -205,24 +203,3 @@ def format_results(results: dict) -> str:
                   f"recontextualisation places ('a {results['class_noun']} on ...'): PRES {d['pres_in_context']:.0%}"]
     return "\n".join(lines)
 
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Judge a toy-world cascade (see dreambooth_fast/toy/evaluation.py).")
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--n", type=int, default=4, help="samples per prompt")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=STEPS)
-    parser.add_argument("--guidance", type=float, default=GUIDANCE)
-    parser.add_argument("--out")
-    args = parser.parse_args(argv)
-    try:
-        results, path = evaluate(args.model, n=args.n, seed=args.seed, steps=args.steps, guidance=args.guidance,
-                                 out=args.out)
-    except UserError as err:
-        raise SystemExit(f"error: {err}") from None
-    print(format_results(results))
-    print(f"results: {path}")
-
-
-if __name__ == "__main__":
-    main()
