@@ -45,7 +45,15 @@ from ..ops import add_noise
 from ..snr import min_snr_weights
 from ..text import MAX_LENGTH, preprocess_prompt
 from . import world
-from .tiny_cascade import if_scheduler_config, save_if_cascade, training_text
+from .if_layout import (
+    if_noising_scheduler_config,
+    if_scheduler_config,
+    if_unet_config,
+    save_if_cascade,
+    t5_encoder_config,
+    tokenizer_text,
+    train_sentencepiece,
+)
 
 BASE_SIZE = 32
 SR_SIZE = 64
@@ -71,55 +79,28 @@ LAYOUT = ("model_index.json", "unet", "text_encoder", "tokenizer", "scheduler", 
 
 
 def text_encoder_config(vocab_size: int) -> dict:
-    return dict(vocab_size=vocab_size, d_model=TEXT_DIM, d_kv=16, d_ff=2 * TEXT_DIM, num_layers=2, num_heads=4,
-                relative_attention_num_buckets=16, dropout_rate=0.0, feed_forward_proj="gated-gelu",
-                pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-
-
-def _unet_config(sample_size: int, widths: list[int], down: list[str], up: list[str], sr: bool) -> dict:
-    config = dict(
-        sample_size=sample_size, layers_per_block=1, block_out_channels=widths, down_block_types=down,
-        mid_block_type="UNetMidBlock2DSimpleCrossAttn", up_block_types=up, in_channels=6 if sr else 3,
-        out_channels=6, cross_attention_dim=widths[-1], encoder_hid_dim=TEXT_DIM, attention_head_dim=16,
-        addition_embed_type="text", addition_embed_type_num_heads=2, cross_attention_norm="group_norm",
-        resnet_time_scale_shift="scale_shift", act_fn="gelu", norm_num_groups=8,
-    )
-    if sr:
-        config.update(class_embed_type="timestep", mid_block_scale_factor=1.414, time_embedding_act_fn="gelu")
-    return config
+    """The default model's T5 encoder: TEXT_DIM wide."""
+    return t5_encoder_config(vocab_size, TEXT_DIM, d_kv=16, relative_attention_num_buckets=16)
 
 
 def base_unet_config() -> dict:
     """IF-I's block layout at toy size: a ResNet level at 32 px, cross-attention levels at 16 and 8 px."""
-    return _unet_config(BASE_SIZE, [32, 64, 64],
-                        ["ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D", "SimpleCrossAttnDownBlock2D"],
-                        ["SimpleCrossAttnUpBlock2D", "SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"], sr=False)
+    return if_unet_config(BASE_SIZE, [32, 64, 64], [False, True, True], text_dim=TEXT_DIM, attention_head_dim=16,
+                          norm_num_groups=8)
 
 
 def sr_unet_config() -> dict:
     """IF-II's block layout at toy size: ResNet levels at 64 and 32 px, cross-attention at 16 px."""
-    return _unet_config(SR_SIZE, [16, 32, 64],
-                        ["ResnetDownsampleBlock2D", "ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"],
-                        ["SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D", "ResnetUpsampleBlock2D"], sr=True)
+    return if_unet_config(SR_SIZE, [16, 32, 64], [False, False, True], text_dim=TEXT_DIM, attention_head_dim=16,
+                          super_resolution=True, norm_num_groups=8)
 
 
 def train_tokenizer(folder: Path, seed: int, vocab_size: int = VOCAB_SIZE) -> None:
-    """A T5-style SentencePiece model (pad=0, eos=1, unk=2) on toy captions plus the filler text and random
-    letter strings of tiny_cascade (a rare tail of short pieces, as T5's vocabulary has)."""
-    import io
-
-    import sentencepiece as spm
-
+    """A T5-style SentencePiece model on toy captions plus `if_layout.tokenizer_text` (filler text and a rare tail
+    of short pieces, as T5's vocabulary has)."""
     rng = random.Random(seed)
     captions = [world.caption(world.random_scene(rng, train=False), rng) for _ in range(6000)]
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(captions + training_text(seed)), model_writer=buf, vocab_size=vocab_size,
-        model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0,
-        hard_vocab_limit=False, minloglevel=2, num_threads=1,
-    )
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "spiece.model").write_bytes(buf.getvalue())
+    train_sentencepiece(folder, captions + tokenizer_text(seed), vocab_size)
 
 
 def toy_batch(seed: int, step: int, n: int, drop: float = 0.1, named: float = 0.0) -> tuple[torch.Tensor, list[str]]:
@@ -294,7 +275,7 @@ def pretrain(out: str | Path, steps: int = 16400, *, resume: bool = False, seed:
     from diffusers import DDPMScheduler
 
     alphas = DDPMScheduler(**base_sched).alphas_cumprod
-    noising = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2").alphas_cumprod
+    noising = DDPMScheduler(**if_noising_scheduler_config()).alphas_cumprod
 
     def save(step: int, elapsed: float) -> None:
         state = {"model": models.state_dict(), "ema": ema, "opt_base": opt_base.state_dict(),
