@@ -23,7 +23,7 @@ import torch
 
 from benchmarks import bench_generate, bench_kernels, bench_prior, bench_train
 from benchmarks.common import RESULTS_DIR, append_rows, default_device, load_average, run_info
-from dreambooth_fast.tiny_cascade import build_tiny_cascade
+from dreambooth_fast.toy.tiny_cascade import build_tiny_cascade
 
 SUITES = ("kernels", "train", "prior", "generate")
 MODULES = {"train": bench_train, "prior": bench_prior, "generate": bench_generate}

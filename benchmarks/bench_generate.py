@@ -39,7 +39,7 @@ from dreambooth_fast.export import export_cascade
 from dreambooth_fast.export.onnx_export import unet_spec
 from dreambooth_fast.models import load_cascade
 from dreambooth_fast.sample import generate_cascade
-from dreambooth_fast.tiny_cascade import build_tiny_cascade
+from dreambooth_fast.toy.tiny_cascade import build_tiny_cascade
 
 EAGER = "torch"
 PROMPT = "a red star on a blue background"

@@ -29,7 +29,7 @@ from dreambooth_fast.models import load_cascade
 from dreambooth_fast.prior import PriorSettings, generate_class_images
 from dreambooth_fast.sample import SR_GUIDANCE, SR_NOISE_LEVEL
 from dreambooth_fast.text import encode_negative, encode_prompts
-from dreambooth_fast.tiny_cascade import build_tiny_cascade
+from dreambooth_fast.toy.tiny_cascade import build_tiny_cascade
 from dreambooth_fast.train import CLASS_IMAGE_BATCH
 
 CLASS_PROMPT = "a dog"

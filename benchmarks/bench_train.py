@@ -53,7 +53,8 @@ from benchmarks.common import (
 from dreambooth_fast import ops
 from dreambooth_fast.config import TrainConfig
 from dreambooth_fast.models import STAGE_2_DIR, load_cascade, load_scheduler, load_unet
-from dreambooth_fast.tiny_cascade import build_tiny_cascade, if_scheduler_config, tiny_unet_config
+from dreambooth_fast.toy.if_layout import if_noising_scheduler_config, if_scheduler_config, if_unet_config
+from dreambooth_fast.toy.tiny_cascade import build_tiny_cascade
 from dreambooth_fast.train import AUTOCAST, Prompts, StageData, StageTrainer
 
 CHANNELS = 3
@@ -78,37 +79,16 @@ class Case:
         return f"{2 * self.batch}x{CHANNELS}x{self.size}x{self.size}"
 
 
-def if_unet_config(stage: str) -> dict:
+def published_unet_config(stage: str) -> dict:
     """The UNet config of IF-I-XL-v1.0 (stage I, 64 px, 4.3B parameters) or IF-II-L-v1.0 (stage II, 256 px, 1.2B
-    parameters) as published in their unet/config.json: tiny_unet_config's IF layout at the real widths, depths and
-    heads."""
+    parameters) as published in their unet/config.json."""
     if stage == "base":
-        config = tiny_unet_config(64, False, width=704, text_dim=4096)
-        config.update(
-            block_out_channels=[704, 1408, 2112, 2816],
-            layers_per_block=3,
-            down_block_types=["ResnetDownsampleBlock2D"] + ["SimpleCrossAttnDownBlock2D"] * 3,
-            up_block_types=["SimpleCrossAttnUpBlock2D"] * 3 + ["ResnetUpsampleBlock2D"],
-            cross_attention_dim=2816,
-            attention_head_dim=64,
-            addition_embed_type_num_heads=64,
-        )
-        return config
-    config = tiny_unet_config(256, True, width=160, text_dim=4096)
-    config.update(
-        block_out_channels=[160, 320, 640, 960, 1280],
-        layers_per_block=[2, 2, 3, 5, 5],
-        down_block_types=["ResnetDownsampleBlock2D"] * 3 + ["SimpleCrossAttnDownBlock2D"] * 2,
-        up_block_types=["SimpleCrossAttnUpBlock2D"] * 2 + ["ResnetUpsampleBlock2D"] * 3,
-        cross_attention_dim=1280,
-        attention_head_dim=64,
-        addition_embed_type_num_heads=64,
-        time_embedding_dim=1280,
-        resnet_skip_time_act=True,
-        resnet_out_scale_factor=1 / 0.7071,
-        mid_block_scale_factor=1 / 0.7071,
-    )
-    return config
+        return if_unet_config(64, [704, 1408, 2112, 2816], [False, True, True, True], text_dim=4096,
+                              attention_head_dim=64, layers_per_block=3, addition_embed_type_num_heads=64)
+    return if_unet_config(256, [160, 320, 640, 960, 1280], [False, False, False, True, True], text_dim=4096,
+                          attention_head_dim=64, super_resolution=True, layers_per_block=[2, 2, 3, 5, 5],
+                          addition_embed_type_num_heads=64, time_embedding_dim=1280, resnet_skip_time_act=True,
+                          resnet_out_scale_factor=1 / 0.7071, mid_block_scale_factor=1 / 0.7071)
 
 
 IF_MODELS = {"base": "IF-I-XL", "sr": "IF-II-L"}
@@ -140,7 +120,7 @@ def _unet(case: Case, model_dir: Path | None, device: str) -> torch.nn.Module:
     from diffusers import UNet2DConditionModel
 
     with torch.device(device):  # random init on the device: a 4.3B model is slow to initialise on a CPU
-        return UNet2DConditionModel(**if_unet_config(case.stage))
+        return UNet2DConditionModel(**published_unet_config(case.stage))
 
 
 def _schedulers(case: Case, model_dir: Path | None):
@@ -152,7 +132,7 @@ def _schedulers(case: Case, model_dir: Path | None):
     from diffusers import DDPMScheduler
 
     scheduler = DDPMScheduler(**if_scheduler_config(sample_max_value=1.5 if case.stage == "base" else 1.0))
-    noising = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2") if case.stage == "sr" else None
+    noising = DDPMScheduler(**if_noising_scheduler_config()) if case.stage == "sr" else None
     return scheduler, noising
 
 

@@ -244,7 +244,7 @@ def eval_(model, sr_model, toy, real_images, clip_dir, dino_dir, lpips_dir, live
     exact judge instead (see QUALITY.md)."""
     if toy:
         from .models import default_model_dir
-        from .toy_eval import STEPS, evaluate, format_results
+        from .toy.evaluation import STEPS, evaluate, format_results
 
         results, path = evaluate(model or default_model_dir(), n=n, seed=seed, steps=steps or STEPS, out=out)
         click.echo(format_results(results))

@@ -73,7 +73,7 @@ def default_model_dir() -> Path:
     from tqdm.auto import tqdm
 
     from .prior import default_cache_root
-    from .tiny_cascade import build_tiny_cascade
+    from .toy.tiny_cascade import build_tiny_cascade
 
     path = default_cache_root().parent / "tiny-cascade"
     if not (path / "model_index.json").is_file() or not (path / STAGE_2_DIR / "model_index.json").is_file():

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from dreambooth_fast.fileio import atomic_write
 from dreambooth_fast.identifier import PLACEHOLDER, instance_prompt
-from dreambooth_fast.toy_world import SUBJECT_BACKGROUNDS, SUBJECT_SHAPE, draw_subject, on_background
+from dreambooth_fast.toy.world import SUBJECT_BACKGROUNDS, SUBJECT_SHAPE, draw_subject, on_background
 
 SEED = 7
 SIZE = 128  # drawn larger than the model's 64 px so the pictures read well; training resizes them

@@ -24,7 +24,7 @@ from dreambooth_fast.identifier import class_prompt, instance_prompt
 from dreambooth_fast.images import make_grid, save_png, to_pil
 from dreambooth_fast.models import load_cascade
 from dreambooth_fast.sample import generate_cascade
-from dreambooth_fast.toy_world import on_background
+from dreambooth_fast.toy.world import on_background
 
 OUT = Path(__file__).resolve().parent
 CAPTIONS = ("a red star on a blue background", "a green circle on a white background",

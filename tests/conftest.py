@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from dreambooth_fast.tiny_cascade import build_tiny_cascade
+from dreambooth_fast.toy.tiny_cascade import build_tiny_cascade
 
 SHARED_PHOTOS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dreambooth-dog"
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from dreambooth_fast import toy_world as world
-from dreambooth_fast.judge import accuracy, judge
-from dreambooth_fast.toy_eval import diversity
+from dreambooth_fast.toy import world
+from dreambooth_fast.toy.evaluation import diversity
+from dreambooth_fast.toy.judge import accuracy, judge
 
 SUBJECT_PNGS = sorted((Path(__file__).resolve().parents[1] / "examples" / "subject").glob("*.png"))
 
@@ -71,7 +71,7 @@ def test_toy_eval_reports_prompt_fidelity_pres_and_div(tiny_cascade, tmp_path):
     import json
     import shutil
 
-    from dreambooth_fast.toy_eval import evaluate, format_results
+    from dreambooth_fast.toy.evaluation import evaluate, format_results
 
     run = tmp_path / "run"
     shutil.copytree(tiny_cascade, run)
@@ -88,8 +88,24 @@ def test_toy_eval_reports_prompt_fidelity_pres_and_div(tiny_cascade, tmp_path):
     assert "PRES" in text and "named-thing fidelity" in text and "stage II fidelity" in text
 
 
+def test_dbfast_eval_toy_is_the_command_line_of_the_toy_evaluation(tiny_cascade, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from dreambooth_fast.cli import main
+
+    out = tmp_path / "toy.json"
+    args = ["eval", "--toy", "--model", tiny_cascade, "--n", "1", "--steps", "2", "--seed", "3", "--out", out]
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    results = json.loads(out.read_text())
+    assert (results["steps"], results["seed"], results["prompt_fidelity"]["n"]) == (2, 3, 8)
+    assert "held-out prompt fidelity" in result.output and f"results: {out}" in result.output
+
+
 def test_stage2_fidelity_compares_stage_two_with_the_image_it_upscales():
-    from dreambooth_fast.toy_eval import stage2_fidelity
+    from dreambooth_fast.toy.evaluation import stage2_fidelity
 
     scenes = [world.random_scene(random.Random(k)) for k in range(6)]
     base = [np.asarray(world.render(s, 32)) for s in scenes]

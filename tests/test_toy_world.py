@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from dreambooth_fast import toy_world as world
-from dreambooth_fast.judge import judge
 from dreambooth_fast.models import STAGE_2_DIR, load_cascade
+from dreambooth_fast.toy import world
+from dreambooth_fast.toy.judge import judge
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "dreambooth_fast" / "default_model"
@@ -116,7 +116,7 @@ def test_named_things_are_two_coloured_things_called_by_name_and_never_hearts():
 
 
 def test_named_things_join_pretraining_batches_only_when_asked():
-    from dreambooth_fast.pretrain import toy_batch
+    from dreambooth_fast.toy.pretrain import toy_batch
 
     def named_captions(captions):
         return sum(any(name in c.split() for name in world.NAMES) for c in captions)
@@ -147,7 +147,7 @@ def test_default_model_loads_as_an_if_cascade():
 
 
 def test_pretrain_writes_a_loadable_cascade_and_its_cost(tmp_path):
-    from dreambooth_fast.pretrain import COST_FILE, pretrain
+    from dreambooth_fast.toy.pretrain import COST_FILE, pretrain
 
     out = pretrain(tmp_path / "toy", steps=1, base_batch=2, sr_batch=1, text_steps=2)
     cascade = load_cascade(out)
@@ -158,7 +158,7 @@ def test_pretrain_writes_a_loadable_cascade_and_its_cost(tmp_path):
 
 
 def test_from_sr_v_from_only_stage_two_trains_and_it_predicts_v(tmp_path, monkeypatch):
-    from dreambooth_fast import pretrain as pretraining
+    from dreambooth_fast.toy import pretrain as pretraining
 
     monkeypatch.setattr(pretraining, "SR_V_FROM", 1)
     options = dict(base_batch=2, sr_batch=1, checkpoint_every=1, text_steps=2)
@@ -178,7 +178,7 @@ def test_from_sr_v_from_only_stage_two_trains_and_it_predicts_v(tmp_path, monkey
 
 
 def test_caption_labels_read_every_phrasing_of_the_world():
-    from dreambooth_fast.pretrain import CAPTION_FIELDS, caption_labels
+    from dreambooth_fast.toy.pretrain import CAPTION_FIELDS, caption_labels
 
     rng = random.Random(0)
     for _ in range(500):
@@ -198,7 +198,7 @@ def test_caption_labels_read_every_phrasing_of_the_world():
 def test_the_frozen_text_encoder_is_taught_to_read_captions_first(tmp_path):
     from transformers import T5Tokenizer
 
-    from dreambooth_fast.pretrain import Models, pretrain_text_encoder, train_tokenizer
+    from dreambooth_fast.toy.pretrain import Models, pretrain_text_encoder, train_tokenizer
 
     train_tokenizer(tmp_path, seed=0)
     tokenizer = T5Tokenizer.from_pretrained(tmp_path, extra_ids=0)
@@ -210,7 +210,7 @@ def test_the_frozen_text_encoder_is_taught_to_read_captions_first(tmp_path):
 
 
 def test_pretrain_resumes_exactly(tmp_path):
-    from dreambooth_fast.pretrain import CHECKPOINT, pretrain
+    from dreambooth_fast.toy.pretrain import CHECKPOINT, pretrain
 
     options = dict(base_batch=2, sr_batch=1, checkpoint_every=1, text_steps=2)
     pretrain(tmp_path / "straight", steps=2, **options)

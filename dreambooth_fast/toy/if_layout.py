@@ -1,21 +1,18 @@
-"""A tiny random cascade in DeepFloyd IF's exact layout, for tests, benchmarks and the CPU quick start.
+"""DeepFloyd IF's diffusers layout, built once: the configs of IF's schedulers, of its UNets (at any width, from
+toy size to IF-I-XL's) and of a T5 encoder; a T5-style SentencePiece tokenizer trainer; and the writer of a
+cascade (stage I at a path, stage II in its stage_2/), exactly as IF's pipelines save them.
 
-`build_tiny_cascade(path)` writes a stage I directory (model_index.json, unet/, text_encoder/, tokenizer/,
-scheduler/) that diffusers' `IFPipeline.from_pretrained` loads, with a stage II directory in `path/stage_2`
-(IF's SR layout: no text encoder, noise-level class labels) that `IFSuperResolutionPipeline` loads. The
-weights are random; the SentencePiece tokenizer is trained here on toy captions plus filler text, so its
-vocabulary has a frequent head and a rare tail as T5's has.
+The tiny random cascade, the toy world's pretraining and the benchmarks build their models from here.
 """
 
 from __future__ import annotations
 
 import io
 import random
+from collections.abc import Iterable
 from pathlib import Path
 
-import torch
-
-from .models import STAGE_2_DIR
+from ..models import STAGE_2_DIR
 
 _COLOURS = "red green blue yellow purple orange pink white black brown gray cyan".split()
 _SHAPES = "circle square triangle star heart cross ring diamond hexagon moon dog cat".split()
@@ -27,13 +24,14 @@ _FILLER = (
 ).split()
 
 
-def training_text(seed: int, n_lines: int = 4000) -> list[str]:
+def tokenizer_text(seed: int, n_lines: int = 4000) -> list[str]:
+    """Text for a SentencePiece vocabulary of T5's shape: captions and filler words (a frequent head) and random
+    letter strings (a long tail of rare short pieces), `n_lines` of each kind, seeded."""
     rng = random.Random(seed)
     lines = []
     for _ in range(n_lines):
         lines.append(f"a {rng.choice(_COLOURS)} {rng.choice(_SHAPES)} on a {rng.choice(_COLOURS)} background")
         lines.append(" ".join(rng.choice(_FILLER) for _ in range(rng.randint(6, 16))))
-        # Random letter strings give the vocabulary a long tail of rare short pieces, as T5's has.
         lines.append(
             " ".join(
                 "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 5))) for _ in range(4)
@@ -42,13 +40,14 @@ def training_text(seed: int, n_lines: int = 4000) -> list[str]:
     return lines
 
 
-def train_sentencepiece(path: Path, vocab_size: int = 1000, seed: int = 0) -> Path:
-    """Train a T5-style SentencePiece model (pad=0, eos=1, unk=2) and write it to `path`/spiece.model."""
+def train_sentencepiece(folder: Path, lines: Iterable[str], vocab_size: int) -> Path:
+    """Train a T5-style SentencePiece model (unigram; pad=0, eos=1, unk=2, no bos) on `lines`; write it to
+    `folder`/spiece.model and return that path."""
     import sentencepiece as spm
 
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(training_text(seed)),
+        sentence_iterator=iter(lines),
         model_writer=buf,
         vocab_size=vocab_size,
         model_type="unigram",
@@ -61,14 +60,33 @@ def train_sentencepiece(path: Path, vocab_size: int = 1000, seed: int = 0) -> Pa
         minloglevel=2,
         num_threads=1,
     )
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "spiece.model").write_bytes(buf.getvalue())
-    return path / "spiece.model"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "spiece.model").write_bytes(buf.getvalue())
+    return folder / "spiece.model"
+
+
+def t5_encoder_config(vocab_size: int, d_model: int, d_kv: int, relative_attention_num_buckets: int) -> dict:
+    """A T5Config of T5 v1.1's kind (gated-GELU feed-forward, T5's special ids) at toy depth: 2 layers of 4
+    heads, no dropout."""
+    return dict(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        d_kv=d_kv,
+        d_ff=2 * d_model,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=relative_attention_num_buckets,
+        dropout_rate=0.0,
+        feed_forward_proj="gated-gelu",
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
 
 
 def if_scheduler_config(sample_max_value: float = 1.5) -> dict:
     """The DDPMScheduler config IF ships with its stages (squared-cosine betas, learned-range variance,
-    dynamic thresholding)."""
+    dynamic thresholding); IF's stage I clips at 1.5, stage II at 1.0."""
     return dict(
         num_train_timesteps=1000,
         beta_schedule="squaredcos_cap_v2",
@@ -84,22 +102,30 @@ def if_scheduler_config(sample_max_value: float = 1.5) -> dict:
     )
 
 
-def tiny_unet_config(sample_size: int, super_resolution: bool, width: int = 32, text_dim: int = 32) -> dict:
-    """A UNet2DConditionModel config of IF's shape at toy width: 6 output channels (epsilon + learned-range
-    variance), text cross-attention; stage II adds 6 input channels (noisy image + upscaled low-res image) and
-    the noise-augmentation level as timestep-embedded class labels."""
+def if_noising_scheduler_config() -> dict:
+    """The DDPMScheduler config of IF stage II's image_noising_scheduler (the low-res input's augmentation)."""
+    return dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+
+
+def if_unet_config(sample_size: int, block_out_channels: list[int], cross_attention: list[bool], *, text_dim: int,
+                   attention_head_dim: int, super_resolution: bool = False, **overrides) -> dict:
+    """A UNet2DConditionModel config of IF's shape: one level per width, a ResNet level or, where
+    `cross_attention` says so, a text cross-attention level (the up path mirrors the down path); 6 output
+    channels (epsilon + learned-range variance); the T5 embeddings (`text_dim` wide) projected in. Stage II
+    (`super_resolution`) adds 3 input channels (the upscaled low-res image) and its noise-augmentation level as
+    timestep-embedded class labels. `overrides` set any other UNet2DConditionModel argument."""
     config = dict(
         sample_size=sample_size,
         layers_per_block=1,
-        block_out_channels=[width, 2 * width],
-        down_block_types=["ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"],
+        block_out_channels=list(block_out_channels),
+        down_block_types=["SimpleCrossAttnDownBlock2D" if a else "ResnetDownsampleBlock2D" for a in cross_attention],
         mid_block_type="UNetMidBlock2DSimpleCrossAttn",
-        up_block_types=["SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"],
+        up_block_types=["SimpleCrossAttnUpBlock2D" if a else "ResnetUpsampleBlock2D" for a in cross_attention[::-1]],
         in_channels=3,
         out_channels=6,
-        cross_attention_dim=width,
+        cross_attention_dim=block_out_channels[-1],
         encoder_hid_dim=text_dim,
-        attention_head_dim=8,
+        attention_head_dim=attention_head_dim,
         addition_embed_type="text",
         addition_embed_type_num_heads=2,
         cross_attention_norm="group_norm",
@@ -107,13 +133,9 @@ def tiny_unet_config(sample_size: int, super_resolution: bool, width: int = 32, 
         act_fn="gelu",
     )
     if super_resolution:
-        config.update(
-            in_channels=6,
-            class_embed_type="timestep",
-            mid_block_scale_factor=1.414,
-            time_embedding_act_fn="gelu",
-            time_embedding_dim=width,
-        )
+        config.update(in_channels=6, class_embed_type="timestep", mid_block_scale_factor=1.414,
+                      time_embedding_act_fn="gelu")
+    config.update(overrides)
     return config
 
 
@@ -133,54 +155,6 @@ def save_if_cascade(path: Path, tokenizer, text_encoder, base_unet, sr_unet=None
             tokenizer=tokenizer, text_encoder=None, unet=sr_unet,
             scheduler=DDPMScheduler(**{**if_scheduler_config(sample_max_value=1.0),
                                        "prediction_type": sr_prediction_type}),
-            image_noising_scheduler=DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2"),
+            image_noising_scheduler=DDPMScheduler(**if_noising_scheduler_config()),
             safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False,
         ).save_pretrained(path / STAGE_2_DIR, safe_serialization=True)
-
-
-def build_tiny_cascade(
-    path: str | Path,
-    base_size: int = 32,
-    sr_size: int = 64,
-    seed: int = 0,
-    width: int = 32,
-    text_dim: int = 32,
-    vocab_size: int = 1000,
-    with_stage_2: bool = True,
-) -> Path:
-    """Write a tiny random IF cascade to `path` (stage I) and `path`/stage_2 (stage II); return `path`."""
-    from diffusers import UNet2DConditionModel
-    from transformers import T5Config, T5EncoderModel, T5Tokenizer
-
-    path = Path(path)
-    tokenizer_dir = path / "tokenizer"
-    train_sentencepiece(tokenizer_dir, vocab_size=vocab_size, seed=seed)
-    tokenizer = T5Tokenizer.from_pretrained(tokenizer_dir, extra_ids=0)
-
-    torch.manual_seed(seed)
-    text_encoder = T5EncoderModel(
-        T5Config(
-            vocab_size=len(tokenizer),
-            d_model=text_dim,
-            d_kv=8,
-            d_ff=2 * text_dim,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            dropout_rate=0.0,
-            feed_forward_proj="gated-gelu",
-            pad_token_id=0,
-            eos_token_id=1,
-            decoder_start_token_id=0,
-        )
-    )
-    base_unet = UNet2DConditionModel(**tiny_unet_config(base_size, False, width, text_dim))
-    sr_unet = UNet2DConditionModel(**tiny_unet_config(sr_size, True, width, text_dim)) if with_stage_2 else None
-    save_if_cascade(path, tokenizer, text_encoder, base_unet, sr_unet)
-    return path
-
-
-if __name__ == "__main__":
-    import sys
-
-    print(build_tiny_cascade(sys.argv[1] if len(sys.argv) > 1 else "tiny-cascade"))

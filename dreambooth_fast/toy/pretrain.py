@@ -1,6 +1,6 @@
 """Pretrain the embedded default model from scratch on the toy world, in DeepFloyd IF's layout.
 
-    python -m dreambooth_fast.pretrain --out DIR [--steps N] [--resume] [--threads 1]
+    python -m dreambooth_fast.toy.pretrain --out DIR [--steps N] [--resume] [--threads 1]
 
 What is trained, as IF trains its stages, at toy size:
 - a SentencePiece tokenizer on the toy captions plus filler text (so rare tokens exist, as in T5's vocabulary);
@@ -39,13 +39,21 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import toy_world
-from .fileio import atomic_write, atomic_write_dir, atomic_write_json
-from .models import STAGE_2_DIR
-from .ops import add_noise
-from .snr import min_snr_weights
-from .text import MAX_LENGTH, preprocess_prompt
-from .tiny_cascade import if_scheduler_config, save_if_cascade, training_text
+from ..fileio import atomic_write, atomic_write_dir, atomic_write_json
+from ..models import STAGE_2_DIR
+from ..ops import add_noise
+from ..snr import min_snr_weights
+from ..text import MAX_LENGTH, preprocess_prompt
+from . import world
+from .if_layout import (
+    if_noising_scheduler_config,
+    if_scheduler_config,
+    if_unet_config,
+    save_if_cascade,
+    t5_encoder_config,
+    tokenizer_text,
+    train_sentencepiece,
+)
 
 BASE_SIZE = 32
 SR_SIZE = 64
@@ -65,61 +73,34 @@ NAMED_SHARE = 0.25
 SR_V_FROM = 14400
 TEXT_STEPS = 400
 # What the text encoder's probes read from a caption (`caption_labels`), and their classes.
-CAPTION_FIELDS = {"shape": toy_world.SHAPES, "colour": toy_world.COLOURS, "background": toy_world.COLOURS,
-                  "pattern": toy_world.PATTERNS}
+CAPTION_FIELDS = {"shape": world.SHAPES, "colour": world.COLOURS, "background": world.COLOURS,
+                  "pattern": world.PATTERNS}
 LAYOUT = ("model_index.json", "unet", "text_encoder", "tokenizer", "scheduler", STAGE_2_DIR)
 
 
 def text_encoder_config(vocab_size: int) -> dict:
-    return dict(vocab_size=vocab_size, d_model=TEXT_DIM, d_kv=16, d_ff=2 * TEXT_DIM, num_layers=2, num_heads=4,
-                relative_attention_num_buckets=16, dropout_rate=0.0, feed_forward_proj="gated-gelu",
-                pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-
-
-def _unet_config(sample_size: int, widths: list[int], down: list[str], up: list[str], sr: bool) -> dict:
-    config = dict(
-        sample_size=sample_size, layers_per_block=1, block_out_channels=widths, down_block_types=down,
-        mid_block_type="UNetMidBlock2DSimpleCrossAttn", up_block_types=up, in_channels=6 if sr else 3,
-        out_channels=6, cross_attention_dim=widths[-1], encoder_hid_dim=TEXT_DIM, attention_head_dim=16,
-        addition_embed_type="text", addition_embed_type_num_heads=2, cross_attention_norm="group_norm",
-        resnet_time_scale_shift="scale_shift", act_fn="gelu", norm_num_groups=8,
-    )
-    if sr:
-        config.update(class_embed_type="timestep", mid_block_scale_factor=1.414, time_embedding_act_fn="gelu")
-    return config
+    """The default model's T5 encoder: TEXT_DIM wide."""
+    return t5_encoder_config(vocab_size, TEXT_DIM, d_kv=16, relative_attention_num_buckets=16)
 
 
 def base_unet_config() -> dict:
     """IF-I's block layout at toy size: a ResNet level at 32 px, cross-attention levels at 16 and 8 px."""
-    return _unet_config(BASE_SIZE, [32, 64, 64],
-                        ["ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D", "SimpleCrossAttnDownBlock2D"],
-                        ["SimpleCrossAttnUpBlock2D", "SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"], sr=False)
+    return if_unet_config(BASE_SIZE, [32, 64, 64], [False, True, True], text_dim=TEXT_DIM, attention_head_dim=16,
+                          norm_num_groups=8)
 
 
 def sr_unet_config() -> dict:
     """IF-II's block layout at toy size: ResNet levels at 64 and 32 px, cross-attention at 16 px."""
-    return _unet_config(SR_SIZE, [16, 32, 64],
-                        ["ResnetDownsampleBlock2D", "ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"],
-                        ["SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D", "ResnetUpsampleBlock2D"], sr=True)
+    return if_unet_config(SR_SIZE, [16, 32, 64], [False, False, True], text_dim=TEXT_DIM, attention_head_dim=16,
+                          super_resolution=True, norm_num_groups=8)
 
 
 def train_tokenizer(folder: Path, seed: int, vocab_size: int = VOCAB_SIZE) -> None:
-    """A T5-style SentencePiece model (pad=0, eos=1, unk=2) on toy captions plus the filler text and random
-    letter strings of tiny_cascade (a rare tail of short pieces, as T5's vocabulary has)."""
-    import io
-
-    import sentencepiece as spm
-
+    """A T5-style SentencePiece model on toy captions plus `if_layout.tokenizer_text` (filler text and a rare tail
+    of short pieces, as T5's vocabulary has)."""
     rng = random.Random(seed)
-    captions = [toy_world.caption(toy_world.random_scene(rng, train=False), rng) for _ in range(6000)]
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(captions + training_text(seed)), model_writer=buf, vocab_size=vocab_size,
-        model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0,
-        hard_vocab_limit=False, minloglevel=2, num_threads=1,
-    )
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "spiece.model").write_bytes(buf.getvalue())
+    captions = [world.caption(world.random_scene(rng, train=False), rng) for _ in range(6000)]
+    train_sentencepiece(folder, captions + tokenizer_text(seed), vocab_size)
 
 
 def toy_batch(seed: int, step: int, n: int, drop: float = 0.1, named: float = 0.0) -> tuple[torch.Tensor, list[str]]:
@@ -130,9 +111,9 @@ def toy_batch(seed: int, step: int, n: int, drop: float = 0.1, named: float = 0.
     for _ in range(n):
         # The roll is drawn only when named things are on, so earlier steps' batches are as they were.
         is_named = named > 0 and rng.random() < named
-        scene = toy_world.named_scene(rng) if is_named else toy_world.random_scene(rng)
-        images.append(np.asarray(toy_world.render(scene, SR_SIZE)))
-        captions.append("" if rng.random() < drop else toy_world.caption(scene, rng))
+        scene = world.named_scene(rng) if is_named else world.random_scene(rng)
+        images.append(np.asarray(world.render(scene, SR_SIZE)))
+        captions.append("" if rng.random() < drop else world.caption(scene, rng))
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
     return x, captions
 
@@ -141,14 +122,14 @@ def caption_labels(caption: str) -> dict[str, int]:
     """The class index of each CAPTION_FIELDS field `caption` names (-1 where it names none), read from its
     words: the colour before the shape word is the object's, the words after it describe the background."""
     words = caption.split()
-    shape_at = next((i for i, w in enumerate(words) if w in toy_world.SHAPES), None)
+    shape_at = next((i for i, w in enumerate(words) if w in world.SHAPES), None)
     if shape_at is None:
         return dict.fromkeys(CAPTION_FIELDS, -1)
     after = words[shape_at + 1:]
     found = {"shape": words[shape_at],
-             "colour": words[shape_at - 1] if shape_at and words[shape_at - 1] in toy_world.COLOURS else None,
-             "background": next((w for w in after if w in toy_world.COLOURS), None),
-             "pattern": next((w for w in after if w in toy_world.PATTERNS), "plain" if "background" in after else None)}
+             "colour": words[shape_at - 1] if shape_at and words[shape_at - 1] in world.COLOURS else None,
+             "background": next((w for w in after if w in world.COLOURS), None),
+             "pattern": next((w for w in after if w in world.PATTERNS), "plain" if "background" in after else None)}
     return {k: CAPTION_FIELDS[k].index(v) if v else -1 for k, v in found.items()}
 
 
@@ -167,7 +148,7 @@ def pretrain_text_encoder(text_encoder: torch.nn.Module, tokenizer, seed: int, s
 
     def batch_of(step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         rng = random.Random(seed * 1_000_003 + 7_000_000 + step)
-        captions = [toy_world.caption(toy_world.random_scene(rng, train=False), rng) for _ in range(batch)]
+        captions = [world.caption(world.random_scene(rng, train=False), rng) for _ in range(batch)]
         tokens = tokenizer([preprocess_prompt(c) for c in captions], padding="max_length", max_length=MAX_LENGTH,
                            truncation=True, return_tensors="pt")
         mask = tokens.attention_mask.float()
@@ -294,7 +275,7 @@ def pretrain(out: str | Path, steps: int = 16400, *, resume: bool = False, seed:
     from diffusers import DDPMScheduler
 
     alphas = DDPMScheduler(**base_sched).alphas_cumprod
-    noising = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2").alphas_cumprod
+    noising = DDPMScheduler(**if_noising_scheduler_config()).alphas_cumprod
 
     def save(step: int, elapsed: float) -> None:
         state = {"model": models.state_dict(), "ema": ema, "opt_base": opt_base.state_dict(),
@@ -368,7 +349,7 @@ def pretrain(out: str | Path, steps: int = 16400, *, resume: bool = False, seed:
         "text_encoder": {"steps": text_steps, "probe_accuracy": text_accuracy},
         "parameters": n_params, "torch": torch.__version__,
         "final_loss": {k: round(float(np.mean(v[-100:])), 5) for k, v in losses.items() if v},
-        "command": f"python -m dreambooth_fast.pretrain --out {out} --steps {steps} --threads {threads}",
+        "command": f"python -m dreambooth_fast.toy.pretrain --out {out} --steps {steps} --threads {threads}",
     })
     return out
 

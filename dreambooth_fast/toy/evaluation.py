@@ -16,14 +16,13 @@ For a DreamBooth run (a directory with dreambooth.json) also, with its identifie
 - DIV: share of pairs of class-prompt samples whose judged (object colour, background, pattern) differ.
 Judged at the base stage's 32 px (the judge reads that resolution without loss; see tests/test_judge.py).
 
-    python -m dreambooth_fast.toy_eval --model DIR [--n 4] [--out FILE]
+    dbfast eval --toy [--model DIR] [--n 4] [--seed 0] [--steps 50] [--out FILE]
 
 Results go to --out, else DIR/toy_eval.json for a DreamBooth run, else ./toy_eval.json.
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import random
 from pathlib import Path
@@ -32,17 +31,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import toy_world as world
-from .errors import UserError
-from .fileio import atomic_write_json
-from .identifier import class_prompt, instance_prompt
+from ..fileio import atomic_write_json
+from ..identifier import class_prompt, instance_prompt
+from ..rundir import read_run
+from . import world
 from .judge import Verdict, judge
-from .rundir import read_run
 
 STEPS = 50
 GUIDANCE = 7.0
 BATCH = 16
-# New places for the subject: none of these is a background of its 4 images (toy_world.SUBJECT_BACKGROUNDS).
+# New places for the subject: none of these is a background of its 4 images (world.SUBJECT_BACKGROUNDS).
 RECONTEXT = (("red", "plain"), ("white", "plain"), ("red", "striped"), ("white", "dotted"), ("green", "checked"),
              ("black", "striped"), ("blue", "dotted"), ("orange", "plain"))
 
@@ -51,7 +49,7 @@ def sample_stages(cascade, prompts: list[str], seed: int, steps: int = STEPS, gu
                   stages: tuple[str, ...] = ("base",)) -> dict[str, list[np.ndarray]]:
     """Samples (HxWx3 uint8) of each stage in `stages`, image i drawn with seed + i; both stages take `steps`,
     stage II its default guidance and noise level."""
-    from .sample import generate_cascade
+    from ..sample import generate_cascade
 
     images: dict[str, list[np.ndarray]] = {stage: [] for stage in stages}
     for start in range(0, len(prompts), BATCH):
@@ -150,7 +148,7 @@ def subject_metrics(cascade, ident: str, class_noun: str, n: int = 4, seed: int 
 def evaluate(model_dir: str | Path, *, n: int = 4, seed: int = 0, steps: int = STEPS, guidance: float = GUIDANCE,
              out: str | Path | None = None) -> tuple[dict, Path]:
     """Measure a toy-world cascade (and, for a DreamBooth run, its subject); write the results as JSON."""
-    from .models import load_cascade
+    from ..models import load_cascade
 
     model_dir = Path(model_dir)
     torch.manual_seed(seed)
@@ -205,24 +203,3 @@ def format_results(results: dict) -> str:
                   f"recontextualisation places ('a {results['class_noun']} on ...'): PRES {d['pres_in_context']:.0%}"]
     return "\n".join(lines)
 
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Judge a toy-world cascade (see dreambooth_fast/toy_eval.py).")
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--n", type=int, default=4, help="samples per prompt")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=STEPS)
-    parser.add_argument("--guidance", type=float, default=GUIDANCE)
-    parser.add_argument("--out")
-    args = parser.parse_args(argv)
-    try:
-        results, path = evaluate(args.model, n=args.n, seed=args.seed, steps=args.steps, guidance=args.guidance,
-                                 out=args.out)
-    except UserError as err:
-        raise SystemExit(f"error: {err}") from None
-    print(format_results(results))
-    print(f"results: {path}")
-
-
-if __name__ == "__main__":
-    main()

@@ -21,7 +21,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image
 
-from . import toy_world as world
+from . import world
 
 GRID = 24  # shapes are compared as GRID x GRID box-normalised masks
 # Extended palette: the colours, then their shades; entry i and i + n both mean colour i.
