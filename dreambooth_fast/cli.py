@@ -134,6 +134,7 @@ def train(config_file: str | None, resume: bool, overwrite: bool, **options) -> 
     class-specific prior preservation loss, stage by stage (base, then super-resolution)."""
     from .config import load_toml
     from .models import DEFAULT_MODEL
+    from .toy.world import SHAPES
     from .train import train as run_training
 
     values = load_toml(config_file) if config_file else {}
@@ -142,10 +143,14 @@ def train(config_file: str | None, resume: bool, overwrite: bool, **options) -> 
     values.update({k: v for k, v in options.items() if v is not None})
     cfg = TrainConfig(**values)
     out = run_training(cfg, resume=resume, overwrite=overwrite)
-    noun = values.get("class_noun", "")
-    # The embedded default model knows only the toy world: suggest a place it can draw.
-    where = "on a red background" if Path(cfg.model).resolve() == DEFAULT_MODEL.resolve() else "on the beach"
-    click.echo(f'done: {out}  (try: dbfast generate "a [V] {noun} {where}" --model {out})')
+    noun = cfg.class_noun
+    if Path(cfg.model).resolve() != DEFAULT_MODEL.resolve():
+        click.echo(f'done: {out}  (try: dbfast generate "a [V] {noun} on the beach" --model {out})')
+    elif noun.strip().lower() in SHAPES:  # the toy world draws this shape, on its own backgrounds
+        click.echo(f'done: {out}  (try: dbfast generate "a [V] {noun} on a red background" --model {out})')
+    else:
+        click.echo(f"done: {out}  (the embedded toy model draws coloured shapes, not a {noun}: for real photos "
+                   "train a real cascade with --model; see README, 'With the real DeepFloyd IF')")
 
 
 @main.command()

@@ -29,6 +29,7 @@ from .errors import UserError
 from .fileio import atomic_write_dir, atomic_write_json, link_or_copy_tree
 from .images import make_grid, save_png, to_pil
 from .models import (
+    DEFAULT_MODEL,
     STAGE_2_DIR,
     Cascade,
     check_stage_dir,
@@ -485,6 +486,8 @@ def check_inputs(cfg: TrainConfig) -> RunInputs:
     cfg.validate()
     if cfg.model is None:
         cfg.model = str(default_model_dir())
+    for line in default_model_notes(cfg.model, cfg.class_noun):
+        tqdm.write(line)
     out = Path(cfg.output)
     device = resolve_device(cfg.device)
     check_stage_dir(Path(cfg.model), "base")
@@ -514,6 +517,22 @@ def check_inputs(cfg: TrainConfig) -> RunInputs:
     for warning in warnings:
         tqdm.write(f"warning: {warning}")
     return RunInputs(out, device, stages, sr_dir, images, captions)
+
+
+def default_model_notes(model: str | Path, class_noun: str) -> list[str]:
+    """What to know when the model is the embedded toy: what it is, what it can draw, how to pass a real one;
+    and a warning when the class noun is nothing the toy world draws. Nothing for any other model."""
+    if Path(model).resolve() != DEFAULT_MODEL.resolve():
+        return []
+    from .toy.world import SHAPES
+
+    notes = [f"note: training the embedded toy model ({DEFAULT_MODEL.name}/: 32 px coloured shapes on plain or "
+             f"patterned backgrounds; it draws {', '.join(SHAPES)}), not a photo model: for real photos pass "
+             "--model with a DeepFloyd IF cascade (e.g. IF-I-XL-v1.0, with --sr-model IF-II-L-v1.0)"]
+    if class_noun.strip().lower() not in SHAPES:
+        notes.append(f"warning: the toy model has never drawn a {class_noun!r}: it can only learn colours and "
+                     f"layout from your photos, not draw a {class_noun}")
+    return notes
 
 
 def estimated_write_bytes(cfg: TrainConfig, inputs: RunInputs, cascade: Cascade) -> int:

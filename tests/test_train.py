@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from runs import assert_refused, dbfast, train, unet_weights
+from runs import FAST, assert_refused, dbfast, train, unet_weights
 
 from dreambooth_fast.lora import LORA_WEIGHTS, TARGET_MODULES
 from dreambooth_fast.train import lr_factor
@@ -392,14 +392,25 @@ def test_a_caption_without_the_identifier_mark_is_refused(tiny_cascade, subject_
     assert_refused(train(tiny_cascade, subject_dir, out, "--captions"), "0.txt", "[V] once", out=out)
 
 
-def test_the_closing_hint_suggests_a_place_the_embedded_model_can_draw(subject_dir, tmp_path):
+@pytest.mark.parametrize("noun", ["dog", "heart"])
+def test_the_embedded_model_says_what_it_can_draw_and_the_hint_promises_no_more(subject_dir, tmp_path, noun):
     from dreambooth_fast.models import DEFAULT_MODEL
 
     if not (DEFAULT_MODEL / "model_index.json").is_file():
         pytest.skip("no embedded default model in this checkout")
-    result = train(DEFAULT_MODEL, subject_dir, tmp_path / "run", "--no-prior", "--stages", "base")
+    result = dbfast("train", "--images", subject_dir, "--class", noun, "--output", tmp_path / "run", *FAST,
+                    "--no-prior", "--stages", "base")
     assert result.exit_code == 0, result.output
-    assert 'dbfast generate "a [V] dog on a red background"' in result.output
+    lines = result.output.splitlines()
+    done = result.output.rsplit("done: ", 1)[1]  # the closing line (after the progress bar's last redraw)
+    assert sum("note: training the embedded toy model" in line for line in lines) == 1
+    assert any("pass --model with a DeepFloyd IF cascade" in line for line in lines)
+    if noun == "dog":
+        assert any("warning: the toy model has never drawn a 'dog'" in line for line in lines)
+        assert "draws coloured shapes, not a dog" in done and "dbfast generate" not in done
+    else:
+        assert not any("never drawn" in line for line in lines)
+        assert 'dbfast generate "a [V] heart on a red background"' in done
 
 
 def test_resume_with_changed_captions_is_refused(tiny_cascade, subject_dir, tmp_path, monkeypatch):
