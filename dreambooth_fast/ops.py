@@ -59,14 +59,14 @@ def add_noise(
     ("v_prediction") or x0 ("sample"). Math in float32 (float64 for float64), outputs in x0's dtype; x_t and v are
     contiguous. timesteps (int64/int32) and the table (float32/float64) are moved to x0's device.
 
-    A timestep outside the table is an error. On the CPU it is a RuntimeError naming the timestep. On CUDA it is
+    A timestep outside the table is an error. On the CPU it is raised before the pass. On CUDA it is
     checked here when timesteps are a CPU tensor (free: no device sync); timesteps already on the GPU are checked
     by a device-side assert, which leaves the process's CUDA context unusable (every later CUDA call fails, and
     the process must restart), so pass CPU timesteps when they may be out of range."""
+    if x0.device.type == "cuda" and timesteps.device.type == "cpu" and not torch.compiler.is_compiling():
+        _check_timesteps_on_host(timesteps, alphas_cumprod.shape[0])  # the reference's indexing asserts too
     if not _NATIVE.get(x0.device.type, False):
         return reference.add_noise(x0, eps, timesteps, alphas_cumprod, prediction_type)
-    if x0.device.type == "cuda" and timesteps.device.type == "cpu" and not torch.compiler.is_compiling():
-        _check_timesteps_on_host(timesteps, alphas_cumprod.shape[0])
     x_t, v = torch.ops.dreambooth_fast.add_noise(
         x0, eps, timesteps.to(x0.device), alphas_cumprod.to(x0.device), prediction_type
     )

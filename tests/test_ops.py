@@ -443,6 +443,14 @@ def test_add_noise_rejects_bad_arguments(change, message):
         ops.add_noise(**_noise_args(**change))
 
 
+def test_host_timestep_check_names_the_first_timestep_outside_the_table():
+    # What ops.add_noise runs on CPU timesteps bound for a CUDA x0, instead of the context-poisoning device assert.
+    with pytest.raises(RuntimeError, match=r"add_noise: timesteps\[1\] = 1000 is outside the alphas_cumprod table "
+                                           r"\[0, 1000\)"):
+        ops._check_timesteps_on_host(torch.tensor([0, 1000, -1]), 1000)
+    ops._check_timesteps_on_host(torch.tensor([0, 999]), 1000)
+
+
 def _loss_args(**change):
     pred, target, _, _ = loss_inputs((4, 3, 7, 5), torch.float32, "cpu", (None, False))
     args = {"pred": pred, "target": target, "weights": torch.rand(2), "n_instance": 2, "prior_weight": 1.0}
