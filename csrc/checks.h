@@ -28,7 +28,9 @@ inline void check_same_device(const char* op, const at::Tensor& a, const char* a
 }
 
 // Shapes, dtypes and devices. Timestep values are range-checked by the kernels (on the CPU before the
-// pass, on the GPU with a device-side check) since reading them here would synchronise the device.
+// pass, on the GPU with a device-side assert) since reading them here would synchronise the device. A failed
+// device-side assert leaves the process's CUDA context unusable: ops.add_noise checks CPU timesteps on the host
+// before they are moved to the GPU.
 inline void check_add_noise_args(const at::Tensor& x0, const at::Tensor& eps, const at::Tensor& timesteps,
                                  const at::Tensor& alphas_cumprod) {
   constexpr const char* op = "add_noise";

@@ -57,7 +57,14 @@ def add_noise(
     """(x_t, target) with x_t = sqrt(ac[t]) x0 + sqrt(1 - ac[t]) eps per sample (ac = alphas_cumprod) and the
     training target of prediction_type: eps ("epsilon"), v = sqrt(ac[t]) eps - sqrt(1 - ac[t]) x0
     ("v_prediction") or x0 ("sample"). Math in float32 (float64 for float64), outputs in x0's dtype; x_t and v are
-    contiguous. timesteps (int64/int32) and the table (float32/float64) are moved to x0's device."""
+    contiguous. timesteps (int64/int32) and the table (float32/float64) are moved to x0's device.
+
+    A timestep outside the table is an error. On the CPU it is raised before the pass. On CUDA it is
+    checked here when timesteps are a CPU tensor (free: no device sync); timesteps already on the GPU are checked
+    by a device-side assert, which leaves the process's CUDA context unusable (every later CUDA call fails, and
+    the process must restart), so pass CPU timesteps when they may be out of range."""
+    if x0.device.type == "cuda" and timesteps.device.type == "cpu" and not torch.compiler.is_compiling():
+        _check_timesteps_on_host(timesteps, alphas_cumprod.shape[0])  # the reference's indexing asserts too
     if not _NATIVE.get(x0.device.type, False):
         return reference.add_noise(x0, eps, timesteps, alphas_cumprod, prediction_type)
     x_t, v = torch.ops.dreambooth_fast.add_noise(
@@ -87,6 +94,15 @@ def dreambooth_loss(
     return loss
 
 
+def _check_timesteps_on_host(timesteps: torch.Tensor, table_size: int) -> None:
+    # The message of the CPU kernel's check (csrc/cpu/add_noise.cpp), before the device assert can fire.
+    outside = ((timesteps < 0) | (timesteps >= table_size)).nonzero().flatten()
+    if outside.numel() > 0:
+        i = int(outside[0])
+        raise RuntimeError(f"add_noise: timesteps[{i}] = {int(timesteps[i])} is outside the alphas_cumprod table "
+                           f"[0, {table_size})")
+
+
 def _add_noise_coefficients(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, like: torch.Tensor):
     """sqrt(ac[t]) and sqrt(1 - ac[t]) shaped to broadcast over `like`, in its math dtype."""
     math_dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
@@ -114,17 +130,29 @@ def _loss_setup_context(ctx, inputs, output) -> None:
     _, grad_pred = output
     ctx.save_for_backward(grad_pred)
     ctx.mark_non_differentiable(grad_pred)
+    ctx.pred_dtype = inputs[0].dtype
 
 
-def _is_eager_cpu_one(t: torch.Tensor) -> bool:
-    # Reading a tensor's value is free only for a plain CPU tensor outside compilation (no device sync, no trace).
-    return type(t) is torch.Tensor and t.device.type == "cpu" and not torch.compiler.is_compiling() and t.item() == 1
+def _upstream_is_one(t: torch.Tensor) -> bool:
+    """Whether the upstream gradient is exactly 1 (a loss backpropagated directly), where its value can be read:
+    never while compiling (there is no value) or capturing a CUDA graph (a read is not allowed). On CUDA the read
+    waits for the device; in a training loop that has just read the loss (train.py's `loss.item()`) that wait is
+    all but free, and it saves a pass over the gradient."""
+    if type(t) is not torch.Tensor or torch.compiler.is_compiling():
+        return False
+    if t.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False
+    return t.item() == 1
 
 
 def _loss_backward(ctx, grad_loss, _):
-    (grad_pred,) = ctx.saved_tensors
-    # A loss backpropagated directly has upstream gradient 1: the gradient written by the forward pass is the answer.
-    grad = grad_pred if _is_eager_cpu_one(grad_loss) else grad_pred * grad_loss
+    (grad_buffer,) = ctx.saved_tensors
+    if grad_buffer.dtype == ctx.pred_dtype and _upstream_is_one(grad_loss):
+        grad = grad_buffer  # the gradient written by the forward pass is the answer
+    else:
+        # One pass: the buffer (float32 for half pred) times the upstream gradient, rounded once to pred's dtype.
+        # Under fp16 loss scaling the product is normal where the buffer's values alone would be fp16 subnormals.
+        grad = torch.mul(grad_buffer, grad_loss, out=torch.empty_like(grad_buffer, dtype=ctx.pred_dtype))
     return grad, -grad if ctx.needs_input_grad[1] else None, None, None, None
 
 
@@ -136,7 +164,9 @@ if _C is not None:
 
     @torch.library.register_fake("dreambooth_fast::dreambooth_loss")
     def _dreambooth_loss_fake(pred, target, weights, n_instance, prior_weight):
-        return pred.new_empty(()), pred.new_empty(pred.shape)
+        # The gradient buffer is in pred's opmath dtype (float32 for float16 and bfloat16), like the kernels'.
+        grad_dtype = torch.float64 if pred.dtype == torch.float64 else torch.float32
+        return pred.new_empty(()), pred.new_empty(pred.shape, dtype=grad_dtype)
 
     torch.library.register_autograd(
         "dreambooth_fast::add_noise", _add_noise_backward, setup_context=_add_noise_setup_context

@@ -189,6 +189,54 @@ def test_dreambooth_loss_gradients_match_reference_autograd(dtype, case, device)
         assert_close_for_dtype(f, e, x)
 
 
+# IF's two stages: D = 3*64*64 = 12288 and 3*256*256 = 196608, so 2c(P - Y) ~ 1e-5 and 1e-6: float16 subnormals.
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("shape", [(4, 3, 64, 64), (4, 3, 256, 256)], ids=["64px", "256px"])
+def test_dreambooth_loss_float16_gradient_under_a_loss_scale_matches_float32_autograd(shape, device):
+    # fp16 training scales the loss (GradScaler: 2^16, halved at each overflow; 2^16 itself overflows a float16
+    # loss, so 2^15). The gradient must be the float32 gradient times the scale, rounded once to float16, as
+    # autograd of the reference gives it; not a float16 buffer of subnormals multiplied afterwards.
+    pred, target, _, n_instance = loss_inputs(shape, torch.float16, device, ("half", False))
+    scale = 2.0**15
+    p = pred.requires_grad_()
+    (fused,) = torch.autograd.grad(ops.dreambooth_loss(p, target, None, n_instance, 0.7), p,
+                                   torch.tensor(scale, dtype=torch.float16, device=device))
+    p32 = pred.detach().float().requires_grad_()
+    (exact,) = torch.autograd.grad(reference.dreambooth_loss(p32, target.float(), None, n_instance, 0.7), p32,
+                                   torch.tensor(scale, device=device))
+    assert fused.dtype == torch.float16
+    # One rounding of the float32 value: at most one unit in the last place (relative 2^-10), or float16's
+    # smallest subnormal for values that small.
+    torch.testing.assert_close(fused.float(), exact, rtol=2.0**-10, atol=2.0**-24)
+
+
+def test_dreambooth_loss_gradient_buffer_is_float32_for_half_pred_and_backward_returns_pred_dtype():
+    op = torch.ops.dreambooth_fast.dreambooth_loss
+    for dtype in (torch.float16, torch.bfloat16):
+        pred, target, weights, n_instance = loss_inputs((5, 3, 17, 9), dtype, "cpu", ("half", True))
+        loss, buffer = op(pred, target, weights, n_instance, 0.7)
+        assert loss.dtype == dtype and buffer.dtype == torch.float32
+        p = pred.requires_grad_()
+        (grad,) = torch.autograd.grad(ops.dreambooth_loss(p, target, weights, n_instance, 0.7), p)
+        assert grad.dtype == dtype
+        torch.testing.assert_close(grad, buffer.to(dtype), rtol=0, atol=0)  # upstream 1: the buffer, rounded once
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+def test_dreambooth_loss_backward_with_unit_upstream_returns_the_forward_buffer(device):
+    # The "upstream gradient is 1" shortcut, on every device: the float32 gradient is the buffer itself, no pass.
+    pred, target, weights, n_instance = loss_inputs((5, 3, 17, 9), torch.float32, device, ("half", True))
+    op = torch.ops.dreambooth_fast.dreambooth_loss
+    p = pred.requires_grad_()
+    loss, buffer = op(p, target, weights, n_instance, 0.7)
+    (grad,) = torch.autograd.grad(loss, p)
+    assert grad.data_ptr() == buffer.data_ptr()
+    loss, buffer = op(p, target, weights, n_instance, 0.7)
+    (grad,) = torch.autograd.grad(loss, p, torch.tensor(2.0, device=device))
+    assert grad.data_ptr() != buffer.data_ptr()
+    torch.testing.assert_close(grad, 2 * buffer, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("case", LOSS_CASES, ids=LOSS_CASE_IDS)
 def test_dreambooth_loss_gradcheck_float64(case):
     pred, target, weights, n_instance = loss_inputs((3, 2, 5, 3), torch.float64, "cpu", case)
@@ -278,9 +326,10 @@ def test_add_noise_passes_opcheck(prediction_type):
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
 @pytest.mark.parametrize("case", LOSS_CASES, ids=LOSS_CASE_IDS)
-def test_dreambooth_loss_passes_opcheck(case):
-    pred, target, weights, n_instance = loss_inputs((5, 6, 7, 5), torch.float32, "cpu", case)
+def test_dreambooth_loss_passes_opcheck(case, dtype):
+    pred, target, weights, n_instance = loss_inputs((5, 6, 7, 5), dtype, "cpu", case)
     pred = pred.requires_grad_()[:, :3]
     target = target[:, :3].contiguous()
     n_instance = pred.shape[0] if n_instance is None else n_instance
@@ -392,6 +441,14 @@ def _noise_args(**change):
 def test_add_noise_rejects_bad_arguments(change, message):
     with pytest.raises(RuntimeError, match=message):
         ops.add_noise(**_noise_args(**change))
+
+
+def test_host_timestep_check_names_the_first_timestep_outside_the_table():
+    # What ops.add_noise runs on CPU timesteps bound for a CUDA x0, instead of the context-poisoning device assert.
+    with pytest.raises(RuntimeError, match=r"add_noise: timesteps\[1\] = 1000 is outside the alphas_cumprod table "
+                                           r"\[0, 1000\)"):
+        ops._check_timesteps_on_host(torch.tensor([0, 1000, -1]), 1000)
+    ops._check_timesteps_on_host(torch.tensor([0, 999]), 1000)
 
 
 def _loss_args(**change):

@@ -64,7 +64,7 @@ double loss_kernel(const at::Tensor& pred, const at::Tensor& target, const std::
   const int64_t y_stride = target.stride(0);
   const scalar_t* p_data = pred.const_data_ptr<scalar_t>();
   const scalar_t* y_data = target.const_data_ptr<scalar_t>();
-  scalar_t* g_data = grad.mutable_data_ptr<scalar_t>();
+  opmath_t<scalar_t>* g_data = grad.mutable_data_ptr<opmath_t<scalar_t>>();
   std::vector<double> partial(n * chunks_per_row);
   at::parallel_for(0, n * chunks_per_row, kGrainChunks, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
@@ -86,7 +86,8 @@ double loss_kernel(const at::Tensor& pred, const at::Tensor& target, const std::
 }
 
 // pred and target may have a strided batch dimension as long as each row is contiguous; other layouts are
-// copied to contiguous first. The gradient is a contiguous tensor of pred's shape and dtype.
+// copied to contiguous first. The gradient is a contiguous tensor of pred's shape in pred's opmath dtype (float32
+// for float16 and bfloat16): the backward pass scales it and rounds once to pred's dtype.
 std::tuple<at::Tensor, at::Tensor> dreambooth_loss_cpu(const at::Tensor& pred_in, const at::Tensor& target_in,
                                                        const std::optional<at::Tensor>& weights, int64_t n_instance,
                                                        double prior_weight) {
@@ -95,7 +96,7 @@ std::tuple<at::Tensor, at::Tensor> dreambooth_loss_cpu(const at::Tensor& pred_in
   const at::Tensor target = with_contiguous_rows(target_in);
   const int64_t n = pred.size(0);
   const std::vector<double> coef = row_coefficients(n, pred.numel() / n, weights, n_instance, prior_weight);
-  at::Tensor grad = at::empty(pred.sizes(), pred.options());
+  at::Tensor grad = at::empty(pred.sizes(), pred.options().dtype(at::toOpMathType(pred.scalar_type())));
   double loss = 0.0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "dreambooth_loss_cpu", [&] {
     loss = loss_kernel<scalar_t>(pred, target, coef, grad);

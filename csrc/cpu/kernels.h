@@ -18,8 +18,11 @@ struct Kernels {
   // x_t = a*x0 + s*eps over one sample's run, and v = a*eps - s*x0 unless v is null.
   void (*noise)(const scalar_t* x0, const scalar_t* eps, scalar_t* xt, scalar_t* v, int64_t len,
                 opmath_t<scalar_t> a, opmath_t<scalar_t> s);
-  // Returns sum (p - y)^2 over the run and writes g = scale * (p - y).
-  double (*sq_err)(const scalar_t* p, const scalar_t* y, scalar_t* g, int64_t len, opmath_t<scalar_t> scale);
+  // Returns sum (p - y)^2 over the run and writes g = scale * (p - y) in opmath precision (float for half and
+  // bfloat16: scale is ~1/numel, so these values would be subnormal or zero in half before the backward pass
+  // multiplies them by the loss scale).
+  double (*sq_err)(const scalar_t* p, const scalar_t* y, opmath_t<scalar_t>* g, int64_t len,
+                   opmath_t<scalar_t> scale);
 };
 
 namespace DEFAULT {

@@ -75,7 +75,7 @@ void noise(const scalar_t* x0, const scalar_t* eps, scalar_t* xt, scalar_t* v, i
 
 // Squares are summed in opmath vector lanes (at most len / kStep terms per lane), the lanes in double.
 template <typename scalar_t>
-double sq_err(const scalar_t* p, const scalar_t* y, scalar_t* g, int64_t len, opmath_t<scalar_t> scale) {
+double sq_err(const scalar_t* p, const scalar_t* y, opmath_t<scalar_t>* g, int64_t len, opmath_t<scalar_t> scale) {
   using Vec = OpVec<scalar_t>;
   using opmath = opmath_t<scalar_t>;
   const Vec vscale(scale);
@@ -90,7 +90,7 @@ double sq_err(const scalar_t* p, const scalar_t* y, scalar_t* g, int64_t len, op
     const Vec d_hi = p_hi - y_hi;
     acc_lo = at::vec::fmadd(d_lo, d_lo, acc_lo);
     acc_hi = at::vec::fmadd(d_hi, d_hi, acc_hi);
-    store2(g + j, vscale * d_lo, vscale * d_hi);
+    store2<opmath>(g + j, vscale * d_lo, vscale * d_hi);
   }
   opmath lanes[Vec::size()];
   (acc_lo + acc_hi).store(lanes);
@@ -99,7 +99,7 @@ double sq_err(const scalar_t* p, const scalar_t* y, scalar_t* g, int64_t len, op
   for (; j < len; ++j) {
     const opmath diff = opmath(p[j]) - opmath(y[j]);
     sum += diff * diff;
-    g[j] = static_cast<scalar_t>(scale * diff);
+    g[j] = scale * diff;
   }
   return sum;
 }

@@ -18,7 +18,8 @@ namespace {
 
 // blockIdx.y walks the rows (samples), blockIdx.x grid-strides over a row in VEC-element steps. The per-row
 // coefficients are gathered on the device; the timestep range check is a device assert, as reading the
-// timesteps on the host would synchronise.
+// timesteps on the host would synchronise. A failed device assert poisons the CUDA context (every later CUDA call
+// in the process fails): ops.add_noise checks timesteps that are still on the host before they get here.
 template <typename scalar_t, int VEC>
 __global__ void add_noise_kernel(const scalar_t* __restrict__ x0, const scalar_t* __restrict__ eps,
                                  const void* __restrict__ timesteps, bool timesteps_int64,

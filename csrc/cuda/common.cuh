@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 namespace dreambooth_fast::cuda {
 
@@ -13,7 +14,8 @@ constexpr int kThreads = 256;
 // Resident blocks per SM that a grid-stride launch aims for (kThreads * 8 = 2048 threads, the SM maximum).
 constexpr int kBlocksPerSM = 8;
 
-// VEC elements of T moved as one 16-byte load or store.
+// VEC elements of T moved as one 16-byte load or store (32 bytes, two accesses, for the float32 gradient of
+// half pred).
 template <typename T, int VEC>
 struct alignas(sizeof(T) * VEC) Vec {
   T val[VEC];
@@ -28,6 +30,10 @@ inline bool aligned16(const void* p) {
   return reinterpret_cast<std::uintptr_t>(p) % 16 == 0;
 }
 
+inline bool aligned_to(const void* p, std::size_t bytes) {
+  return reinterpret_cast<std::uintptr_t>(p) % bytes == 0;
+}
+
 // True when every row t[i] is one contiguous block whatever the batch stride, e.g. the epsilon half
 // pred[:, :3] of a 6-channel UNet output.
 inline bool rows_contiguous(const at::Tensor& t) {
@@ -39,14 +45,26 @@ inline bool rows_contiguous(const at::Tensor& t) {
   return true;
 }
 
+// Multiprocessors of each visible device, read once per process (a launch should not pay for the query).
+inline int sm_count(int device) {
+  static const std::vector<int> counts = [] {
+    int devices = 0;
+    C10_CUDA_CHECK(cudaGetDeviceCount(&devices));
+    std::vector<int> result(devices);
+    for (int d = 0; d < devices; ++d) {
+      C10_CUDA_CHECK(cudaDeviceGetAttribute(&result[d], cudaDevAttrMultiProcessorCount, d));
+    }
+    return result;
+  }();
+  return counts.at(device);
+}
+
 // Grid of a pass over `rows` rows of `items_per_row` work items: blockIdx.y walks the rows (grid-stride past
 // 65535), blockIdx.x grid-strides within a row; about kBlocksPerSM blocks per SM in all, at least one per row.
 inline dim3 row_grid(int64_t rows, int64_t items_per_row, int device) {
-  int sm_count = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
   const int64_t grid_y = std::min<int64_t>(rows, 65535);
   const int64_t wanted_x = (items_per_row + kThreads - 1) / kThreads;
-  const int64_t budget_x = int64_t(sm_count) * kBlocksPerSM / grid_y;
+  const int64_t budget_x = int64_t(sm_count(device)) * kBlocksPerSM / grid_y;
   const int64_t grid_x = std::max<int64_t>(1, std::min({wanted_x, budget_x, int64_t(65535)}));
   return dim3(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y));
 }

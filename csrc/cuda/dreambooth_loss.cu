@@ -1,6 +1,6 @@
-// CUDA kernels of dreambooth_loss: one pass reads pred and target once, writes dL/dpred = 2 c_i (P - Y) once and
-// leaves one partial sum per block; a second single-block pass adds the partials in a fixed order, so the loss
-// is bitwise reproducible (no float atomics).
+// CUDA kernels of dreambooth_loss: one pass reads pred and target once, writes dL/dpred = 2 c_i (P - Y) once (in
+// float32 for half pred: see csrc/cpu/kernels.h) and leaves one partial sum per block; a second single-block pass
+// adds the partials in a fixed order, so the loss is bitwise reproducible (no float atomics).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -39,16 +39,18 @@ __device__ acc_t block_sum(acc_t value) {
 }
 
 // blockIdx.y walks the rows, blockIdx.x grid-strides over a row in VEC-element steps. Rows of pred and
-// target are contiguous blocks `row_stride` elements apart; grad is contiguous.
+// target are contiguous blocks `row_stride` elements apart; grad is contiguous, in opmath precision.
 template <typename scalar_t, int VEC>
 __global__ void loss_partials_kernel(const scalar_t* __restrict__ pred, int64_t pred_row_stride,
                                      const scalar_t* __restrict__ target, int64_t target_row_stride,
                                      const at::opmath_type<scalar_t>* __restrict__ weights, int64_t n_instance,
                                      at::opmath_type<scalar_t> subject_scale, at::opmath_type<scalar_t> prior_coef,
-                                     scalar_t* __restrict__ grad, at::opmath_type<scalar_t>* __restrict__ partials,
+                                     at::opmath_type<scalar_t>* __restrict__ grad,
+                                     at::opmath_type<scalar_t>* __restrict__ partials,
                                      int64_t rows, int64_t row_size) {
   using opmath_t = at::opmath_type<scalar_t>;
   using vec_t = Vec<scalar_t, VEC>;
+  using grad_vec_t = Vec<opmath_t, VEC>;
   const int64_t vecs_per_row = row_size / VEC;
   for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
     const opmath_t c =
@@ -56,18 +58,18 @@ __global__ void loss_partials_kernel(const scalar_t* __restrict__ pred, int64_t 
     const opmath_t two_c = 2 * c;
     const vec_t* pred_row = reinterpret_cast<const vec_t*>(pred + row * pred_row_stride);
     const vec_t* target_row = reinterpret_cast<const vec_t*>(target + row * target_row_stride);
-    vec_t* grad_row = reinterpret_cast<vec_t*>(grad + row * row_size);
+    grad_vec_t* grad_row = reinterpret_cast<grad_vec_t*>(grad + row * row_size);
     opmath_t sum_sq = 0;
     for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < vecs_per_row;
          i += int64_t(gridDim.x) * blockDim.x) {
       const vec_t pv = pred_row[i];
       const vec_t yv = target_row[i];
-      vec_t gv;
+      grad_vec_t gv;
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
         const opmath_t d = static_cast<opmath_t>(pv.val[k]) - static_cast<opmath_t>(yv.val[k]);
         sum_sq += d * d;
-        gv.val[k] = static_cast<scalar_t>(two_c * d);
+        gv.val[k] = two_c * d;
       }
       grad_row[i] = gv;
     }
@@ -100,7 +102,7 @@ void launch_loss(const at::Tensor& pred, const at::Tensor& target, const std::op
   loss_partials_kernel<scalar_t, VEC><<<grid, kThreads, 0, stream>>>(
       pred.const_data_ptr<scalar_t>(), pred.stride(0), target.const_data_ptr<scalar_t>(), target.stride(0),
       weights.has_value() ? weights->const_data_ptr<opmath_t>() : nullptr, n_instance,
-      static_cast<opmath_t>(subject_scale), static_cast<opmath_t>(prior_coef), grad.mutable_data_ptr<scalar_t>(),
+      static_cast<opmath_t>(subject_scale), static_cast<opmath_t>(prior_coef), grad.mutable_data_ptr<opmath_t>(),
       partials.mutable_data_ptr<opmath_t>(), rows, row_size);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   loss_finalize_kernel<scalar_t><<<1, kThreads, 0, stream>>>(partials.const_data_ptr<opmath_t>(), partials.numel(),
@@ -123,14 +125,15 @@ std::tuple<at::Tensor, at::Tensor> dreambooth_loss_cuda(const at::Tensor& pred_a
   const at::ScalarType opmath_dtype = at::toOpMathType(pred.scalar_type());
   std::optional<at::Tensor> weights;
   if (weights_arg.has_value()) weights = weights_arg->to(opmath_dtype).contiguous();
-  at::Tensor grad = at::empty(pred.sizes(), pred.options());
+  at::Tensor grad = at::empty(pred.sizes(), pred.options().dtype(opmath_dtype));
   at::Tensor loss = at::empty({}, pred.options());
   const int64_t row_size = pred.numel() / pred.size(0);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "dreambooth_loss_cuda", [&] {
     constexpr int VEC = vec_width<scalar_t>();
+    using grad_vec_t = Vec<at::opmath_type<scalar_t>, VEC>;  // 32 bytes for half pred, else 16
     if (can_vectorize(pred, VEC, row_size) && can_vectorize(target, VEC, row_size) &&
-        aligned16(grad.const_data_ptr())) {
+        aligned_to(grad.const_data_ptr(), sizeof(grad_vec_t))) {
       launch_loss<scalar_t, VEC>(pred, target, weights, n_instance, prior_weight, grad, loss);
     } else {
       launch_loss<scalar_t, 1>(pred, target, weights, n_instance, prior_weight, grad, loss);

@@ -116,6 +116,18 @@ void test_loss_long_rows() {
   expect_close(grad, at::full({4, 30001}, 2.0 / (4 * 30001)), 1e-6, "gradient of the mean");
 }
 
+void test_loss_gradient_of_half_pred_is_float32() {
+  // 2c = 2 / (4 * 30001) ~ 1.7e-5 is below float16's smallest normal number (6.1e-5): stored in float16 it would
+  // keep 8 significant bits before the backward pass applies the loss scale. The buffer is float32 instead.
+  for (const auto dtype : {at::kHalf, at::kBFloat16}) {
+    const at::Tensor pred = at::ones({4, 30001}, dtype);
+    auto [value, grad] = loss(pred, at::zeros_like(pred), std::nullopt, 4, 1.0);
+    expect(value.scalar_type() == dtype, "the loss keeps pred's dtype");
+    expect(grad.scalar_type() == at::kFloat, "the gradient of a half pred is float32");
+    expect_close(grad, at::full({4, 30001}, 2.0 / (4 * 30001)), 1e-9, "float32 gradient of the mean");
+  }
+}
+
 void test_bad_arguments() {
   const at::Tensor ac = at::tensor({0.25f, 0.64f, 0.36f});
   const at::Tensor x0 = at::zeros({2, 3});
@@ -139,6 +151,7 @@ int main() {
   test_add_noise_long_rows();
   test_loss_values();
   test_loss_long_rows();
+  test_loss_gradient_of_half_pred_is_float32();
   test_bad_arguments();
   if (failures > 0) {
     std::fprintf(stderr, "%d check(s) failed\n", failures);

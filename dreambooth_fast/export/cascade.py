@@ -46,7 +46,7 @@ from .onnx_export import (
     require_onnx,
     unet_spec,
 )
-from .parity import TOLERANCES, ParityResult, check_parity, reference_cases
+from .parity import TOLERANCES, ParityResult, check_engine_parity, check_parity, reference_cases
 from .profiles import (
     DEFAULT_BATCH_SIZES,
     PRECISIONS,
@@ -213,17 +213,20 @@ def _build_engine(stage: str, spec: UNetSpec, engine_path: Path, onnx_path: Path
         build_engine(trt, onnx_path, engine_path, shapes=shapes, precision=fields["precision"],
                      timing_cache=timing_cache, refittable=fields["refittable"], log=log)
     try:
-        results = check_parity(cases, TensorRTRunner(engine_path, cuda_graphs=False), TOLERANCES[fields["precision"]],
-                               f"{stage} TensorRT engine {engine_path}")
+        results, graph_results = check_engine_parity(
+            cases, lambda cuda_graphs: TensorRTRunner(engine_path, cuda_graphs=cuda_graphs),
+            TOLERANCES[fields["precision"]], f"{stage} TensorRT engine {engine_path}")
     except UserError:
         engine_path.unlink(missing_ok=True)
         raise
     _log_parity(log, stage, f"TensorRT {fields['precision']}", results)
+    log(f"{stage}: TensorRT CUDA graph replay vs plain launches: " + "; ".join(map(str, graph_results)))
     manifest = {
         **fields, "kind": "tensorrt-engine", "stage": stage, "source": onnx_manifest["source"],
         "file": engine_path.name, "onnx": onnx_path.name, "onnx_sha256": onnx_manifest["onnx_sha256"],
         "weights": weights, "cache_key": engine_cache_key(fields), "inputs": _input_shapes(spec), "output": OUTPUT_NAME,
-        "parity": [r.as_dict() for r in results], "versions": {"dbfast": __version__, "torch": torch.__version__},
+        "parity": [r.as_dict() for r in results], "graph_parity": [r.as_dict() for r in graph_results],
+        "versions": {"dbfast": __version__, "torch": torch.__version__},
     }
     write_manifest(manifest_path(engine_path), manifest)
     return manifest

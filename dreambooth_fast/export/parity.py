@@ -1,4 +1,5 @@
-"""Parity of an exported UNet against PyTorch: max abs error and cosine similarity at two batch sizes.
+"""Parity of an exported UNet against PyTorch: max abs error and cosine similarity at two batch sizes; for a
+TensorRT engine also its CUDA-graph path against its plain launches.
 
 The reference is the PyTorch UNet in float32 on the CPU, computed once per stage on fixed random inputs; every
 exported graph or engine of that stage is compared with it. Tolerances (outputs are epsilon predictions and
@@ -62,16 +63,32 @@ def compare(expected: torch.Tensor, actual: torch.Tensor) -> tuple[float, float]
 
 
 def check_parity(cases: list[tuple[dict[str, torch.Tensor], torch.Tensor]], candidate: UnetFn, tolerance: Tolerance,
-                 what: str) -> list[ParityResult]:
-    """Run `candidate` on each case and compare with the expected output. Raises UserError naming `what`, the
-    numbers and the tolerance when any case is past the tolerance (or not finite)."""
+                 what: str, against: str = "PyTorch") -> list[ParityResult]:
+    """Run `candidate` on each case and compare with the expected output (of `against`). Raises UserError naming
+    `what`, the numbers and the tolerance when any case is past the tolerance (or not finite)."""
     results = []
     for inputs, expected in cases:
         result = ParityResult(inputs["sample"].shape[0], *compare(expected, candidate(**inputs)))
         if not (result.max_abs <= tolerance.max_abs and result.cosine >= tolerance.min_cosine):
             raise UserError(
-                f"{what}: parity check against PyTorch failed at {result} (tolerance: max abs error "
+                f"{what}: parity check against {against} failed at {result} (tolerance: max abs error "
                 f"<= {tolerance.max_abs:g}, cosine >= {tolerance.min_cosine:g}); the export was not kept"
             )
         results.append(result)
     return results
+
+
+def check_engine_parity(cases: list[tuple[dict[str, torch.Tensor], torch.Tensor]],
+                        make_runner: Callable[[bool], UnetFn], tolerance: Tolerance,
+                        what: str) -> tuple[list[ParityResult], list[ParityResult]]:
+    """Parity of an engine on both of its paths: plain launches (make_runner(False)) against PyTorch, then CUDA-graph
+    replay (make_runner(True), the path generation takes) against the plain launches on the same inputs. The graph
+    runner gets the batch sizes twice in turn, so a replay also follows another batch size's graph (they share
+    activation memory). One runner exists at a time: each holds the engine's weights. Returns both lists."""
+    plain = make_runner(False)
+    results = check_parity(cases, plain, tolerance, what)
+    plain_cases = [(inputs, plain(**inputs).float().cpu()) for inputs, _ in cases]
+    del plain
+    graph_results = check_parity(plain_cases * 2, make_runner(True), tolerance, f"{what}, CUDA graph replay",
+                                 against="its plain launches")
+    return results, graph_results

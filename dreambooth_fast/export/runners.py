@@ -4,7 +4,8 @@
   onnx  ONNX Runtime on an exported graph: the CUDA provider when asked for and installed (onnxruntime-gpu),
         else the CPU; outputs come back on the sample's device and in its dtype
   trt   a TensorRT engine with buffers allocated once per batch size and, by default, a CUDA graph per batch
-        size (one execution context each, as a captured graph fixes shapes and addresses)
+        size (one execution context each, as a captured graph fixes shapes and addresses; the contexts share one
+        block of activation memory and run in turn on the runner's own CUDA stream)
 
 The eager and torch.compile backends need no export and stay with the sampler (sample.torch_unet_fn,
 generate.unet_runner). Before loading, `make_unet_runner` checks that the export was made from the weights
@@ -72,6 +73,41 @@ class OnnxRunner:
         return torch.from_numpy(output).to(device=sample.device, dtype=sample.dtype)
 
 
+def activation_memory(engine, device: torch.device) -> torch.Tensor:
+    """One block of device memory for the activations of every execution context of `engine`. Its size,
+    `device_memory_size_v2`, is the most any context needs (at the largest shapes of the profile). The contexts
+    can share it because they run one after another on one stream. PyTorch's CUDA allocator aligns blocks to 512
+    bytes; TensorRT asks for 256."""
+    return torch.empty(max(engine.device_memory_size_v2, 1), dtype=torch.uint8, device=device)
+
+
+def create_context(trt, engine, memory: torch.Tensor, what: str):
+    """An execution context whose activations live in `memory` (see activation_memory) instead of a block of its
+    own, as TensorRT's default static allocation would reserve for each context."""
+    context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+    if context is None:  # TensorRT logs why; the usual reason is GPU memory
+        raise UserError(f"{what}: TensorRT could not create an execution context (out of GPU memory?)")
+    context.set_device_memory(memory.data_ptr(), memory.numel())
+    return context
+
+
+def set_input_shapes(context, shapes: dict[str, tuple[int, ...]], what: str) -> None:
+    for name, shape in shapes.items():
+        if not context.set_input_shape(name, shape):
+            raise RuntimeError(f"{what}: TensorRT refused the shape {shape} of input {name!r}")
+
+
+def set_tensor_addresses(context, buffers: dict[str, torch.Tensor], what: str) -> None:
+    for name, buffer in buffers.items():
+        if not context.set_tensor_address(name, buffer.data_ptr()):
+            raise RuntimeError(f"{what}: TensorRT refused the buffer of {name!r}")
+
+
+def enqueue(context, stream: torch.cuda.Stream, what: str) -> None:
+    if not context.execute_async_v3(stream.cuda_stream):
+        raise RuntimeError(f"{what}: TensorRT could not enqueue the engine (see its log above)")
+
+
 @dataclass
 class _BatchState:
     context: object
@@ -81,46 +117,52 @@ class _BatchState:
 
 class TensorRTRunner:
     """A TensorRT engine as a UNet runner. Per batch size: an execution context, input/output buffers allocated
-    once, and (cuda_graphs=True) the engine's launch captured as a CUDA graph and replayed on later calls."""
+    once, and (cuda_graphs=True) the engine's launch captured as a CUDA graph and replayed on later calls. All
+    contexts share one block of activation memory. The engine runs on a stream of the runner's own, which waits
+    for the caller's current stream and which the caller's stream then waits for."""
 
     def __init__(self, engine_path: str | Path, *, cuda_graphs: bool = True):
-        trt = import_tensorrt()
+        self.trt = import_tensorrt()
         self.engine_path = Path(engine_path)
-        self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))  # must outlive the engine
+        self.device = torch.device("cuda", torch.cuda.current_device())
+        self.runtime = self.trt.Runtime(self.trt.Logger(self.trt.Logger.WARNING))  # must outlive the engine
         self.engine = self.runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
         if self.engine is None:
             raise UserError(f"{self.engine_path}: TensorRT cannot load this engine; rebuild it: `dbfast export --trt`")
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        self.output_name = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
-        torch_dtypes = {trt.float32: torch.float32, trt.float16: torch.float16}
+        modes = {n: self.engine.get_tensor_mode(n) for n in names}
+        self.input_names = [n for n in names if modes[n] == self.trt.TensorIOMode.INPUT]
+        self.output_name = next(n for n in names if modes[n] == self.trt.TensorIOMode.OUTPUT)
+        torch_dtypes = {self.trt.float32: torch.float32, self.trt.float16: torch.float16}
         self.dtypes = {n: torch_dtypes[self.engine.get_tensor_dtype(n)] for n in names}
         low, _, high = self.engine.get_tensor_profile_shape("sample", 0)
         self.batch_range = (low[0], high[0])
         self.cuda_graphs = cuda_graphs
-        self.device = torch.device("cuda", torch.cuda.current_device())
+        self.stream = torch.cuda.Stream(self.device)
+        self.memory: torch.Tensor | None = None  # allocated with the first context
         self.states: dict[int, _BatchState] = {}
 
     def _prepare(self, batch: int) -> _BatchState:
-        context = self.engine.create_execution_context()
-        buffers = {}
-        for name in self.input_names:
-            shape = (batch, *tuple(self.engine.get_tensor_shape(name))[1:])
-            context.set_input_shape(name, shape)
-            buffers[name] = torch.zeros(shape, dtype=self.dtypes[name], device=self.device)
+        what = f"{self.engine_path} at batch {batch}"
+        if self.memory is None:
+            self.memory = activation_memory(self.engine, self.device)
+        context = create_context(self.trt, self.engine, self.memory, what)
+        shapes = {name: (batch, *tuple(self.engine.get_tensor_shape(name))[1:]) for name in self.input_names}
+        set_input_shapes(context, shapes, what)
+        buffers = {name: torch.zeros(shape, dtype=self.dtypes[name], device=self.device)
+                   for name, shape in shapes.items()}
         output_shape = tuple(context.get_tensor_shape(self.output_name))
         buffers[self.output_name] = torch.empty(output_shape, dtype=self.dtypes[self.output_name], device=self.device)
-        for name, buffer in buffers.items():
-            context.set_tensor_address(name, buffer.data_ptr())
+        set_tensor_addresses(context, buffers, what)
         # One launch after setting shapes lets TensorRT finish its deferred set-up before a graph is captured.
-        if not context.execute_async_v3(torch.cuda.current_stream().cuda_stream):
-            raise RuntimeError(f"{self.engine_path}: TensorRT execution failed at batch {batch}")
+        self.stream.wait_stream(torch.cuda.current_stream())  # the buffers were zeroed on the caller's stream
+        enqueue(context, self.stream, what)
         graph = None
         if self.cuda_graphs:
-            torch.cuda.current_stream().synchronize()
+            self.stream.synchronize()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                context.execute_async_v3(torch.cuda.current_stream().cuda_stream)
+            with torch.cuda.graph(graph, stream=self.stream):
+                enqueue(context, self.stream, what)
         return _BatchState(context, buffers, graph)
 
     def __call__(self, sample, timestep, encoder_hidden_states, class_labels=None) -> torch.Tensor:
@@ -129,17 +171,22 @@ class TensorRTRunner:
             raise UserError(f"{self.engine_path}: UNet batch {batch} is outside the engine's profile "
                             f"{self.batch_range[0]}..{self.batch_range[1]}; rebuild with `dbfast export --trt "
                             "--batch-sizes MIN:OPT:MAX` covering it")
-        inputs = unet_inputs(self.input_names, sample, timestep, encoder_hidden_states, class_labels)
-        state = self.states.get(batch)
-        if state is None:
-            state = self.states[batch] = self._prepare(batch)
-        for name, value in inputs.items():
-            state.buffers[name].copy_(value)
-        if state.graph is not None:
-            state.graph.replay()
-        elif not state.context.execute_async_v3(torch.cuda.current_stream().cuda_stream):
-            raise RuntimeError(f"{self.engine_path}: TensorRT execution failed at batch {batch}")
-        return state.buffers[self.output_name].to(device=sample.device, dtype=sample.dtype, copy=True)
+        with torch.cuda.device(self.device):
+            inputs = unet_inputs(self.input_names, sample, timestep, encoder_hidden_states, class_labels)
+            state = self.states.get(batch)
+            if state is None:
+                state = self.states[batch] = self._prepare(batch)
+            caller = torch.cuda.current_stream()
+            for name, value in inputs.items():
+                state.buffers[name].copy_(value)  # on the caller's stream, after whatever produced the inputs
+            self.stream.wait_stream(caller)
+            if state.graph is not None:
+                with torch.cuda.stream(self.stream):
+                    state.graph.replay()
+            else:
+                enqueue(state.context, self.stream, f"{self.engine_path} at batch {batch}")
+            caller.wait_stream(self.stream)
+            return state.buffers[self.output_name].to(device=sample.device, dtype=sample.dtype, copy=True)
 
 
 def _pick_precision(stage_out: Path, file_name: Callable[[str], str], default: str) -> str:

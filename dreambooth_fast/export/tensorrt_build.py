@@ -8,6 +8,7 @@ TensorRT is imported only here and only when asked for; nothing else in the pack
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -75,15 +76,26 @@ def build_engine(trt, onnx_path: Path, engine_path: Path, *, shapes: dict[str, t
     for name, (low, opt, high) in shapes.items():
         profile.set_shape(name, low, opt, high)
     config.add_optimization_profile(profile)
-    cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
-    if not config.set_timing_cache(cache, ignore_mismatch=False):
-        log(f"{timing_cache}: made by another GPU or TensorRT version; starting a new timing cache")
-        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+    attach_timing_cache(config, timing_cache, log)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise UserError(f"{onnx_path}: TensorRT failed to build an engine (see its log above)")
     _write_atomic(engine_path, plan)
     _write_atomic(timing_cache, config.get_timing_cache().serialize())
+
+
+def attach_timing_cache(config, path: Path, log: Callable[[str], None] = print) -> None:
+    """Give the builder config the timing cache stored at `path`, or a new empty one when there is none, when
+    TensorRT cannot read it (`create_timing_cache` returns None for a corrupt or truncated file, or one written by
+    another TensorRT version: a warning), or when it was measured on another GPU or TensorRT version."""
+    cache = config.create_timing_cache(path.read_bytes() if path.is_file() else b"")
+    if cache is None:
+        warnings.warn(f"{path}: TensorRT cannot read this timing cache (corrupt, or written by another TensorRT "
+                      "version); starting a new one, which this build will write there", RuntimeWarning, stacklevel=2)
+        cache = config.create_timing_cache(b"")
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        log(f"{path}: made by another GPU or TensorRT version; starting a new timing cache")
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
 
 
 def refit_engine(trt, engine_path: Path, onnx_path: Path) -> bool:
