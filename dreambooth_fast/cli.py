@@ -133,7 +133,7 @@ def train(config_file: str | None, resume: bool, overwrite: bool, **options) -> 
     """Fine-tune a cascade on a subject with DreamBooth: bind a rare-token identifier to the subject with the
     class-specific prior preservation loss, stage by stage (base, then super-resolution)."""
     from .config import load_toml
-    from .models import DEFAULT_MODEL
+    from .toy.default_model import DEFAULT_MODEL
     from .toy.world import SHAPES
     from .train import train as run_training
 
@@ -248,7 +248,7 @@ def eval_(model, sr_model, toy, real_images, clip_dir, dino_dir, lpips_dir, live
     the 25 protocol prompts, printed beside the paper's rows and written as JSON. With --toy: the toy world's
     exact judge instead (see QUALITY.md)."""
     if toy:
-        from .models import default_model_dir
+        from .toy.default_model import default_model_dir
         from .toy.evaluation import STEPS, evaluate, format_results
 
         results, path = evaluate(model or default_model_dir(), n=n, seed=seed, steps=steps or STEPS, out=out)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,9 +51,6 @@ class Cascade:
         return int(_read_json(self.sr_dir / "unet" / "config.json")["sample_size"])
 
 
-DEFAULT_MODEL = Path(__file__).resolve().parent / "default_model"
-
-
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -63,27 +59,6 @@ def resolve_device(name: str) -> torch.device:
             f"--device {name}: no CUDA device is available here (torch {torch.__version__}); use --device cpu"
         )
     return torch.device(name)
-
-
-def default_model_dir() -> Path:
-    """The model used without --model: the embedded toy-world cascade the package ships (QUALITY.md), else
-    (a checkout without its weights) a tiny random cascade built once into the user cache."""
-    if (DEFAULT_MODEL / "model_index.json").is_file():
-        return DEFAULT_MODEL
-    from tqdm.auto import tqdm
-
-    from .prior import default_cache_root
-    from .toy.tiny_cascade import build_tiny_cascade
-
-    path = default_cache_root().parent / "tiny-cascade"
-    if not (path / "model_index.json").is_file() or not (path / STAGE_2_DIR / "model_index.json").is_file():
-        tqdm.write(f"no --model given and no embedded model: building a tiny random IF cascade at {path}")
-        shutil.rmtree(path, ignore_errors=True)
-        tmp = path.with_name(path.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        build_tiny_cascade(tmp)
-        tmp.rename(path)
-    return path
 
 
 def _read_json(path: Path) -> dict:

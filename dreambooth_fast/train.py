@@ -29,11 +29,9 @@ from .errors import UserError
 from .fileio import atomic_write_dir, atomic_write_json, link_or_copy_tree
 from .images import make_grid, save_png, to_pil
 from .models import (
-    DEFAULT_MODEL,
     STAGE_2_DIR,
     Cascade,
     check_stage_dir,
-    default_model_dir,
     find_sr_dir,
     load_cascade,
     load_tokenizer,
@@ -61,6 +59,7 @@ from .rundir import (
 from .sample import BASE_GUIDANCE, SR_GUIDANCE, SR_NOISE_LEVEL, sample_base, sample_sr, torch_unet_fn
 from .snr import min_snr_weights
 from .text import encode_negative, encode_prompts
+from .toy.default_model import default_model_dir, default_model_notes
 
 VALIDATION_STEPS = 25
 CLASS_IMAGE_BATCH = 4
@@ -517,22 +516,6 @@ def check_inputs(cfg: TrainConfig) -> RunInputs:
     for warning in warnings:
         tqdm.write(f"warning: {warning}")
     return RunInputs(out, device, stages, sr_dir, images, captions)
-
-
-def default_model_notes(model: str | Path, class_noun: str) -> list[str]:
-    """What to know when the model is the embedded toy: what it is, what it can draw, how to pass a real one;
-    and a warning when the class noun is nothing the toy world draws. Nothing for any other model."""
-    if Path(model).resolve() != DEFAULT_MODEL.resolve():
-        return []
-    from .toy.world import SHAPES
-
-    notes = [f"note: training the embedded toy model ({DEFAULT_MODEL.name}/: 32 px coloured shapes on plain or "
-             f"patterned backgrounds; it draws {', '.join(SHAPES)}), not a photo model: for real photos pass "
-             "--model with a DeepFloyd IF cascade (e.g. IF-I-XL-v1.0, with --sr-model IF-II-L-v1.0)"]
-    if class_noun.strip().lower() not in SHAPES:
-        notes.append(f"warning: the toy model has never drawn a {class_noun!r}: it can only learn colours and "
-                     f"layout from your photos, not draw a {class_noun}")
-    return notes
 
 
 def estimated_write_bytes(cfg: TrainConfig, inputs: RunInputs, cascade: Cascade) -> int:

@@ -151,7 +151,7 @@ step_trt_install() {
 step_trt_export() {
   trt_or_skip
   rm -rf "$WORK/tiny" "$WORK/export"
-  "$PYTHON" -m dreambooth_fast.tiny_cascade "$WORK/tiny" || return 1
+  "$PYTHON" -m dreambooth_fast.toy.tiny_cascade "$WORK/tiny" || return 1
   dbfast export --model "$WORK/tiny" --trt --out "$WORK/export" || return 1
   "$PYTHON" - "$WORK/export" <<'EOF'
 import json, sys
@@ -204,7 +204,7 @@ dry_run() {
   done
   for file in setup.py csrc/ops.cpp csrc/cuda/add_noise.cu csrc/cuda/dreambooth_loss.cu tests/test_ops.py \
       tests/test_gpu_ops.py benchmarks/__main__.py benchmarks/bench_kernels.py benchmarks/bench_train.py \
-      dreambooth_fast/cli.py dreambooth_fast/tiny_cascade.py; do
+      dreambooth_fast/cli.py dreambooth_fast/toy/tiny_cascade.py; do
     if [[ -f "$file" ]]; then echo "  ok       $file"; else echo "  MISSING  $file"; missing=1; fi
   done
   for command in "$PYTHON" "$NVCC" timeout; do

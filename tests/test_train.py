@@ -394,7 +394,7 @@ def test_a_caption_without_the_identifier_mark_is_refused(tiny_cascade, subject_
 
 @pytest.mark.parametrize("noun", ["dog", "heart"])
 def test_the_embedded_model_says_what_it_can_draw_and_the_hint_promises_no_more(subject_dir, tmp_path, noun):
-    from dreambooth_fast.models import DEFAULT_MODEL
+    from dreambooth_fast.toy.default_model import DEFAULT_MODEL
 
     if not (DEFAULT_MODEL / "model_index.json").is_file():
         pytest.skip("no embedded default model in this checkout")

@@ -9,6 +9,6 @@ One concern per module:
   evaluation    `dbfast eval --toy`: a cascade sampled and judged (prompt fidelity, subject fidelity, PRES, DIV)
   pretrain      `python -m dreambooth_fast.toy.pretrain`: how the embedded default model is trained
   tiny_cascade  a tiny random cascade for tests, benchmarks and a checkout without the default model's weights
-Nothing is imported here. Outside tests and benchmarks only two lazy imports lead in: `dbfast eval --toy`
-(cli) and the fallback model of a checkout without the default model's weights (models.default_model_dir).
+  default_model the embedded default model: its path, that fallback, and what a run on it says to the user
+Nothing is imported here. The product reaches in only for the default model (train, cli) and `dbfast eval --toy`.
 """
