@@ -81,7 +81,8 @@ def _stages(value: str) -> tuple[str, ...]:
                    "sofa'), instead of 'a [V] [class]' for all: what the caption names is not bound to [V].")
 @click.option("--prior/--no-prior", "prior_preservation", default=None,
               help="Class-specific prior preservation loss (the paper's method).  [default: on]")
-@click.option("--prior-weight", type=float, help="lambda, the prior loss weight." + default("prior_weight"))
+@click.option("--prior-weight", type=float,
+              help="lambda, the prior loss weight (the paper: 1)." + default("prior_weight"))
 @click.option("--num-class-images", type=int,
               help="Class images to generate (paper ~1000; diffusers 100, recommends 200-300)."
                    + default("num_class_images"))

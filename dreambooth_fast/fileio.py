@@ -120,12 +120,17 @@ def lock_holder(path: Path) -> str:
         return "?"
 
 
-def free_bytes(path: Path) -> int:
-    """Free space for an unprivileged writer on the file system that holds `path` (or its nearest parent)."""
+def existing_ancestor(path: Path) -> Path:
+    """`path` itself if it exists, else its nearest parent that does: where a directory to be made will live."""
     path = Path(path).absolute()
     while not path.exists():
         path = path.parent
-    return shutil.disk_usage(path).free
+    return path
+
+
+def free_bytes(path: Path) -> int:
+    """Free space for an unprivileged writer on the file system that holds `path` (or its nearest parent)."""
+    return shutil.disk_usage(existing_ancestor(path)).free
 
 
 def is_disk_full(err: BaseException) -> bool:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .config import TrainConfig
 from .errors import UserError
-from .fileio import file_lock, free_bytes, human_bytes, is_disk_full, lock_holder
+from .fileio import existing_ancestor, file_lock, free_bytes, human_bytes, is_disk_full, lock_holder
 
 RUN_FILE = "dreambooth.json"
 CHECKPOINTS = "checkpoints"
@@ -109,9 +109,7 @@ def check_output_not_input(output: Path, inputs: dict[str, str | Path | None]) -
 def check_can_create(folder: Path, option: str) -> None:
     """Check, without leaving anything behind, that `folder` exists as a writable directory or can be made:
     a read-only or virtual file system fails here with one line instead of a traceback mid-run."""
-    existing = folder.absolute()
-    while not existing.exists():
-        existing = existing.parent
+    existing = existing_ancestor(folder)
     if not existing.is_dir():
         raise UserError(f"{option} {folder}: {existing} is a file, so the directory cannot be created there")
     probe = existing / f".dbfast-probe-{os.getpid()}"

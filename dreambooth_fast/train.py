@@ -26,7 +26,7 @@ from . import __version__, data, identifier, lora, ops
 from .checkpoint import load_checkpoint, mark_stage_done, read_latest, save_checkpoint
 from .config import TrainConfig
 from .errors import UserError
-from .fileio import atomic_write_dir, atomic_write_json, link_or_copy_tree
+from .fileio import atomic_write_dir, atomic_write_json, existing_ancestor, link_or_copy_tree
 from .images import make_grid, save_png, to_pil
 from .models import (
     STAGE_2_DIR,
@@ -525,10 +525,7 @@ def estimated_write_bytes(cfg: TrainConfig, inputs: RunInputs, cascade: Cascade)
     stage_dirs = [cascade.base_dir if s == "base" else cascade.sr_dir for s in inputs.stages]
     unet_bytes = max(sum(f.stat().st_size for f in weights_files(d)) for d in stage_dirs)
     total = len(stage_dirs) * unet_bytes + 6 * unet_bytes
-    parent = inputs.out if inputs.out.exists() else inputs.out.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    if parent.stat().st_dev != Path(cfg.model).stat().st_dev:
+    if existing_ancestor(inputs.out).stat().st_dev != Path(cfg.model).stat().st_dev:
         total += sum(f.stat().st_size for f in Path(cfg.model).rglob("*") if f.is_file())
     return total
 
