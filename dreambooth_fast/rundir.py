@@ -22,9 +22,9 @@ from .fileio import existing_ancestor, file_lock, free_bytes, human_bytes, is_di
 RUN_FILE = "dreambooth.json"
 CHECKPOINTS = "checkpoints"
 VALIDATION = "validation"
-# What a run adds beside the model layout; not copied when a tuned model is the input of another run.
-RUN_ARTIFACTS = (RUN_FILE, CHECKPOINTS, VALIDATION)
 LOCK_FILE = ".dbfast.lock"  # held by the run writing the directory; not part of the run
+# What a run adds beside the model layout; not copied when a tuned model is the input of another run.
+RUN_ARTIFACTS = (RUN_FILE, CHECKPOINTS, VALIDATION, LOCK_FILE)
 # Options that may change between a run and its --resume (they do not change what is learnt).
 RESUMABLE_CHANGES = {"steps", "sr_steps", "checkpoint_every", "validation_prompt", "validation_every", "device"}
 
