@@ -123,16 +123,17 @@ def _unet(case: Case, model_dir: Path | None, device: str) -> torch.nn.Module:
         return UNet2DConditionModel(**published_unet_config(case.stage))
 
 
-def _schedulers(case: Case, model_dir: Path | None):
-    """The stage's training scheduler and, for SR, the noising scheduler of its low-res input (IF's configs)."""
-    if case.model == "tiny":
-        stage_dir = model_dir if case.stage == "base" else model_dir / STAGE_2_DIR
-        noising = load_scheduler(stage_dir, "image_noising_scheduler") if case.stage == "sr" else None
+def stage_schedulers(stage: str, model_dir: Path | None):
+    """The stage's training scheduler and, for SR, the noising scheduler of its low-res input: a saved cascade's
+    (`model_dir`), else IF's configs."""
+    if model_dir is not None:
+        stage_dir = model_dir if stage == "base" else model_dir / STAGE_2_DIR
+        noising = load_scheduler(stage_dir, "image_noising_scheduler") if stage == "sr" else None
         return load_scheduler(stage_dir), noising
     from diffusers import DDPMScheduler
 
-    scheduler = DDPMScheduler(**if_scheduler_config(sample_max_value=1.5 if case.stage == "base" else 1.0))
-    noising = DDPMScheduler(**if_noising_scheduler_config()) if case.stage == "sr" else None
+    scheduler = DDPMScheduler(**if_scheduler_config(sample_max_value=1.5 if stage == "base" else 1.0))
+    noising = DDPMScheduler(**if_noising_scheduler_config()) if stage == "sr" else None
     return scheduler, noising
 
 
@@ -153,37 +154,42 @@ def _rows(case: Case, low_size: int, generator: torch.Generator) -> StageData:
                      upscaled(PRIOR_IMAGES))
 
 
-def setup_case(case: Case, model_dir: Path | None, device: str, out: Path) -> Setup:
-    unet = _unet(case, model_dir, device)
-    scheduler, noising = _schedulers(case, model_dir)
-    generator = torch.Generator().manual_seed(0)
+def make_trainer(case: Case, unet: torch.nn.Module, scheduler, noising, device: str, out: Path,
+                 generator: torch.Generator, **options) -> StageTrainer:
+    """The project's StageTrainer on `unet` with random rows and prompt embeddings of the case's shapes;
+    `options` are more TrainConfig fields."""
     text_dim = unet.config.encoder_hid_dim or unet.config.cross_attention_dim
     embeds = torch.randn((3, TEXT_LENGTH, text_dim), generator=generator)
     prompts = Prompts("x", ["a x dog"], "a dog", embeds[:1], embeds[1:2], embeds[2:])
-    low_size = max(case.size // 4, 8)
-    rows = _rows(case, low_size, generator)
+    rows = _rows(case, max(case.size // 4, 8), generator)
     cfg = TrainConfig(images="-", class_noun="dog", batch_size=case.batch, precision=case.dtype,
-                      gradient_checkpointing=case.checkpointing, seed=0)
-    trainer = StageTrainer(case.stage, unet, scheduler, noising, rows, prompts, cfg, torch.device(device), out, [],
-                           None)
-    # The eager step's batch: the same numbers of subject and prior rows, collated as diffusers does (torch.cat).
-    pick = torch.arange(case.batch) % SUBJECT_IMAGES
-    batch = {
-        "subject": rows.subject[pick], "prior": rows.prior[pick],
-        "subject_embeds": prompts.instance_embeds.expand(case.batch, -1, -1),
-        "prior_embeds": prompts.class_embeds.expand(case.batch, -1, -1),
-        "subject_cond": rows.subject_cond[pick] if rows.subject_cond is not None else None,
-        "prior_cond": rows.prior_cond[pick] if rows.prior_cond is not None else None,
-    }
-    eager = eager_step_fn(trainer, scheduler, noising, batch, cfg, torch.device(device))
+                      gradient_checkpointing=case.checkpointing, seed=0, **options)
+    return StageTrainer(case.stage, unet, scheduler, noising, rows, prompts, cfg, torch.device(device), out, [], None)
+
+
+def setup_case(case: Case, model_dir: Path | None, device: str, out: Path) -> Setup:
+    unet = _unet(case, model_dir, device)
+    scheduler, noising = stage_schedulers(case.stage, model_dir if case.model == "tiny" else None)
+    generator = torch.Generator().manual_seed(0)
+    trainer = make_trainer(case, unet, scheduler, noising, device, out, generator)
+    eager = eager_step_fn(trainer, scheduler, noising, case.batch)
     fused_ops, eager_ops = ops_candidates(case, trainer, scheduler, noising, torch.device(device), generator)
     return Setup(trainer, eager, fused_ops, eager_ops)
 
 
-def eager_step_fn(trainer: StageTrainer, scheduler, noising, batch: dict, cfg: TrainConfig,
-                  device: torch.device) -> Callable[[], float]:
+def eager_step_fn(trainer: StageTrainer, scheduler, noising, batch_size: int) -> Callable[[], float]:
     """One training step written the way diffusers' train_dreambooth.py writes it, on the trainer's UNet,
-    optimizer and lr schedule."""
+    optimizer and lr schedule, with `batch_size` subject rows and as many prior rows."""
+    rows, prompts, cfg, device = trainer.rows, trainer.prompts, trainer.cfg, trainer.device
+    # The batch: the same numbers of subject and prior rows, collated as diffusers does (torch.cat).
+    pick = torch.arange(batch_size) % SUBJECT_IMAGES
+    batch = {
+        "subject": rows.subject[pick], "prior": rows.prior[pick],
+        "subject_embeds": prompts.instance_embeds.expand(batch_size, -1, -1),
+        "prior_embeds": prompts.class_embeds.expand(batch_size, -1, -1),
+        "subject_cond": rows.subject_cond[pick] if rows.subject_cond is not None else None,
+        "prior_cond": rows.prior_cond[pick] if rows.prior_cond is not None else None,
+    }
     unet, optimizer, lr_schedule, params = trainer.unet, trainer.optimizer, trainer.lr_schedule, trainer.params
     autocast = AUTOCAST[cfg.precision]
 
