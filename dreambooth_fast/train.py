@@ -38,6 +38,7 @@ from .models import (
     resolve_device,
     weights_files,
 )
+from .optim import adam_options, load_optimizer_state
 from .prior import PriorSettings, default_cache_root, generate_class_images
 from .rundir import (
     CHECKPOINTS,
@@ -179,8 +180,8 @@ def _optimizer(params: list, cfg: TrainConfig, lr: float) -> torch.optim.Optimiz
         import bitsandbytes as bnb  # presence checked by TrainConfig.validate
 
         return bnb.optim.Adam8bit(params, lr=lr)
-    # The paper trains with Adam (no weight decay).
-    return torch.optim.Adam(params, lr=lr)
+    # The paper trains with Adam (no weight decay); fused or foreach, whichever the device has (optim.py).
+    return torch.optim.Adam(params, lr=lr, **adam_options(params))
 
 
 class StageTrainer:
@@ -278,7 +279,7 @@ class StageTrainer:
             lora.load_adapter_state(self.unet, weights)
         else:
             self.unet.load_state_dict(weights)
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.optimizer, state["optimizer"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         self.scaler.load_state_dict(state["scaler"])
         self.generator.set_state(state["generator"])
