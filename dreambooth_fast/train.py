@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from . import __version__, data, identifier, lora, ops
 from .checkpoint import load_checkpoint, mark_stage_done, read_latest, save_checkpoint
+from .compiled import compile_unet
 from .config import TrainConfig
 from .errors import UserError
 from .fileio import atomic_write_dir, atomic_write_json, link_or_copy_tree
@@ -215,6 +216,8 @@ class StageTrainer:
         self.generator = torch.Generator().manual_seed(cfg.seed + (0 if stage == "base" else 1))
         if cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
+        if cfg.compile:
+            compile_unet(unet, stage)
         if cfg.lora_rank:
             self.params = lora.add_lora(unet, cfg.lora_rank)
         else:
