@@ -107,17 +107,23 @@ def header_lines(rows: list[dict], run: dict) -> list[str]:
 # -- per-suite tables -------------------------------------------------------------------------------------
 
 
+# Our steps in the training-step table: the default options, and with --compile (a suffix to the model's name).
+OURS_IMPLS = {"dreambooth_fast": "", "dreambooth_fast_compile": " --compile"}
+
+
 def train_section(rows: list[dict]) -> str:
     by_key = {(r["stage"], r["shape"], r["what"], r["impl"]): r for r in rows if r["impl"] != "skipped"}
     lines, ops_lines = [], []
     for (stage, shape, what, impl), r in by_key.items():
-        if what == "step" and impl == "dreambooth_fast":
+        if what == "step" and impl in OURS_IMPLS:
             e = by_key[(stage, shape, "step", "diffusers_eager")]
             fused, eager_ops = by_key[(stage, shape, "ops", "fused_ops")], by_key[(stage, shape, "ops", "eager_ops")]
-            lines.append([r["model"], stage, shape, r["dtype"], ms(r), ms(e), ratio(r), verdict(r),
+            lines.append([r["model"] + OURS_IMPLS[impl], stage, shape, r["dtype"], ms(r), ms(e), ratio(r), verdict(r),
                           f"{num(r['peak_step_mb']):.1f} / {num(e['peak_step_mb']):.1f}",
                           f"{num(fused['share_of_step_pct']):.2g}% / {num(eager_ops['share_of_step_pct']):.2g}%",
-                          f"{num(r['ops_bound_ratio']):.3f}x"])
+                          f"{num(r['ops_bound_ratio']):.3f}x" if r.get("ops_bound_ratio") else ""])
+            if impl != "dreambooth_fast":
+                continue
             ops_lines.append([r["model"], stage, shape, r["dtype"], ms(fused), ms(eager_ops), ratio(fused)])
     skipped = [[r["model"], r["stage"], r["shape"], r.get("note", "")] for r in rows if r["impl"] == "skipped"]
     text = md_table(["model", "stage", "rows (subject+prior)", "dtype", "ours ms (min-max)", "eager ms (min-max)",
@@ -220,9 +226,13 @@ def train_summary(rows: list[dict]) -> list[str]:
     by_key = {(r["stage"], r["shape"], r["what"], r["impl"]): r for r in rows}
     lines = []
     for (stage, shape, what, impl), r in by_key.items():
-        if (what, impl) != ("step", "dreambooth_fast"):
+        if what != "step" or impl not in OURS_IMPLS:
             continue
         fused = by_key[(stage, shape, "ops", "fused_ops")]
+        if impl != "dreambooth_fast":
+            lines.append(f"training step, {r['model']}{OURS_IMPLS[impl]} {stage} ({shape}, {r['dtype']}): "
+                         f"{ratio(r)} eager's speed, **{verdict(r)}**")
+            continue
         lines.append(f"training step, {r['model']} {stage} ({shape}, {r['dtype']}): {ratio(r)} eager's speed, "
                      f"**{verdict(r)}**; the fused ops alone run {ratio(fused)} eager's speed but are "
                      f"{num(fused['share_of_step_pct']):.2g}% of the step, so they can give the step at most "
