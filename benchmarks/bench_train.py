@@ -31,6 +31,7 @@ fit in the GPU's memory gets a row saying so.
 
 from __future__ import annotations
 
+import copy
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,6 +54,8 @@ from benchmarks.common import (
 from dreambooth_fast import ops
 from dreambooth_fast.config import TrainConfig
 from dreambooth_fast.models import STAGE_2_DIR, load_cascade, load_scheduler, load_unet
+from dreambooth_fast.optim import adam_implementation
+from dreambooth_fast.toy.default_model import DEFAULT_MODEL
 from dreambooth_fast.toy.if_layout import if_noising_scheduler_config, if_scheduler_config, if_unet_config
 from dreambooth_fast.toy.tiny_cascade import build_tiny_cascade
 from dreambooth_fast.train import AUTOCAST, Prompts, StageData, StageTrainer
@@ -61,7 +64,7 @@ CHANNELS = 3
 TEXT_LENGTH = 77
 SUBJECT_IMAGES = 4  # a user's 3-5 photos
 PRIOR_IMAGES = 8
-OURS, EAGER = "dreambooth_fast", "diffusers_eager"
+OURS, EAGER, OURS_COMPILED = "dreambooth_fast", "diffusers_eager", "dreambooth_fast_compile"
 FUSED_OPS, EAGER_OPS = "fused_ops", "eager_ops"
 
 
@@ -73,6 +76,7 @@ class Case:
     batch: int  # subject rows per step; as many prior rows follow them
     dtype: str  # "fp32" or "bf16": TrainConfig.precision (bf16: autocast; weights stay float32)
     checkpointing: bool = False  # gradient checkpointing
+    compiled: bool = False  # also ours with --compile, a third step alternating with the other two
 
     @property
     def shape(self) -> str:
@@ -101,7 +105,11 @@ def cases(device: str, *, quick: bool, smoke: bool, base_size: int, sr_size: int
                 for stage in ("base", "sr") for b in batches]
     if smoke:  # the tiny cascade's UNets at half their size: proves the suite runs, in seconds
         return [Case("base", "tiny", base_size // 2, 1, "fp32"), Case("sr", "tiny", sr_size // 2, 1, "fp32")]
-    return [Case("base", "tiny", base_size, 2, "fp32"), Case("sr", "tiny", sr_size, 2, "fp32")]
+    cpu = [Case("base", "tiny", base_size, 2, "fp32"), Case("sr", "tiny", sr_size, 2, "fp32")]
+    if (DEFAULT_MODEL / "model_index.json").is_file():  # the model a user trains without --model, as they run it
+        size = load_cascade(DEFAULT_MODEL, with_text_encoder=False, with_unets=False).base_size
+        cpu.append(Case("base", "default", size, 1, "fp32", compiled=True))
+    return cpu
 
 
 @dataclass
@@ -109,13 +117,20 @@ class Setup:
     """One case, ready to step: the shared UNet and trainer (ours), the eager step, and the ops-only pair."""
 
     trainer: StageTrainer
+    compiled: StageTrainer | None  # ours with --compile, on a copy of the UNet
     eager_step: Callable[[], float]
     fused_ops: Timed
     eager_ops: Timed
 
 
+def saved_model_dir(case: Case, tiny_dir: Path | None) -> Path | None:
+    """The cascade a case's UNet is read from: the tiny cascade, the embedded default model, or None (a UNet of a
+    published config, randomly initialised)."""
+    return {"tiny": tiny_dir, "default": DEFAULT_MODEL}.get(case.model)
+
+
 def _unet(case: Case, model_dir: Path | None, device: str) -> torch.nn.Module:
-    if case.model == "tiny":
+    if model_dir is not None:
         return load_unet(model_dir if case.stage == "base" else model_dir / STAGE_2_DIR, device)
     from diffusers import UNet2DConditionModel
 
@@ -123,16 +138,17 @@ def _unet(case: Case, model_dir: Path | None, device: str) -> torch.nn.Module:
         return UNet2DConditionModel(**published_unet_config(case.stage))
 
 
-def _schedulers(case: Case, model_dir: Path | None):
-    """The stage's training scheduler and, for SR, the noising scheduler of its low-res input (IF's configs)."""
-    if case.model == "tiny":
-        stage_dir = model_dir if case.stage == "base" else model_dir / STAGE_2_DIR
-        noising = load_scheduler(stage_dir, "image_noising_scheduler") if case.stage == "sr" else None
+def stage_schedulers(stage: str, model_dir: Path | None):
+    """The stage's training scheduler and, for SR, the noising scheduler of its low-res input: a saved cascade's
+    (`model_dir`), else IF's configs."""
+    if model_dir is not None:
+        stage_dir = model_dir if stage == "base" else model_dir / STAGE_2_DIR
+        noising = load_scheduler(stage_dir, "image_noising_scheduler") if stage == "sr" else None
         return load_scheduler(stage_dir), noising
     from diffusers import DDPMScheduler
 
-    scheduler = DDPMScheduler(**if_scheduler_config(sample_max_value=1.5 if case.stage == "base" else 1.0))
-    noising = DDPMScheduler(**if_noising_scheduler_config()) if case.stage == "sr" else None
+    scheduler = DDPMScheduler(**if_scheduler_config(sample_max_value=1.5 if stage == "base" else 1.0))
+    noising = DDPMScheduler(**if_noising_scheduler_config()) if stage == "sr" else None
     return scheduler, noising
 
 
@@ -153,38 +169,49 @@ def _rows(case: Case, low_size: int, generator: torch.Generator) -> StageData:
                      upscaled(PRIOR_IMAGES))
 
 
-def setup_case(case: Case, model_dir: Path | None, device: str, out: Path) -> Setup:
-    unet = _unet(case, model_dir, device)
-    scheduler, noising = _schedulers(case, model_dir)
-    generator = torch.Generator().manual_seed(0)
+def make_trainer(case: Case, unet: torch.nn.Module, scheduler, noising, device: str, out: Path,
+                 generator: torch.Generator, **options) -> StageTrainer:
+    """The project's StageTrainer on `unet` with random rows and prompt embeddings of the case's shapes;
+    `options` are more TrainConfig fields."""
     text_dim = unet.config.encoder_hid_dim or unet.config.cross_attention_dim
     embeds = torch.randn((3, TEXT_LENGTH, text_dim), generator=generator)
     prompts = Prompts("x", ["a x dog"], "a dog", embeds[:1], embeds[1:2], embeds[2:])
-    low_size = max(case.size // 4, 8)
-    rows = _rows(case, low_size, generator)
+    rows = _rows(case, max(case.size // 4, 8), generator)
     cfg = TrainConfig(images="-", class_noun="dog", batch_size=case.batch, precision=case.dtype,
-                      gradient_checkpointing=case.checkpointing, seed=0)
-    trainer = StageTrainer(case.stage, unet, scheduler, noising, rows, prompts, cfg, torch.device(device), out, [],
-                           None)
-    # The eager step's batch: the same numbers of subject and prior rows, collated as diffusers does (torch.cat).
-    pick = torch.arange(case.batch) % SUBJECT_IMAGES
+                      gradient_checkpointing=case.checkpointing, seed=0, **options)
+    return StageTrainer(case.stage, unet, scheduler, noising, rows, prompts, cfg, torch.device(device), out, [], None)
+
+
+def setup_case(case: Case, model_dir: Path | None, device: str, out: Path) -> Setup:
+    model_dir = saved_model_dir(case, model_dir)
+    unet = _unet(case, model_dir, device)
+    scheduler, noising = stage_schedulers(case.stage, model_dir)
+    generator = torch.Generator().manual_seed(0)
+    compiled = (make_trainer(case, copy.deepcopy(unet), scheduler, noising, device, out,
+                             torch.Generator().manual_seed(0), compile=True) if case.compiled else None)
+    trainer = make_trainer(case, unet, scheduler, noising, device, out, generator)
+    eager = eager_step_fn(trainer, scheduler, noising, case.batch)
+    fused_ops, eager_ops = ops_candidates(case, trainer, scheduler, noising, torch.device(device), generator)
+    return Setup(trainer, compiled, eager, fused_ops, eager_ops)
+
+
+def eager_step_fn(trainer: StageTrainer, scheduler, noising, batch_size: int) -> Callable[[], float]:
+    """One training step written the way diffusers' train_dreambooth.py writes it, on the trainer's UNet, with
+    `batch_size` subject rows and as many prior rows, and an optimizer of its own as that script makes it:
+    torch.optim.Adam with torch's default implementation on a CPU (per parameter), constant learning rate."""
+    rows, prompts, cfg, device = trainer.rows, trainer.prompts, trainer.cfg, trainer.device
+    # The batch: the same numbers of subject and prior rows, collated as diffusers does (torch.cat).
+    pick = torch.arange(batch_size) % SUBJECT_IMAGES
     batch = {
         "subject": rows.subject[pick], "prior": rows.prior[pick],
-        "subject_embeds": prompts.instance_embeds.expand(case.batch, -1, -1),
-        "prior_embeds": prompts.class_embeds.expand(case.batch, -1, -1),
+        "subject_embeds": prompts.instance_embeds.expand(batch_size, -1, -1),
+        "prior_embeds": prompts.class_embeds.expand(batch_size, -1, -1),
         "subject_cond": rows.subject_cond[pick] if rows.subject_cond is not None else None,
         "prior_cond": rows.prior_cond[pick] if rows.prior_cond is not None else None,
     }
-    eager = eager_step_fn(trainer, scheduler, noising, batch, cfg, torch.device(device))
-    fused_ops, eager_ops = ops_candidates(case, trainer, scheduler, noising, torch.device(device), generator)
-    return Setup(trainer, eager, fused_ops, eager_ops)
-
-
-def eager_step_fn(trainer: StageTrainer, scheduler, noising, batch: dict, cfg: TrainConfig,
-                  device: torch.device) -> Callable[[], float]:
-    """One training step written the way diffusers' train_dreambooth.py writes it, on the trainer's UNet,
-    optimizer and lr schedule."""
-    unet, optimizer, lr_schedule, params = trainer.unet, trainer.optimizer, trainer.lr_schedule, trainer.params
+    unet, params = trainer.unet, trainer.params
+    optimizer = torch.optim.Adam(params, lr=cfg.learning_rate, foreach=False if device.type == "cpu" else None)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)  # diffusers' "constant"
     autocast = AUTOCAST[cfg.precision]
 
     def step() -> float:
@@ -296,28 +323,30 @@ def bench_case(case: Case, model_dir: Path | None, device: str, *, rounds: int, 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         s = setup_case(case, model_dir, device, Path(tmp))
-        steps = measure_paired({OURS: Timed(s.trainer.optimizer_step), EAGER: Timed(s.eager_step)}, device,
-                               rounds=rounds, warmup=warmup)
+        step_fns = {OURS: s.trainer.optimizer_step, EAGER: s.eager_step}
+        if s.compiled is not None:  # compilation happens in the warm-up calls
+            step_fns[OURS_COMPILED] = s.compiled.optimizer_step
+        steps = measure_paired({name: Timed(fn) for name, fn in step_fns.items()}, device, rounds=rounds,
+                               warmup=warmup)
         ops_samples = measure_paired({FUSED_OPS: s.fused_ops, EAGER_OPS: s.eager_ops}, device, rounds=ops_rounds,
                                      warmup=warmup)
-        memory = {OURS: peak_step_memory(s.trainer.optimizer_step, device),
-                  EAGER: peak_step_memory(s.eager_step, device)}
+        memory = {name: peak_step_memory(fn, device) for name, fn in step_fns.items()}
         n_params = sum(p.numel() for p in s.trainer.params)
     step_stats = {name: summarize(v, rounds) for name, v in steps.items()}
     ops_stats = {name: summarize(v, ops_rounds) for name, v in ops_samples.items()}
-    ratio = ratio_spread(steps[EAGER], steps[OURS])
+    ratios = {name: ratio_spread(steps[EAGER], samples) for name, samples in steps.items()}
     ops_ratio = ratio_spread(ops_samples[EAGER_OPS], ops_samples[FUSED_OPS])
     eager_step, saved = step_stats[EAGER].median, ops_stats[EAGER_OPS].median - ops_stats[FUSED_OPS].median
     common = {"suite": "train", "stage": case.stage, "model": case.model, "params_m": round(n_params / 1e6, 2),
               "dtype": case.dtype, "shape": case.shape, "subject_rows": case.batch, "prior_rows": case.batch,
-              "options": options(s.trainer.cfg), **load_average()}
+              "options": options(s.trainer), **load_average()}
     rows = []
     for impl, st in step_stats.items():
         rows.append({
             **common, "what": "step", "impl": impl, **_ms(st),
-            "ratio_vs_eager": round(ratio[0], 3) if impl == OURS else 1.0,
-            "ratio_min": round(ratio[1], 3) if impl == OURS else "",
-            "ratio_max": round(ratio[2], 3) if impl == OURS else "",
+            "ratio_vs_eager": round(ratios[impl][0], 3),
+            "ratio_min": round(ratios[impl][1], 3) if impl != EAGER else "",
+            "ratio_max": round(ratios[impl][2], 3) if impl != EAGER else "",
             "peak_step_mb": round(memory[impl] / 2**20, 2),
             "mem_method": MEMORY_METHOD[torch.device(device).type],
             # What the step's speed-up would be if the fused ops were the only difference (the most they can give).
@@ -335,10 +364,12 @@ def bench_case(case: Case, model_dir: Path | None, device: str, *, rounds: int, 
     return rows
 
 
-def options(cfg: TrainConfig) -> str:
-    """The training options both steps ran with, in words."""
-    words = [f"prior lambda {cfg.prior_weight}", f"clip {cfg.max_grad_norm}",
-             "Adam8bit" if cfg.use_8bit_adam else "Adam", f"precision {cfg.precision}"]
+def options(trainer: StageTrainer) -> str:
+    """The training options both steps ran with, in words; ours' Adam implementation (the eager step's is torch's
+    default, per parameter on a CPU)."""
+    cfg = trainer.cfg
+    adam = "Adam8bit" if cfg.use_8bit_adam else f"Adam ({adam_implementation(trainer.optimizer)} in ours)"
+    words = [f"prior lambda {cfg.prior_weight}", f"clip {cfg.max_grad_norm}", adam, f"precision {cfg.precision}"]
     return ", ".join(words + (["gradient checkpointing"] if cfg.gradient_checkpointing else []))
 
 
@@ -381,10 +412,11 @@ def table(rows: list[dict]) -> str:
     by_key = {(r["stage"], r["shape"], r["what"], r["impl"]): r for r in rows}
     lines = []
     for (stage, shape, what, impl), r in by_key.items():
-        if impl not in (OURS, FUSED_OPS):
+        if impl not in (OURS, OURS_COMPILED, FUSED_OPS):
             continue
         e = by_key[(stage, shape, what, EAGER if what == "step" else EAGER_OPS)]
-        notes = (f"peak MB {r['peak_step_mb']:.1f} / {e['peak_step_mb']:.1f}; ops bound {r['ops_bound_ratio']:.3f}x"
+        notes = (f"peak MB {r['peak_step_mb']:.1f} / {e['peak_step_mb']:.1f}"
+                 + (f"; ops bound {r['ops_bound_ratio']:.3f}x" if impl == OURS else "; --compile")
                  if what == "step" else f"{r['share_of_step_pct']:.2g}% of our step")
         lines.append([r["model"], stage, shape, r["dtype"], what, _cell(r), _cell(e),
                       f"{r['ratio_vs_eager']:.2f}x ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})", notes])

@@ -41,6 +41,17 @@ def latest_runs(rows: list[dict]) -> dict[str, list[dict]]:
     return latest
 
 
+def latest_profiles(rows: list[dict]) -> list[list[dict]]:
+    """The rows of the latest profile of each (device, config, stage, implementation)."""
+    keys = sorted({(r["device"], r["config"], r["stage"], r["impl"]) for r in rows})
+    runs = []
+    for key in keys:
+        same = [r for r in rows if (r["device"], r["config"], r["stage"], r["impl"]) == key]
+        date = max(r["date"] for r in same)
+        runs.append([r for r in same if r["date"] == date])
+    return runs
+
+
 def run_of(rows: list[dict], suite: str, runs: list[dict]) -> dict:
     """The runs.csv entry of the run that made `rows`: the latest one of that suite and device started at or
     before the rows' date. Empty when the run was not logged (a suite module run directly)."""
@@ -96,17 +107,23 @@ def header_lines(rows: list[dict], run: dict) -> list[str]:
 # -- per-suite tables -------------------------------------------------------------------------------------
 
 
+# Our steps in the training-step table: the default options, and with --compile (a suffix to the model's name).
+OURS_IMPLS = {"dreambooth_fast": "", "dreambooth_fast_compile": " --compile"}
+
+
 def train_section(rows: list[dict]) -> str:
     by_key = {(r["stage"], r["shape"], r["what"], r["impl"]): r for r in rows if r["impl"] != "skipped"}
     lines, ops_lines = [], []
     for (stage, shape, what, impl), r in by_key.items():
-        if what == "step" and impl == "dreambooth_fast":
+        if what == "step" and impl in OURS_IMPLS:
             e = by_key[(stage, shape, "step", "diffusers_eager")]
             fused, eager_ops = by_key[(stage, shape, "ops", "fused_ops")], by_key[(stage, shape, "ops", "eager_ops")]
-            lines.append([r["model"], stage, shape, r["dtype"], ms(r), ms(e), ratio(r), verdict(r),
+            lines.append([r["model"] + OURS_IMPLS[impl], stage, shape, r["dtype"], ms(r), ms(e), ratio(r), verdict(r),
                           f"{num(r['peak_step_mb']):.1f} / {num(e['peak_step_mb']):.1f}",
                           f"{num(fused['share_of_step_pct']):.2g}% / {num(eager_ops['share_of_step_pct']):.2g}%",
-                          f"{num(r['ops_bound_ratio']):.3f}x"])
+                          f"{num(r['ops_bound_ratio']):.3f}x" if r.get("ops_bound_ratio") else ""])
+            if impl != "dreambooth_fast":
+                continue
             ops_lines.append([r["model"], stage, shape, r["dtype"], ms(fused), ms(eager_ops), ratio(fused)])
     skipped = [[r["model"], r["stage"], r["shape"], r.get("note", "")] for r in rows if r["impl"] == "skipped"]
     text = md_table(["model", "stage", "rows (subject+prior)", "dtype", "ours ms (min-max)", "eager ms (min-max)",
@@ -174,6 +191,30 @@ def generate_section(rows: list[dict]) -> str:
     return text
 
 
+def profile_title(r: dict) -> str:
+    return (f"### {r['device']}: {r['config']} {r['stage']} ({r['params_m']} M parameters, {r['shape']}, "
+            f"{r['dtype']}), {r['impl']}\n")
+
+
+def profile_section(rows: list[dict]) -> str:
+    """One profiled step: the groups' self time and share, then the top ops."""
+    title = f"{num(rows[0]['step_ms']):.1f} ms self time per profiled step.\n\n"
+    groups = [[x["group"], f"{num(x['self_ms']):.2f}", f"{num(x['share_pct']):.1f}%"] for x in rows
+              if x["what"] == "group"]
+    ops = [[f"`{x['op']}`", x["group"], f"{num(x['self_ms']):.2f}", f"{num(x['share_pct']):.1f}%"] for x in rows
+           if x["what"] == "op"]
+    return (title + md_table(["group", "self ms per step", "share"], groups) + "\n\nTop ops:\n\n"
+            + md_table(["op", "group", "self ms per step", "share"], ops))
+
+
+PROFILE_INTRO = """Where one step's time goes: `python -m benchmarks.profile_step` (torch.profiler, self time, so the
+groups add up to the step; the profiler's own overhead is in it). Groups: conv, attention (SDPA, bmm, softmax),
+linear (matmuls: attention projections, time and text embeddings), norm+activation (GroupNorm, LayerNorm, GELU,
+SiLU), optimizer (Optimizer.step and zero_grad, gradient clipping), the fused ops, copies, other (elementwise
+adds and muls of the scale-shift and residuals, their backward sums, and the rest).
+"""
+
+
 SECTIONS = {"train": train_section, "kernels": kernels_section, "prior": prior_section,
             "generate": generate_section}
 
@@ -185,9 +226,13 @@ def train_summary(rows: list[dict]) -> list[str]:
     by_key = {(r["stage"], r["shape"], r["what"], r["impl"]): r for r in rows}
     lines = []
     for (stage, shape, what, impl), r in by_key.items():
-        if (what, impl) != ("step", "dreambooth_fast"):
+        if what != "step" or impl not in OURS_IMPLS:
             continue
         fused = by_key[(stage, shape, "ops", "fused_ops")]
+        if impl != "dreambooth_fast":
+            lines.append(f"training step, {r['model']}{OURS_IMPLS[impl]} {stage} ({shape}, {r['dtype']}): "
+                         f"{ratio(r)} eager's speed, **{verdict(r)}**")
+            continue
         lines.append(f"training step, {r['model']} {stage} ({shape}, {r['dtype']}): {ratio(r)} eager's speed, "
                      f"**{verdict(r)}**; the fused ops alone run {ratio(fused)} eager's speed but are "
                      f"{num(fused['share_of_step_pct']):.2g}% of the step, so they can give the step at most "
@@ -358,6 +403,15 @@ def render(results: Path, out: Path) -> Path:
             sections.append(SECTIONS[suite](latest) + "\n")
             if plot(suite, latest, png):
                 sections.append(f"![{TITLES[suite]} on {device}]({os.path.relpath(png, out.parent)})\n")
+    profiles = read_csv(results / "profile.csv")
+    sections.append("## Step profile\n")
+    sections.append(PROFILE_INTRO)
+    for rows in latest_profiles(profiles):
+        sections.append(profile_title(rows[0]))
+        sections.append("\n\n".join(header_lines(rows, {})) + "\n")
+        sections.append(profile_section(rows) + "\n")
+    if not profiles:
+        sections.append("No profiles yet: run `python -m benchmarks.profile_step`.\n")
     parts = [INTRO, "## Summary\n", "\n".join(summary) + "\n", *sections]
     atomic_write_bytes(out, "\n".join(parts).encode())
     return out

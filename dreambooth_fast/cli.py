@@ -110,6 +110,9 @@ def _stages(value: str) -> tuple[str, ...]:
 @click.option("--precision", type=click.Choice(PRECISIONS),
               help="Autocast precision; fp16 uses loss scaling." + default("precision"))
 @click.option("--gradient-checkpointing", is_flag=True, default=None, help="Trade compute for activation memory.")
+@click.option("--compile/--no-compile", "compile", default=None,
+              help="torch.compile the UNet (Inductor; the first steps take longer); if compiling fails, one line "
+                   "says so and training goes on eagerly." + default("compile"))
 @click.option("--min-snr-gamma", type=float, help="Min-SNR-gamma loss weighting of the subject rows (e.g. 5).")
 @click.option("--lora-rank", type=int,
               help="Train a LoRA adapter of this rank instead of the whole UNet." + default("lora_rank"))

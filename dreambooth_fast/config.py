@@ -49,6 +49,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     precision: str = "fp32"
     gradient_checkpointing: bool = False
+    compile: bool = False
     min_snr_gamma: float | None = None
     lora_rank: int = 0
     merge_lora: bool = False

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from . import __version__, data, identifier, lora, ops
 from .checkpoint import load_checkpoint, mark_stage_done, read_latest, save_checkpoint
+from .compiled import compile_unet
 from .config import TrainConfig
 from .errors import UserError
 from .fileio import atomic_write_dir, atomic_write_json, existing_ancestor, link_or_copy_tree
@@ -38,6 +39,7 @@ from .models import (
     resolve_device,
     weights_files,
 )
+from .optim import adam_options, load_optimizer_state
 from .prior import PriorSettings, default_cache_root, generate_class_images
 from .rundir import (
     CHECKPOINTS,
@@ -179,8 +181,8 @@ def _optimizer(params: list, cfg: TrainConfig, lr: float) -> torch.optim.Optimiz
         import bitsandbytes as bnb  # presence checked by TrainConfig.validate
 
         return bnb.optim.Adam8bit(params, lr=lr)
-    # The paper trains with Adam (no weight decay).
-    return torch.optim.Adam(params, lr=lr)
+    # The paper trains with Adam (no weight decay); fused or foreach, whichever the device has (optim.py).
+    return torch.optim.Adam(params, lr=lr, **adam_options(params))
 
 
 class StageTrainer:
@@ -214,6 +216,8 @@ class StageTrainer:
         self.generator = torch.Generator().manual_seed(cfg.seed + (0 if stage == "base" else 1))
         if cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
+        if cfg.compile:
+            compile_unet(unet, stage)
         if cfg.lora_rank:
             self.params = lora.add_lora(unet, cfg.lora_rank)
         else:
@@ -278,7 +282,7 @@ class StageTrainer:
             lora.load_adapter_state(self.unet, weights)
         else:
             self.unet.load_state_dict(weights)
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.optimizer, state["optimizer"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         self.scaler.load_state_dict(state["scaler"])
         self.generator.set_state(state["generator"])

@@ -138,3 +138,25 @@ def test_train_smoke_on_gpu(tiny_cascade, tmp_path):
     rows = bench_train.run("cuda", smoke=True, out=tmp_path / "train.csv", model_dir=tiny_cascade)
     check_run_fields(rows, "cuda")
     assert all(float(r["peak_step_mb"]) > 0 for r in rows if r["what"] == "step")
+
+
+@pytest.mark.parametrize("eager", [False, True])
+def test_step_profile_groups_every_op_of_a_step_and_renders(tiny_cascade, tmp_path, eager):
+    from benchmarks import profile_step
+
+    out = tmp_path / "profile.csv"
+    with one_thread():
+        profile_step.run("tiny", "base", "cpu", steps=1, warmup=1, eager=eager, out=out, tiny_dir=tiny_cascade)
+    rows = read_rows(out)
+    check_run_fields(rows)
+    groups = {r["group"]: float(r["share_pct"]) for r in rows if r["what"] == "group"}
+    assert list(groups) == list(profile_step.GROUPS)
+    assert sum(groups.values()) == pytest.approx(100, abs=0.1)
+    for group in ("conv", "attention", "norm+activation", "optimizer"):
+        assert groups[group] > 0, group
+    # Ours runs the fused noise and loss ops; the diffusers-style step never does.
+    assert (groups["fused ops"] > 0) != eager
+    ops = {r["op"]: r["group"] for r in rows if r["what"] == "op"}
+    assert ops.get("aten::convolution_backward", "conv") == "conv"
+    text = render.render(tmp_path, tmp_path / "BENCHMARKS.md").read_text()
+    assert "## Step profile" in text and "tiny base" in text and "| optimizer |" in text
