@@ -20,6 +20,7 @@ LOSS_PLOT = "loss.png"
 CURVES = (("loss", "total", "black"), ("subject_loss", "subject", "tab:blue"), ("prior_loss", "prior", "tab:orange"))
 SMOOTHING = 0.9  # TensorBoard's default smoothing weight
 LABEL_WIDTH = 110  # the sheet's column of step labels, in pixels
+FONT_SIZE = 18
 
 
 def smoothed(values: list[float], weight: float = SMOOTHING) -> list[float]:
@@ -66,11 +67,11 @@ def validation_sheet(grids: list[tuple[int, Path]], path: Path) -> Path:
     width = LABEL_WIDTH + max(image.width for image in images)
     sheet = Image.new("RGB", (width, sum(image.height for image in images)), "white")
     draw = ImageDraw.Draw(sheet)
-    font = ImageFont.load_default(size=18)
+    font = ImageFont.load_default(size=FONT_SIZE)
     top = 0
     for (step, _), image in zip(grids, images):
         sheet.paste(image, (LABEL_WIDTH, top))
-        draw.text((8, top + image.height // 2), f"step {step}", fill="black", font=font, anchor="lm")
+        draw.text((8, top + (image.height - FONT_SIZE) // 2), f"step {step}", fill="black", font=font)
         top += image.height
     return save_png(sheet, path)
 
