@@ -353,7 +353,7 @@ class StageTrainer:
             subject += subject_part / self.cfg.gradient_accumulation
             prior += prior_part / self.cfg.gradient_accumulation
         self.scaler.unscale_(self.optimizer)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
         lr = self.optimizer.param_groups[0]["lr"]
         scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
         self.scaler.step(self.optimizer)
@@ -363,6 +363,9 @@ class StageTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.lr_schedule.step()
         self.step += 1
+        # Read the norm once the whole step is queued: on a GPU, reading it earlier would wait for the backward
+        # pass before the optimizer's kernels are launched.
+        grad_norm = float(grad_norm)
         return StepMetrics(self.stage, self.step, total, subject, prior, lr, grad_norm, time.perf_counter() - start,
                            self.skipped)
 
