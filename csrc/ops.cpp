@@ -26,7 +26,8 @@ TORCH_LIBRARY(dreambooth_fast, m) {
   // v = sqrt(ac[t]) * eps - sqrt(1 - ac[t]) * x0 (an empty tensor for "epsilon" and "sample", whose targets
   // are eps and x0 themselves and need no pass of their own).
   m.def("add_noise(Tensor x0, Tensor eps, Tensor timesteps, Tensor alphas_cumprod, str prediction_type) -> (Tensor, Tensor)");
-  // Returns (loss, dloss_dpred): the gradient is written in the same pass as the loss, in pred's opmath dtype
-  // (float32 for float16 and bfloat16 pred, else pred's dtype); the loss is in pred's dtype.
-  m.def("dreambooth_loss(Tensor pred, Tensor target, Tensor? weights, int n_instance, float prior_weight) -> (Tensor, Tensor)");
+  // Returns (loss, dloss_dpred, parts): the gradient is written in the same pass as the loss, in pred's opmath dtype
+  // (float32 for float16 and bfloat16 pred, else pred's dtype); the loss is in pred's dtype, and so are parts,
+  // its two terms [subject, prior] (prior_weight included; 0 without prior rows) from the same reduction.
+  m.def("dreambooth_loss(Tensor pred, Tensor target, Tensor? weights, int n_instance, float prior_weight) -> (Tensor, Tensor, Tensor)");
 }

@@ -10,7 +10,7 @@ import click
 
 from . import __version__
 from .backends import BACKENDS
-from .config import LR_SCHEDULES, PRECISIONS, TrainConfig
+from .config import LR_SCHEDULES, PRECISIONS, REPORT_TO, TrainConfig
 from .errors import UserError
 
 
@@ -129,6 +129,9 @@ def _stages(value: str) -> tuple[str, ...]:
 @click.option("--validation-prompt", help="Prompt for validation grids ('[V]' is replaced by the identifier).")
 @click.option("--validation-every", type=int,
               help="Steps between validation grids (0: never)." + default("validation_every"))
+@click.option("--report-to", type=click.Choice(REPORT_TO),
+              help="Also write the metrics of OUTPUT/logs/metrics.csv as TensorBoard event files in "
+                   "OUTPUT/logs/tensorboard (needs the tensorboard extra)." + default("report_to"))
 @click.option("--seed", type=int, help="Seed of everything random in the run." + default("seed"))
 @click.option("--device", help="auto, cpu, cuda or cuda:N." + default("device"))
 @click.option("--resume", is_flag=True, help="Continue the run in --output from its last checkpoint.")

@@ -19,6 +19,7 @@ from .errors import UserError
 PRECISIONS = ("fp32", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 STAGES = ("base", "sr")
+REPORT_TO = ("none", "tensorboard")  # where metrics go besides OUTPUT/logs/metrics.csv
 
 
 @dataclass
@@ -60,6 +61,7 @@ class TrainConfig:
     checkpoint_every: int = 250
     validation_prompt: str | None = None
     validation_every: int = 0
+    report_to: str = "none"
     seed: int = 0
     device: str = "auto"
 
@@ -83,6 +85,10 @@ class TrainConfig:
             raise UserError(f"--identifier-tokens must be 1, 2 or 3 (the paper's k), got {self.identifier_tokens}")
         if self.prior_preservation and self.num_class_images < 1 and not self.class_images_dir:
             raise UserError("--num-class-images must be at least 1 with prior preservation (or pass --no-prior)")
+        if self.report_to not in REPORT_TO:
+            raise UserError(f"--report-to must be one of {', '.join(REPORT_TO)}, got {self.report_to!r}")
+        if self.report_to == "tensorboard":
+            _require("tensorboard", "--report-to tensorboard", "tensorboard")
         if self.lr_schedule not in LR_SCHEDULES:
             raise UserError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         _check_number("learning_rate", self.learning_rate, "a positive number (the paper: 1e-5)", low=0)

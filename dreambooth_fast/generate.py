@@ -10,7 +10,7 @@ from .backends import TORCH_BACKENDS, unet_runner
 from .errors import UserError
 from .export.cascade import default_export_dir
 from .identifier import PLACEHOLDER, fill_placeholder
-from .images import make_grid, save_png, save_pngs, to_pil
+from .images import enlarged, make_grid, save_png, save_pngs, to_pil
 from .models import find_sr_dir, load_cascade, resolve_device
 from .rundir import RUN_FILE, run_identifier
 from .sample import sample_cascade
@@ -48,7 +48,8 @@ def generate_images(
     device: str = "auto",
     out: str | Path | None = None,
 ) -> list[Path]:
-    """Write `n` images for `prompt` plus grid.png; return the image paths with the grid last."""
+    """Write `n` images for `prompt` at their exact size plus grid.png (enlarged to be seen when they are small);
+    return the image paths with the grid last."""
     model = Path(model)
     unknown = set(stages) - {"base", "sr"}
     if unknown or "base" not in stages:
@@ -72,5 +73,5 @@ def generate_images(
                             generator=generators)["sr" if "sr" in stages else "base"]
     out_dir = Path(out) if out else model / "samples"
     paths = save_pngs(images, out_dir, prefix="image-")
-    grid = save_png(make_grid(to_pil(images), cols=min(n, 4)), out_dir / "grid.png")
+    grid = save_png(enlarged(make_grid(to_pil(images), cols=min(n, 4))), out_dir / "grid.png")
     return paths + [grid]

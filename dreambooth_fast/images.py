@@ -1,4 +1,4 @@
-"""Image tensors in [-1, 1] to PIL images, PNG files (written atomically) and grids."""
+"""Image tensors in [-1, 1] to PIL images, PNG files (written atomically), grids and enlarged previews."""
 
 from __future__ import annotations
 
@@ -41,3 +41,15 @@ def make_grid(pils: list[Image.Image], cols: int) -> Image.Image:
     for i, pil in enumerate(pils):
         grid.paste(pil.convert("RGB"), ((i % cols) * cell_w, (i // cols) * cell_h))
     return grid
+
+
+PREVIEW_WIDTH = 512  # previews narrower than this are enlarged to be seen without zooming
+
+
+def enlarged(image: Image.Image, min_width: int = PREVIEW_WIDTH) -> Image.Image:
+    """`image` scaled up by the smallest whole factor that makes it at least `min_width` wide, nearest-neighbour
+    (every pixel becomes a sharp square block, no blur); an image that wide already is returned as it is."""
+    factor = math.ceil(min_width / image.width)
+    if factor <= 1:
+        return image
+    return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)

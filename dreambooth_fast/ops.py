@@ -86,12 +86,24 @@ def dreambooth_loss(
     None = 1), plus prior_weight times the mean squared error over the remaining prior rows; n_instance None means
     every row is a subject row. Float32 accumulation, result in pred's dtype. pred may be a strided view (the
     epsilon half of a 6-channel output). weights are constants: no gradient flows to them."""
+    return dreambooth_loss_with_parts(pred, target, weights, n_instance, prior_weight)[0]
+
+
+def dreambooth_loss_with_parts(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    n_instance: int | None = None,
+    prior_weight: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, parts): the loss of `dreambooth_loss` and its two terms [subject, prior_weight * prior mse], from the
+    same pass (the prior term is 0 without prior rows). parts has no gradient and is in pred's dtype."""
     if not _NATIVE.get(pred.device.type, False):
-        return reference.dreambooth_loss(pred, target, weights, n_instance, prior_weight)
+        return reference.dreambooth_loss_with_parts(pred, target, weights, n_instance, prior_weight)
     n_instance = pred.shape[0] if n_instance is None else n_instance
     weights = None if weights is None else weights.detach().to(pred.device)
-    loss, _ = torch.ops.dreambooth_fast.dreambooth_loss(pred, target, weights, n_instance, float(prior_weight))
-    return loss
+    loss, _, parts = torch.ops.dreambooth_fast.dreambooth_loss(pred, target, weights, n_instance, float(prior_weight))
+    return loss, parts
 
 
 def _check_timesteps_on_host(timesteps: torch.Tensor, table_size: int) -> None:
@@ -127,9 +139,9 @@ def _add_noise_backward(ctx, grad_xt, grad_v):
 
 
 def _loss_setup_context(ctx, inputs, output) -> None:
-    _, grad_pred = output
+    _, grad_pred, parts = output
     ctx.save_for_backward(grad_pred)
-    ctx.mark_non_differentiable(grad_pred)
+    ctx.mark_non_differentiable(grad_pred, parts)
     ctx.pred_dtype = inputs[0].dtype
 
 
@@ -145,7 +157,7 @@ def _upstream_is_one(t: torch.Tensor) -> bool:
     return t.item() == 1
 
 
-def _loss_backward(ctx, grad_loss, _):
+def _loss_backward(ctx, grad_loss, _grad_buffer, _parts):
     (grad_buffer,) = ctx.saved_tensors
     if grad_buffer.dtype == ctx.pred_dtype and _upstream_is_one(grad_loss):
         grad = grad_buffer  # the gradient written by the forward pass is the answer
@@ -166,7 +178,7 @@ if _C is not None:
     def _dreambooth_loss_fake(pred, target, weights, n_instance, prior_weight):
         # The gradient buffer is in pred's opmath dtype (float32 for float16 and bfloat16), like the kernels'.
         grad_dtype = torch.float64 if pred.dtype == torch.float64 else torch.float32
-        return pred.new_empty(()), pred.new_empty(pred.shape, dtype=grad_dtype)
+        return pred.new_empty(()), pred.new_empty(pred.shape, dtype=grad_dtype), pred.new_empty((2,))
 
     torch.library.register_autograd(
         "dreambooth_fast::add_noise", _add_noise_backward, setup_context=_add_noise_setup_context

@@ -53,6 +53,18 @@ def dreambooth_loss(
 ) -> torch.Tensor:
     """Weighted mean squared error of the subject rows [0, n_instance) plus prior_weight times the mean squared error
     of the remaining (prior) rows; n_instance None means every row is a subject row."""
+    return dreambooth_loss_with_parts(pred, target, weights, n_instance, prior_weight)[0]
+
+
+def dreambooth_loss_with_parts(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    n_instance: int | None = None,
+    prior_weight: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, parts): the loss of `dreambooth_loss` and its two terms [subject, prior_weight * prior] (no gradient,
+    pred's dtype; the prior term is 0 without prior rows)."""
     n_instance = pred.shape[0] if n_instance is None else n_instance
     if not 1 <= n_instance <= pred.shape[0]:
         raise ValueError(f"n_instance must be in [1, batch = {pred.shape[0]}], got {n_instance}")
@@ -63,8 +75,11 @@ def dreambooth_loss(
     loss = loss.reshape(n_instance, -1).mean(dim=1)  # diffusers: .mean(dim=list(range(1, len(loss.shape))))
     if weights is not None:
         loss = loss * weights
-    loss = loss.mean()
+    subject_part = loss.mean()
+    loss = subject_part
+    prior_part = torch.zeros_like(loss)
     if model_pred_prior.shape[0] > 0:
         prior_loss = F.mse_loss(model_pred_prior.to(compute_dtype), target_prior.to(compute_dtype), reduction="mean")
-        loss = loss + prior_weight * prior_loss
-    return loss.to(pred.dtype)
+        prior_part = prior_weight * prior_loss
+        loss = loss + prior_part
+    return loss.to(pred.dtype), torch.stack([subject_part, prior_part]).detach().to(pred.dtype)

@@ -1,9 +1,9 @@
 """The run directory: what `dbfast train` writes beside the model layout, and the checks before it writes.
 
 A run directory is a cascade in IF's layout plus `dreambooth.json` (the run file: identifier, prompts,
-options), `checkpoints/` and `validation/`. This module names those files, reads the run file for every
-command that needs it, refuses outputs that would destroy an input or another run, and holds the lock that
-keeps two runs out of one output directory.
+options), `checkpoints/`, `validation/` and `logs/` (metrics.py, plots.py). This module names those files,
+reads the run file for every command that needs it, refuses outputs that would destroy an input or another run,
+and holds the lock that keeps two runs out of one output directory.
 """
 
 from __future__ import annotations
@@ -22,11 +22,14 @@ from .fileio import existing_ancestor, file_lock, free_bytes, human_bytes, is_di
 RUN_FILE = "dreambooth.json"
 CHECKPOINTS = "checkpoints"
 VALIDATION = "validation"
+LOGS = "logs"  # metrics.csv, TensorBoard event files, the loss plot
 LOCK_FILE = ".dbfast.lock"  # held by the run writing the directory; not part of the run
 # What a run adds beside the model layout; not copied when a tuned model is the input of another run.
-RUN_ARTIFACTS = (RUN_FILE, CHECKPOINTS, VALIDATION, LOCK_FILE)
+RUN_ARTIFACTS = (RUN_FILE, CHECKPOINTS, VALIDATION, LOGS, LOCK_FILE)
 # Options that may change between a run and its --resume (they do not change what is learnt).
-RESUMABLE_CHANGES = {"steps", "sr_steps", "checkpoint_every", "validation_prompt", "validation_every", "device"}
+RESUMABLE_CHANGES = {
+    "steps", "sr_steps", "checkpoint_every", "validation_prompt", "validation_every", "device", "report_to"
+}
 
 
 def read_run(model_dir: str | Path) -> dict | None:

@@ -7,7 +7,9 @@ tuned UNet into the output directory, which mirrors the input's IF layout plus d
 
 The step (per micro-batch): sample t and noise for subject + prior rows -> `ops.add_noise` -> UNet (the
 SR stage's input is [x_t, noise-augmented upscaled low-res image], the augmentation level its class label)
--> epsilon half of the 6-channel output -> `ops.dreambooth_loss` -> backward -> clip -> optimizer -> lr.
+-> epsilon half of the 6-channel output -> `ops.dreambooth_loss_with_parts` -> backward -> clip -> optimizer -> lr.
+Each step appends its losses (total, subject, prior), lr, grad norm and time to logs/metrics.csv (metrics.py); at
+the end plots.py draws the loss plot and the validation sheets.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from .compiled import compile_unet
 from .config import TrainConfig
 from .errors import UserError
 from .fileio import atomic_write_dir, atomic_write_json, existing_ancestor, link_or_copy_tree
-from .images import make_grid, save_png, to_pil
+from .images import enlarged, make_grid, save_png, to_pil
+from .metrics import StepMetrics, open_metrics_log
 from .models import (
     STAGE_2_DIR,
     Cascade,
@@ -40,9 +43,11 @@ from .models import (
     weights_files,
 )
 from .optim import adam_options, load_optimizer_state
+from .plots import write_run_pictures
 from .prior import PriorSettings, default_cache_root, generate_class_images
 from .rundir import (
     CHECKPOINTS,
+    LOGS,
     RUN_ARTIFACTS,
     RUN_FILE,
     VALIDATION,
@@ -305,7 +310,8 @@ class StageTrainer:
         cond_t = torch.cat(cond).to(self.device) if cond is not None else None
         return torch.cat(x0).to(self.device), cond_t, torch.cat(embeds).to(self.device), bs
 
-    def loss(self) -> torch.Tensor:
+    def loss(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss of one micro-batch and its two parts [subject, prior] (ops.dreambooth_loss_with_parts)."""
         x0, cond, embeds, n_instance = self._batch()
         g, n = self.generator, x0.shape[0]
         timesteps = torch.randint(0, len(self.alphas_cumprod), (n,), generator=g).to(self.device)
@@ -330,12 +336,15 @@ class StageTrainer:
                 timesteps[:n_instance], self.alphas_cumprod, self.cfg.min_snr_gamma, self.prediction_type
             )
         has_prior = self.rows.prior is not None
-        return ops.dreambooth_loss(pred, target, weights, n_instance if has_prior else None, self.cfg.prior_weight)
+        return ops.dreambooth_loss_with_parts(
+            pred, target, weights, n_instance if has_prior else None, self.cfg.prior_weight
+        )
 
-    def optimizer_step(self) -> float:
-        total = 0.0
+    def optimizer_step(self) -> StepMetrics:
+        start = time.perf_counter()
+        total = subject = prior = 0.0  # averaged over the micro-batches
         for _ in range(self.cfg.gradient_accumulation):
-            loss = self.loss()
+            loss, parts = self.loss()
             value = loss.item()
             if not math.isfinite(value) and not self.scaler.is_enabled():
                 raise UserError(
@@ -344,8 +353,12 @@ class StageTrainer:
                 )
             self.scaler.scale(loss / self.cfg.gradient_accumulation).backward()
             total += value / self.cfg.gradient_accumulation
+            subject_part, prior_part = parts.tolist()
+            subject += subject_part / self.cfg.gradient_accumulation
+            prior += prior_part / self.cfg.gradient_accumulation
         self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        lr = self.optimizer.param_groups[0]["lr"]
         scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -354,17 +367,25 @@ class StageTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.lr_schedule.step()
         self.step += 1
-        return total
+        # Read the norm once the whole step is queued: on a GPU, reading it earlier would wait for the backward
+        # pass before the optimizer's kernels are launched.
+        grad_norm = float(grad_norm)
+        return StepMetrics(self.stage, self.step, total, subject, prior, lr, grad_norm, time.perf_counter() - start,
+                           self.skipped)
 
     # -- the loop ---------------------------------------------------------------------------------------
     def run(self) -> float:
         loss = float("nan")
-        with tqdm(total=self.total_steps, initial=self.step, desc=f"train {self.stage}", unit="step") as bar:
+        # The metrics log keeps the rows of the finished stages and of this one up to the step it resumes from.
+        log = open_metrics_log(self.out / LOGS, self.cfg.report_to, self.completed, self.stage, self.step)
+        with tqdm(total=self.total_steps, initial=self.step, desc=f"train {self.stage}", unit="step") as bar, log:
             try:
                 while self.step < self.total_steps:
-                    loss = self.optimizer_step()
+                    metrics = self.optimizer_step()
+                    log.write(metrics)
+                    loss = metrics.loss
                     bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4f}", **({"skipped": self.skipped} if self.skipped else {}))
+                    bar.set_postfix(self._postfix(metrics))
                     if self.step % self.cfg.checkpoint_every == 0 and self.step < self.total_steps:
                         self.save()
                     if self.validation and self.cfg.validation_every and self.step % self.cfg.validation_every == 0:
@@ -377,6 +398,12 @@ class StageTrainer:
         if self.skipped:
             tqdm.write(f"stage {self.stage}: {self.skipped} steps skipped by fp16 loss scaling (overflow)")
         return loss
+
+    def _postfix(self, metrics: StepMetrics) -> dict[str, str | int]:
+        postfix = {"loss": f"{metrics.loss:.4f}"}
+        if self.rows.prior is not None:
+            postfix |= {"subject": f"{metrics.subject_loss:.4f}", "prior": f"{metrics.prior_loss:.4f}"}
+        return postfix | ({"skipped": self.skipped} if self.skipped else {})
 
     @torch.no_grad()
     def validate(self) -> Path:
@@ -399,7 +426,7 @@ class StageTrainer:
         self.unet.train()
         path = self.out / VALIDATION / f"{self.stage}-step-{self.step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        return save_png(make_grid(to_pil(images), cols=len(images)), path)
+        return save_png(enlarged(make_grid(to_pil(images), cols=len(images))), path)
 
 
 def write_output_stage(out: Path, stage: str, trainer: StageTrainer, cfg: TrainConfig) -> None:
@@ -632,4 +659,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
             run["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
             atomic_write_json(out / RUN_FILE, run)
             del trainer, unet
+        for line in write_run_pictures(out, stages):
+            tqdm.write(line)
     return out

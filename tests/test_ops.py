@@ -189,6 +189,34 @@ def test_dreambooth_loss_gradients_match_reference_autograd(dtype, case, device)
         assert_close_for_dtype(f, e, x)
 
 
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("case", LOSS_CASES, ids=LOSS_CASE_IDS)
+@pytest.mark.parametrize("shape", SHAPES + [LARGE], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dreambooth_loss_parts_match_reference_and_sum_to_the_loss(dtype, shape, case, device):
+    pred, target, weights, n_instance = loss_inputs(shape, dtype, device, case)
+    loss, parts = ops.dreambooth_loss_with_parts(pred, target, weights, n_instance, 0.7)
+    eager_loss, eager_parts = reference.dreambooth_loss_with_parts(pred, target, weights, n_instance, 0.7)
+    w64 = None if weights is None else weights.double()
+    _, exact = reference.dreambooth_loss_with_parts(pred.double(), target.double(), w64, n_instance, 0.7)
+    assert parts.shape == (2,) and parts.dtype == dtype and not parts.requires_grad
+    assert_close_for_dtype(parts, eager_parts, exact)
+    # The loss is the one dreambooth_loss returns, bit for bit, and its two parts add up to it.
+    assert torch.equal(loss, ops.dreambooth_loss(pred, target, weights, n_instance, 0.7))
+    assert_close_for_dtype(parts.double().sum().to(dtype), eager_loss, exact.sum())
+    if n_instance is None:
+        assert parts[1] == 0  # no prior rows
+
+
+def test_dreambooth_loss_prior_part_is_lambda_times_the_prior_rows_mean_squared_error():
+    pred, target, weights, n_instance = loss_inputs((5, 3, 17, 9), torch.float64, "cpu", ("half", True))
+    _, parts = ops.dreambooth_loss_with_parts(pred, target, weights, n_instance, 0.7)
+    per_sample = ((pred - target) ** 2).mean(dim=(1, 2, 3))
+    subject = (per_sample[:n_instance] * weights.double()).mean()
+    prior = 0.7 * per_sample[n_instance:].mean()
+    torch.testing.assert_close(parts, torch.stack([subject, prior]), rtol=1e-12, atol=0)
+
+
 # IF's two stages: D = 3*64*64 = 12288 and 3*256*256 = 196608, so 2c(P - Y) ~ 1e-5 and 1e-6: float16 subnormals.
 @pytest.mark.parametrize("device", DEVICE_PARAMS)
 @pytest.mark.parametrize("shape", [(4, 3, 64, 64), (4, 3, 256, 256)], ids=["64px", "256px"])
@@ -214,7 +242,7 @@ def test_dreambooth_loss_gradient_buffer_is_float32_for_half_pred_and_backward_r
     op = torch.ops.dreambooth_fast.dreambooth_loss
     for dtype in (torch.float16, torch.bfloat16):
         pred, target, weights, n_instance = loss_inputs((5, 3, 17, 9), dtype, "cpu", ("half", True))
-        loss, buffer = op(pred, target, weights, n_instance, 0.7)
+        loss, buffer, _ = op(pred, target, weights, n_instance, 0.7)
         assert loss.dtype == dtype and buffer.dtype == torch.float32
         p = pred.requires_grad_()
         (grad,) = torch.autograd.grad(ops.dreambooth_loss(p, target, weights, n_instance, 0.7), p)
@@ -228,10 +256,10 @@ def test_dreambooth_loss_backward_with_unit_upstream_returns_the_forward_buffer(
     pred, target, weights, n_instance = loss_inputs((5, 3, 17, 9), torch.float32, device, ("half", True))
     op = torch.ops.dreambooth_fast.dreambooth_loss
     p = pred.requires_grad_()
-    loss, buffer = op(p, target, weights, n_instance, 0.7)
+    loss, buffer, _ = op(p, target, weights, n_instance, 0.7)
     (grad,) = torch.autograd.grad(loss, p)
     assert grad.data_ptr() == buffer.data_ptr()
-    loss, buffer = op(p, target, weights, n_instance, 0.7)
+    loss, buffer, _ = op(p, target, weights, n_instance, 0.7)
     (grad,) = torch.autograd.grad(loss, p, torch.tensor(2.0, device=device))
     assert grad.data_ptr() != buffer.data_ptr()
     torch.testing.assert_close(grad, 2 * buffer, rtol=0, atol=0)
@@ -305,14 +333,15 @@ def test_dreambooth_loss_is_deterministic_across_runs_and_thread_counts():
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        loss_1, grad_1 = op(pred, target, weights, n_instance, 0.7)
+        loss_1, grad_1, parts_1 = op(pred, target, weights, n_instance, 0.7)
         torch.set_num_threads(2)
-        loss_2, grad_2 = op(pred, target, weights, n_instance, 0.7)
-        loss_3, grad_3 = op(pred, target, weights, n_instance, 0.7)
+        loss_2, grad_2, parts_2 = op(pred, target, weights, n_instance, 0.7)
+        loss_3, grad_3, parts_3 = op(pred, target, weights, n_instance, 0.7)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(loss_1, loss_2) and torch.equal(loss_2, loss_3)
     assert torch.equal(grad_1, grad_2) and torch.equal(grad_2, grad_3)
+    assert torch.equal(parts_1, parts_2) and torch.equal(parts_2, parts_3)
 
 
 # --- registration: opcheck, torch.compile -----------------------------------------------------------------------
@@ -339,7 +368,7 @@ def test_dreambooth_loss_passes_opcheck(case, dtype):
 def _training_step(x0, eps, t, ac, weights, param, n_instance):
     x_t, target = ops.add_noise(x0, eps, t, ac, "v_prediction")
     pred = (x_t * param).repeat(1, 2, 1, 1)[:, :3]
-    return ops.dreambooth_loss(pred, target, weights, n_instance, 0.5)
+    return ops.dreambooth_loss_with_parts(pred, target, weights, n_instance, 0.5)
 
 
 def _check_compiled_step(backend: str) -> None:
@@ -351,9 +380,9 @@ def _check_compiled_step(backend: str) -> None:
         results = []
         for fn in (compiled, _training_step):
             param = torch.linspace(0.5, 1.5, 3).reshape(1, 3, 1, 1).requires_grad_()
-            loss = fn(x0, eps, t, ac, weights, param, n_instance)
+            loss, parts = fn(x0, eps, t, ac, weights, param, n_instance)
             loss.backward()
-            results.append((loss, param.grad))
+            results.append((loss, parts, param.grad))
         torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-6)
 
 
@@ -392,6 +421,9 @@ for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
     (grad64,) = torch.autograd.grad(loss64, p64)
     torch.testing.assert_close(loss.double(), loss64, **tol)
     torch.testing.assert_close(grad.double(), grad64, **tol)
+    _, parts = ops.dreambooth_loss_with_parts(x0, eps, w, 3, 0.7)
+    _, parts64 = reference.dreambooth_loss_with_parts(x0.double(), eps.double(), w.double(), 3, 0.7)
+    torch.testing.assert_close(parts.double(), parts64, **tol)
 """
 
 

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 from runs import FAST, assert_refused, dbfast, train, unet_weights
 
+from dreambooth_fast.images import make_grid
 from dreambooth_fast.lora import LORA_WEIGHTS, TARGET_MODULES
 from dreambooth_fast.train import lr_factor
 
@@ -147,7 +148,11 @@ def test_generate_runs_the_cascade_and_replaces_the_identifier(tiny_cascade, sub
     )
     assert result.exit_code == 0, result.output
     assert [Image.open(samples / f"image-{i:04d}.png").size for i in range(3)] == [(64, 64)] * 3
-    assert Image.open(samples / "grid.png").size == (192, 64)
+    # The grid is a preview: three 64 px images enlarged 3x (nearest) to be seen without zooming.
+    grid = Image.open(samples / "grid.png").convert("RGB")
+    assert grid.size == (576, 192)
+    exact = make_grid([Image.open(samples / f"image-{i:04d}.png").convert("RGB") for i in range(3)], cols=3)
+    assert grid.resize(exact.size, Image.Resampling.NEAREST).tobytes() == exact.tobytes()
 
 
 def test_training_options_load_from_toml(tiny_cascade, subject_dir, tmp_path):

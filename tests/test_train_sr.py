@@ -92,7 +92,7 @@ def test_sr_prior_pairs_are_frozen_sr_upscalings_of_the_class_images(tiny_cascad
         user_class_images=False,
     )
     assert rows.prior.shape == (2, 3, 64, 64) and rows.prior_cond.shape == (2, 3, 64, 64)
-    assert Image.open(out / "validation" / "sr-step-000002.png").size == (128, 64)
+    assert Image.open(out / "validation" / "sr-step-000002.png").size == (512, 256)  # 128 x 64 enlarged 4x
 
 
 @pytest.mark.slow

@@ -1,11 +1,12 @@
 // CPU kernel of dreambooth_fast::dreambooth_loss: one pass over pred and target that returns the weighted
-// subject-plus-prior loss and writes its gradient dL/dpred.
+// subject-plus-prior loss and its two parts, and writes its gradient dL/dpred.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <optional>
 #include <vector>
 
@@ -53,9 +54,11 @@ std::vector<double> row_coefficients(int64_t n, int64_t d, const std::optional<a
   return c;
 }
 
+// {loss, subject part, prior part}. Subject rows come first, so the subject part is the loss summed so far
+// when the prior rows begin: the same additions, the loss bit for bit as without the parts.
 template <typename scalar_t>
-double loss_kernel(const at::Tensor& pred, const at::Tensor& target, const std::vector<double>& coef,
-                   at::Tensor& grad) {
+std::array<double, 3> loss_kernel(const at::Tensor& pred, const at::Tensor& target, const std::vector<double>& coef,
+                                  int64_t n_instance, at::Tensor& grad) {
   const auto sq_err = cpu_kernels<scalar_t>().sq_err;
   const int64_t n = pred.size(0);
   const int64_t d = pred.numel() / n;
@@ -77,18 +80,26 @@ double loss_kernel(const at::Tensor& pred, const at::Tensor& target, const std::
     }
   });
   double loss = 0.0;
+  double subject = 0.0;
+  double prior = 0.0;
   for (int64_t row = 0; row < n; ++row) {
     double row_sum = 0.0;
     for (int64_t k = 0; k < chunks_per_row; ++k) row_sum += partial[row * chunks_per_row + k];
     loss += coef[row] * row_sum;
+    if (row < n_instance) {
+      subject = loss;
+    } else {
+      prior += coef[row] * row_sum;
+    }
   }
-  return loss;
+  return {loss, subject, prior};
 }
 
 // pred and target may have a strided batch dimension as long as each row is contiguous; other layouts are
 // copied to contiguous first. The gradient is a contiguous tensor of pred's shape in pred's opmath dtype (float32
-// for float16 and bfloat16): the backward pass scales it and rounds once to pred's dtype.
-std::tuple<at::Tensor, at::Tensor> dreambooth_loss_cpu(const at::Tensor& pred_in, const at::Tensor& target_in,
+// for float16 and bfloat16): the backward pass scales it and rounds once to pred's dtype. The parts are
+// [subject, prior] in pred's dtype.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dreambooth_loss_cpu(const at::Tensor& pred_in, const at::Tensor& target_in,
                                                        const std::optional<at::Tensor>& weights, int64_t n_instance,
                                                        double prior_weight) {
   check_dreambooth_loss_args(pred_in, target_in, weights, n_instance);
@@ -97,11 +108,12 @@ std::tuple<at::Tensor, at::Tensor> dreambooth_loss_cpu(const at::Tensor& pred_in
   const int64_t n = pred.size(0);
   const std::vector<double> coef = row_coefficients(n, pred.numel() / n, weights, n_instance, prior_weight);
   at::Tensor grad = at::empty(pred.sizes(), pred.options().dtype(at::toOpMathType(pred.scalar_type())));
-  double loss = 0.0;
+  std::array<double, 3> sums{};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "dreambooth_loss_cpu", [&] {
-    loss = loss_kernel<scalar_t>(pred, target, coef, grad);
+    sums = loss_kernel<scalar_t>(pred, target, coef, n_instance, grad);
   });
-  return {at::scalar_tensor(loss, pred.options()), grad};
+  const at::Tensor parts = at::tensor({sums[1], sums[2]}, at::kDouble).to(pred.scalar_type());
+  return {at::scalar_tensor(sums[0], pred.options()), grad, parts};
 }
 
 }  // namespace

@@ -1,6 +1,7 @@
 // CUDA kernels of dreambooth_loss: one pass reads pred and target once, writes dL/dpred = 2 c_i (P - Y) once (in
 // float32 for half pred: see csrc/cpu/kernels.h) and leaves one partial sum per block; a second single-block pass
-// adds the partials in a fixed order, so the loss is bitwise reproducible (no float atomics).
+// adds the partials in a fixed order, so the loss is bitwise reproducible (no float atomics), and in the same read
+// also the subject rows' and the prior rows' partials apart: the loss's two parts.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -78,18 +79,35 @@ __global__ void loss_partials_kernel(const scalar_t* __restrict__ pred, int64_t 
   }
 }
 
+// Partials [0, n_subject) are the subject rows' (rows are laid out one after another), the rest the prior rows'.
+// The loss is summed exactly as without the parts.
 template <typename scalar_t>
 __global__ void loss_finalize_kernel(const at::opmath_type<scalar_t>* __restrict__ partials, int64_t n,
-                                     scalar_t* __restrict__ loss) {
+                                     int64_t n_subject, scalar_t* __restrict__ loss, scalar_t* __restrict__ parts) {
   at::opmath_type<scalar_t> sum = 0;
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) sum += partials[i];
+  at::opmath_type<scalar_t> subject = 0;
+  at::opmath_type<scalar_t> prior = 0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    sum += partials[i];
+    if (i < n_subject) {
+      subject += partials[i];
+    } else {
+      prior += partials[i];
+    }
+  }
   sum = block_sum(sum);
-  if (threadIdx.x == 0) *loss = static_cast<scalar_t>(sum);
+  subject = block_sum(subject);
+  prior = block_sum(prior);
+  if (threadIdx.x == 0) {
+    *loss = static_cast<scalar_t>(sum);
+    parts[0] = static_cast<scalar_t>(subject);
+    parts[1] = static_cast<scalar_t>(prior);
+  }
 }
 
 template <typename scalar_t, int VEC>
 void launch_loss(const at::Tensor& pred, const at::Tensor& target, const std::optional<at::Tensor>& weights,
-                 int64_t n_instance, double prior_weight, at::Tensor& grad, at::Tensor& loss) {
+                 int64_t n_instance, double prior_weight, at::Tensor& grad, at::Tensor& loss, at::Tensor& parts) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t rows = pred.size(0);
   const int64_t row_size = pred.numel() / rows;
@@ -106,7 +124,9 @@ void launch_loss(const at::Tensor& pred, const at::Tensor& target, const std::op
       partials.mutable_data_ptr<opmath_t>(), rows, row_size);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   loss_finalize_kernel<scalar_t><<<1, kThreads, 0, stream>>>(partials.const_data_ptr<opmath_t>(), partials.numel(),
-                                                             loss.mutable_data_ptr<scalar_t>());
+                                                             n_instance * int64_t(grid.x),
+                                                             loss.mutable_data_ptr<scalar_t>(),
+                                                             parts.mutable_data_ptr<scalar_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -115,7 +135,7 @@ bool can_vectorize(const at::Tensor& t, int vec, int64_t row_size) {
   return row_size % vec == 0 && aligned16(t.const_data_ptr()) && (t.stride(0) * t.element_size()) % 16 == 0;
 }
 
-std::tuple<at::Tensor, at::Tensor> dreambooth_loss_cuda(const at::Tensor& pred_arg, const at::Tensor& target_arg,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dreambooth_loss_cuda(const at::Tensor& pred_arg, const at::Tensor& target_arg,
                                                         const std::optional<at::Tensor>& weights_arg,
                                                         int64_t n_instance, double prior_weight) {
   check_dreambooth_loss_args(pred_arg, target_arg, weights_arg, n_instance);
@@ -127,6 +147,7 @@ std::tuple<at::Tensor, at::Tensor> dreambooth_loss_cuda(const at::Tensor& pred_a
   if (weights_arg.has_value()) weights = weights_arg->to(opmath_dtype).contiguous();
   at::Tensor grad = at::empty(pred.sizes(), pred.options().dtype(opmath_dtype));
   at::Tensor loss = at::empty({}, pred.options());
+  at::Tensor parts = at::empty({2}, pred.options());
   const int64_t row_size = pred.numel() / pred.size(0);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "dreambooth_loss_cuda", [&] {
@@ -134,12 +155,12 @@ std::tuple<at::Tensor, at::Tensor> dreambooth_loss_cuda(const at::Tensor& pred_a
     using grad_vec_t = Vec<at::opmath_type<scalar_t>, VEC>;  // 32 bytes for half pred, else 16
     if (can_vectorize(pred, VEC, row_size) && can_vectorize(target, VEC, row_size) &&
         aligned_to(grad.const_data_ptr(), sizeof(grad_vec_t))) {
-      launch_loss<scalar_t, VEC>(pred, target, weights, n_instance, prior_weight, grad, loss);
+      launch_loss<scalar_t, VEC>(pred, target, weights, n_instance, prior_weight, grad, loss, parts);
     } else {
-      launch_loss<scalar_t, 1>(pred, target, weights, n_instance, prior_weight, grad, loss);
+      launch_loss<scalar_t, 1>(pred, target, weights, n_instance, prior_weight, grad, loss, parts);
     }
   });
-  return {loss, grad};
+  return {loss, grad, parts};
 }
 
 }  // namespace

@@ -40,7 +40,7 @@ void expect_error(const std::function<void()>& call, const std::string& needle, 
 
 using AddNoise = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                     const at::Tensor&, std::string_view);
-using Loss = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+using Loss = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                                                 int64_t, double);
 
 std::tuple<at::Tensor, at::Tensor> add_noise(const at::Tensor& x0, const at::Tensor& eps, const at::Tensor& t,
@@ -50,7 +50,7 @@ std::tuple<at::Tensor, at::Tensor> add_noise(const at::Tensor& x0, const at::Ten
   return op.call(x0, eps, t, ac, prediction_type);
 }
 
-std::tuple<at::Tensor, at::Tensor> loss(const at::Tensor& pred, const at::Tensor& target,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> loss(const at::Tensor& pred, const at::Tensor& target,
                                         const std::optional<at::Tensor>& weights, int64_t n_instance,
                                         double prior_weight) {
   static auto op =
@@ -93,26 +93,29 @@ void test_add_noise_long_rows() {
 
 void test_loss_values() {
   // D = 2; subject rows 0, 1 with weights 1, 0.5 (c = 1/4, 1/8), one prior row with weight 2 (c = 1):
-  // L = 5/4 + 25/8 + 2 = 6.375, dL/dpred = 2 c (pred - target).
+  // L = 5/4 + 25/8 + 2 = 6.375 (subject part 4.375, prior part 2), dL/dpred = 2 c (pred - target).
   const at::Tensor pred = tensor2d({1, 2, 3, 4, 1, -1}, 3);
   const at::Tensor target = at::zeros({3, 2});
   const at::Tensor weights = at::tensor({1.0f, 0.5f});
-  auto [value, grad] = loss(pred, target, weights, 2, 2.0);
+  auto [value, grad, parts] = loss(pred, target, weights, 2, 2.0);
   expect(value.dim() == 0 && value.scalar_type() == at::kFloat, "loss is a 0-dim float tensor");
   expect_close(value, at::scalar_tensor(6.375), 1e-6, "loss value");
+  expect_close(parts, at::tensor({4.375f, 2.0f}), 1e-6, "loss parts: subject, prior");
   expect_close(grad, tensor2d({0.5, 1.0, 0.75, 1.0, 2.0, -2.0}, 3), 1e-6, "loss gradient");
   // The same rows as the first two columns of a wider tensor: a strided batch dimension.
   const at::Tensor wide = at::cat({pred, at::full({3, 2}, 7.0f)}, 1).narrow(1, 0, 2);
   expect(!wide.is_contiguous(), "strided pred");
-  auto [wide_value, wide_grad] = loss(wide, target, weights, 2, 2.0);
+  auto [wide_value, wide_grad, wide_parts] = loss(wide, target, weights, 2, 2.0);
   expect_close(wide_value, value, 0, "loss of a strided pred");
   expect_close(wide_grad, grad, 0, "gradient of a strided pred");
+  expect_close(wide_parts, parts, 0, "parts of a strided pred");
 }
 
 void test_loss_long_rows() {
   const at::Tensor pred = at::ones({4, 30001});
-  auto [value, grad] = loss(pred, at::zeros_like(pred), std::nullopt, 4, 1.0);
+  auto [value, grad, parts] = loss(pred, at::zeros_like(pred), std::nullopt, 4, 1.0);
   expect_close(value, at::scalar_tensor(1.0), 1e-6, "mean of ones");
+  expect_close(parts, at::tensor({1.0f, 0.0f}), 1e-6, "no prior rows: all of the loss is the subject part");
   expect_close(grad, at::full({4, 30001}, 2.0 / (4 * 30001)), 1e-6, "gradient of the mean");
 }
 
@@ -121,8 +124,8 @@ void test_loss_gradient_of_half_pred_is_float32() {
   // keep 8 significant bits before the backward pass applies the loss scale. The buffer is float32 instead.
   for (const auto dtype : {at::kHalf, at::kBFloat16}) {
     const at::Tensor pred = at::ones({4, 30001}, dtype);
-    auto [value, grad] = loss(pred, at::zeros_like(pred), std::nullopt, 4, 1.0);
-    expect(value.scalar_type() == dtype, "the loss keeps pred's dtype");
+    auto [value, grad, parts] = loss(pred, at::zeros_like(pred), std::nullopt, 4, 1.0);
+    expect(value.scalar_type() == dtype && parts.scalar_type() == dtype, "the loss and its parts keep pred's dtype");
     expect(grad.scalar_type() == at::kFloat, "the gradient of a half pred is float32");
     expect_close(grad, at::full({4, 30001}, 2.0 / (4 * 30001)), 1e-9, "float32 gradient of the mean");
   }
