@@ -170,12 +170,17 @@ def check_free_space(folder: Path, need: int, what: str) -> str | None:
             "the run will stop when the disk is full (the last checkpoint survives)")
 
 
-def disk_full_error(err: BaseException, what: str, folder: Path, need: int, last_good: str | None) -> UserError | None:
-    """The one-line error for a write that ran out of space, or None when `err` is something else."""
-    if not is_disk_full(err):
-        return None
-    keep = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
-    return UserError(
-        f"writing {what} failed: the disk is full (it needs about {human_bytes(need)}, {folder} has "
-        f"{human_bytes(free_bytes(folder))} free); {keep}: free space, then continue with --resume"
-    )
+@contextlib.contextmanager
+def stop_on_full_disk(what: str, folder: Path, need: int, last_good: str | None) -> Iterator[None]:
+    """Turn a write inside the block that runs out of space into one line (which write, about how much it needs,
+    what is free, the last good checkpoint); any other error passes through as it is."""
+    try:
+        yield
+    except (OSError, RuntimeError) as err:
+        if not is_disk_full(err):
+            raise
+        keep = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
+        raise UserError(
+            f"writing {what} failed: the disk is full (it needs about {human_bytes(need)}, {folder} has "
+            f"{human_bytes(free_bytes(folder))} free); {keep}: free space, then continue with --resume"
+        ) from None

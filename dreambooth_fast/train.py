@@ -58,10 +58,10 @@ from .rundir import (
     check_output_not_input,
     check_resume_config,
     clear_run,
-    disk_full_error,
     output_lock,
     read_run,
     run_identifier,
+    stop_on_full_disk,
 )
 from .sample import BASE_GUIDANCE, SR_GUIDANCE, SR_NOISE_LEVEL, sample_base, sample_sr, torch_unet_fn
 from .snr import min_snr_weights
@@ -267,16 +267,11 @@ class StageTrainer:
             "generator": self.generator.get_state(),
             "config": self.cfg.to_dict(),
         }
-        try:
+        # It needs the weights and Adam's two moments, written beside the previous checkpoint before it goes.
+        with stop_on_full_disk(f"the {self.stage} checkpoint at step {self.step}", self.out,
+                               3 * self.trainable_bytes(), self.last_checkpoint):
             path = save_checkpoint(self.out / CHECKPOINTS, self.stage, self.step, self.trainable_state(), state,
                                    self.completed)
-        except (OSError, RuntimeError) as err:
-            # weights + Adam's two moments, written beside the previous checkpoint before it is removed
-            full = disk_full_error(err, f"the {self.stage} checkpoint at step {self.step}", self.out,
-                                   3 * self.trainable_bytes(), self.last_checkpoint)
-            if full is None:
-                raise
-            raise full from None
         self.last_checkpoint = str(path)
 
     def restore(self, root: Path, latest: dict) -> None:
@@ -433,17 +428,12 @@ def write_output_stage(out: Path, stage: str, trainer: StageTrainer, cfg: TrainC
     """Put the tuned stage into the output layout: merged or full weights in unet/, or the LoRA adapter."""
     trainer.check_finite()
     stage_dir = _stage_dir(out, stage)
-    try:
+    with stop_on_full_disk(f"the tuned {stage} UNet", out, trainer.trainable_bytes(), trainer.last_checkpoint):
         if cfg.lora_rank and not cfg.merge_lora:
             lora.save_adapter(trainer.unet, stage_dir)
             return
         unet = lora.merge_adapter(trainer.unet) if cfg.lora_rank else trainer.unet
         atomic_write_dir(stage_dir / "unet", lambda tmp: unet.save_pretrained(tmp, safe_serialization=True))
-    except (OSError, RuntimeError) as err:
-        full = disk_full_error(err, f"the tuned {stage} UNet", out, trainer.trainable_bytes(), trainer.last_checkpoint)
-        if full is None:
-            raise
-        raise full from None
     # An adapter copied from the input model is folded into these weights now: it must not apply twice.
     (stage_dir / lora.LORA_WEIGHTS).unlink(missing_ok=True)
 
