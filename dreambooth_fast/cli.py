@@ -10,8 +10,9 @@ import click
 
 from . import __version__
 from .backends import BACKENDS
-from .config import LR_SCHEDULES, PRECISIONS, REPORT_TO, TrainConfig
+from .config import LR_SCHEDULES, PRECISIONS, PRIOR_MODES, REPORT_TO, TrainConfig
 from .errors import UserError
+from .samplers import SAMPLERS
 
 
 class _Group(click.Group):
@@ -83,10 +84,23 @@ def _stages(value: str) -> tuple[str, ...]:
               help="Class-specific prior preservation loss (the paper's method).  [default: on]")
 @click.option("--prior-weight", type=float,
               help="lambda, the prior loss weight (the paper: 1)." + default("prior_weight"))
+@click.option("--prior-mode", type=click.Choice(PRIOR_MODES),
+              help="What the prior rows are: 'images', the paper's class images drawn by the frozen model before "
+                   "training; or 'predictions', no class images: each step the frozen model's own prediction for "
+                   "'a [class]' on the subject rows' noisy input is the prior target (LoRA: the UNet with its "
+                   "adapter off; full fine-tuning: a frozen copy of the UNet, one more set of weights in memory)."
+                   + default("prior_mode"))
 @click.option("--num-class-images", type=int,
               help="Class images to generate (paper ~1000; diffusers 100, recommends 200-300)."
                    + default("num_class_images"))
 @click.option("--class-images-dir", type=click.Path(), help="Use these class images instead of generating them.")
+@click.option("--class-sampler", type=click.Choice(SAMPLERS),
+              help="Sampler of the class images (both stages): ddpm (the model's own scheduler, IF's default), "
+                   "dpm++ (DPM-Solver++, 2nd order multistep), or one of IF's fixed timestep presets (fast27, "
+                   "smart27, ...; they ignore the step counts)." + default("class_sampler"))
+@click.option("--class-batch-size", type=int,
+              help="Class images per sampler call (halved by itself where a batch does not fit in memory); the "
+                   "images do not depend on it." + default("class_batch_size"))
 @click.option("--class-sample-steps", type=int,
               help="Stage I sampling steps per class image." + default("class_sample_steps"))
 @click.option("--class-guidance-scale", type=float,
@@ -170,6 +184,9 @@ def train(config_file: str | None, resume: bool, overwrite: bool, **options) -> 
               help="Stage I sampling steps (IF: 100).")
 @click.option("--sr-steps", default=25, show_default=True, type=click.IntRange(1),
               help="Stage II sampling steps (IF: 50).")
+@click.option("--sampler", default="ddpm", show_default=True, type=click.Choice(SAMPLERS),
+              help="ddpm (the model's own scheduler), dpm++ (DPM-Solver++, good in fewer steps), or one of IF's "
+                   "timestep presets (fast27, smart27, ...; they ignore --steps and --sr-steps).")
 @click.option("--guidance", default=7.0, show_default=True, help="Stage I classifier-free guidance scale.")
 @click.option("--sr-guidance", default=4.0, show_default=True, help="Stage II classifier-free guidance scale.")
 @click.option("--noise-level", default=250, show_default=True, type=click.IntRange(0, 999),
@@ -182,14 +199,15 @@ def train(config_file: str | None, resume: bool, overwrite: bool, **options) -> 
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--out", type=click.Path(), help="Output directory for the PNGs and grid.png  [default: MODEL/samples].")
 def generate(prompt: str, model: str, sr_model: str | None, num_images: int, stages: str, steps: int, sr_steps: int,
-             guidance: float, sr_guidance: float, noise_level: int, seed: int, backend: str, export_dir: str | None,
-             device: str, out: str | None) -> None:
+             sampler: str, guidance: float, sr_guidance: float, noise_level: int, seed: int, backend: str,
+             export_dir: str | None, device: str, out: str | None) -> None:
     """Generate images for PROMPT through the cascade; a literal [V] in PROMPT becomes the model's identifier."""
     from .generate import generate_images
 
     paths = generate_images(prompt, model, sr_model=sr_model, n=num_images, stages=_stages(stages), steps=steps,
-                            sr_steps=sr_steps, guidance=guidance, sr_guidance=sr_guidance, noise_level=noise_level,
-                            seed=seed, backend=backend, export_dir=export_dir, device=device, out=out)
+                            sr_steps=sr_steps, sampler=sampler, guidance=guidance, sr_guidance=sr_guidance,
+                            noise_level=noise_level, seed=seed, backend=backend, export_dir=export_dir, device=device,
+                            out=out)
     click.echo(f"wrote {len(paths) - 1} images and {paths[-1]}")
 
 

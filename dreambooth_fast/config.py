@@ -15,11 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
+from .samplers import check_sampler
+
+CLASS_IMAGE_BATCH = 16  # class images per sampler call; halved where it does not fit (BENCHMARKS.md, prior suite)
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 STAGES = ("base", "sr")
 REPORT_TO = ("none", "tensorboard")  # where metrics go besides OUTPUT/logs/metrics.csv
+PRIOR_MODES = ("images", "predictions")  # the paper's class images, or the frozen model's own predictions
 
 
 @dataclass
@@ -35,8 +39,11 @@ class TrainConfig:
     captions: bool = False
     prior_preservation: bool = True
     prior_weight: float = 1.0
+    prior_mode: str = "images"
     num_class_images: int = 100
     class_images_dir: str | None = None
+    class_sampler: str = "ddpm"
+    class_batch_size: int = CLASS_IMAGE_BATCH
     class_sample_steps: int = 50
     class_guidance_scale: float = 7.0
     sr_sample_steps: int = 25
@@ -78,13 +85,22 @@ class TrainConfig:
             raise UserError(
                 f"--stages takes a comma list of {', '.join(STAGES)}, got {','.join(self.stages) or '(empty)'}"
             )
-        for name in ("steps", "batch_size", "gradient_accumulation", "identifier_tokens", "checkpoint_every"):
+        for name in ("steps", "batch_size", "gradient_accumulation", "identifier_tokens", "checkpoint_every",
+                     "class_batch_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not 1 <= self.identifier_tokens <= 3:
             raise UserError(f"--identifier-tokens must be 1, 2 or 3 (the paper's k), got {self.identifier_tokens}")
-        if self.prior_preservation and self.num_class_images < 1 and not self.class_images_dir:
+        if self.prior_mode not in PRIOR_MODES:
+            raise UserError(f"--prior-mode must be one of {', '.join(PRIOR_MODES)}, got {self.prior_mode!r}")
+        if self.prior_mode == "predictions" and not self.prior_preservation:
+            raise UserError("--prior-mode predictions is a kind of prior preservation: drop --no-prior, or the mode")
+        if self.prior_mode == "predictions" and self.class_images_dir:
+            raise UserError("--class-images-dir gives class images; --prior-mode predictions uses none: drop one")
+        draws_images = self.prior_preservation and self.prior_mode == "images" and not self.class_images_dir
+        if draws_images and self.num_class_images < 1:
             raise UserError("--num-class-images must be at least 1 with prior preservation (or pass --no-prior)")
+        check_sampler(self.class_sampler, "--class-sampler")
         if self.report_to not in REPORT_TO:
             raise UserError(f"--report-to must be one of {', '.join(REPORT_TO)}, got {self.report_to!r}")
         if self.report_to == "tensorboard":

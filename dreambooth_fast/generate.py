@@ -39,6 +39,7 @@ def generate_images(
     stages: tuple[str, ...] = ("base", "sr"),
     steps: int = 50,
     sr_steps: int = 25,
+    sampler: str = "ddpm",
     guidance: float = 7.0,
     sr_guidance: float = 4.0,
     noise_level: int = 250,
@@ -69,7 +70,7 @@ def generate_images(
     # One generator per image, seeded seed + k: image k is the same whatever n is.
     generators = [torch.Generator().manual_seed(seed + k) for k in range(n)]
     images = sample_cascade(cascade, runners, cond, uncond, stages=stages, base_steps=steps, base_guidance=guidance,
-                            sr_steps=sr_steps, sr_guidance=sr_guidance, noise_level=noise_level,
+                            sr_steps=sr_steps, sr_guidance=sr_guidance, noise_level=noise_level, sampler=sampler,
                             generator=generators)["sr" if "sr" in stages else "base"]
     out_dir = Path(out) if out else model / "samples"
     paths = save_pngs(images, out_dir, prefix="image-")

@@ -1,9 +1,10 @@
 """Class images for prior preservation: generated once by the frozen cascade for "a [class noun]", cached.
 
-The cache directory is keyed by what decides the images (the frozen weights, the prompt, the sampler
-settings, the seed); `key.json` beside the images records those inputs. Images are saved as they are made,
-batch by batch, each batch drawn from its own seed, so an interrupted run resumes where it stopped and
-gives the same images as an uninterrupted one. Stage I images are kept at the base resolution (`base/`) and,
+The cache directory is keyed by what decides the images (the frozen weights, the prompt, the sampler and its
+settings, the seed); `key.json` beside the images records those inputs. Each image is drawn from its own
+generator (seeded from the seed and the image's index), so the images do not depend on the batch size or on
+who draws them; they are saved as they are made, batch by batch, so an interrupted run resumes where it
+stopped and gives the same images as an uninterrupted one. Stage I images are kept at the base resolution (`base/`) and,
 when the SR stage is trained, their upscaling by the frozen SR stage at the SR resolution (`sr/`): the SR
 stage's prior pairs are (class image at base resolution, its frozen-SR upscaling), so it keeps its general
 skill on the class.
@@ -19,6 +20,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .config import CLASS_IMAGE_BATCH
+from .errors import UserError
 from .fileio import atomic_write_json, file_lock, sha256_files
 from .images import save_pngs
 from .models import Cascade, load_unet, weights_files
@@ -28,6 +31,7 @@ from .sample import sample_cascade, torch_unet_fn
 @dataclass(frozen=True)
 class PriorSettings:
     prompt: str
+    sampler: str  # samplers.SAMPLERS, for both stages
     base_steps: int
     guidance_scale: float
     sr_steps: int
@@ -35,7 +39,6 @@ class PriorSettings:
     sr_noise_level: int
     with_sr: bool
     seed: int
-    batch_size: int
 
 
 def default_cache_root() -> Path:
@@ -44,8 +47,8 @@ def default_cache_root() -> Path:
 
 
 def cache_key(cascade: Cascade, settings: PriorSettings) -> dict:
-    """Everything that decides the class images. The dtype is left out on purpose: fp32 and bf16 sampling
-    of the same weights draw the same distribution."""
+    """Everything that decides the class images. The dtype and the batch size are left out on purpose: they
+    change the images only by rounding, not in distribution."""
     return {
         "base_unet": sha256_files(weights_files(cascade.base_dir)),
         "sr_unet": sha256_files(weights_files(cascade.sr_dir)) if settings.with_sr else None,
@@ -75,12 +78,14 @@ def generate_class_images(
     n: int,
     settings: PriorSettings,
     cache_root: Path | None = None,
+    batch_size: int = CLASS_IMAGE_BATCH,
 ) -> Path:
     """Make sure `n` class images exist in the cache and return their directory (base/ and, with SR, sr/).
 
-    `class_embeds` and `negative_embeds` are one row each (the class prompt and the empty prompt). Two runs
-    that need the same class images take turns: the second waits for the first, then draws only what is
-    still missing (each PNG is also written atomically, so a reader never sees half an image)."""
+    `class_embeds` and `negative_embeds` are one row each (the class prompt and the empty prompt). Images are
+    drawn `batch_size` at a time; a batch that does not fit in the device's memory is halved. Two runs that
+    need the same class images take turns: the second waits for the first, then draws only what is still
+    missing (each PNG is also written atomically, so a reader never sees half an image)."""
     key = cache_key(cascade, settings)
     folder = cache_dir_for(key, cache_root or default_cache_root())
     folders = [folder / "base"] + ([folder / "sr"] if settings.with_sr else [])
@@ -88,15 +93,20 @@ def generate_class_images(
         return folder
     message = f"waiting for another run drawing the same class images into {folder}"
     with file_lock(folder / ".lock", wait=True, on_wait=lambda: tqdm.write(message)):
-        _draw_class_images(cascade, class_embeds, negative_embeds, n, settings, key, folder)
+        _draw_class_images(cascade, class_embeds, negative_embeds, n, settings, key, folder, batch_size)
     return folder
 
 
+def image_generators(seed: int, first: int, count: int) -> list[torch.Generator]:
+    """One generator per class image, seeded from the run's seed and the image's index."""
+    return [torch.Generator().manual_seed(seed * 1_000_003 + index) for index in range(first, first + count)]
+
+
 def _draw_class_images(cascade: Cascade, class_embeds: torch.Tensor, negative_embeds: torch.Tensor, n: int,
-                       settings: PriorSettings, key: dict, folder: Path) -> None:
+                       settings: PriorSettings, key: dict, folder: Path, batch_size: int) -> None:
     folders = [folder / "base"] + ([folder / "sr"] if settings.with_sr else [])
-    done = min(_done(f, n) for f in folders)
-    if done >= n:
+    first = min(_done(f, n) for f in folders)
+    if first >= n:
         return
     atomic_write_json(folder / "key.json", key)
     base_unet = cascade.base_unet
@@ -107,18 +117,26 @@ def _draw_class_images(cascade: Cascade, class_embeds: torch.Tensor, negative_em
         runners["sr"] = torch_unet_fn(cascade.sr_unet)
     stages = tuple(runners)
     place = {"device": base_unet.device, "dtype": base_unet.dtype}
-    start = done - done % settings.batch_size  # batches are the unit of resumption
-    with tqdm(total=n, initial=start, desc=f"class images for {settings.prompt!r}", unit="img") as bar:
-        for first in range(start, n, settings.batch_size):
-            count = min(settings.batch_size, n - first)
-            generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + first)
-            images = sample_cascade(cascade, runners, class_embeds.to(**place).expand(count, -1, -1),
-                                    negative_embeds.to(**place), stages=stages, base_steps=settings.base_steps,
-                                    base_guidance=settings.guidance_scale, sr_steps=settings.sr_steps,
-                                    sr_guidance=settings.sr_guidance_scale, noise_level=settings.sr_noise_level,
-                                    generator=generator, progress=False)
+    with tqdm(total=n, initial=first, desc=f"class images for {settings.prompt!r}", unit="img") as bar:
+        while first < n:
+            count = min(batch_size, n - first)
+            try:
+                images = sample_cascade(cascade, runners, class_embeds.to(**place).expand(count, -1, -1),
+                                        negative_embeds.to(**place), stages=stages, base_steps=settings.base_steps,
+                                        base_guidance=settings.guidance_scale, sr_steps=settings.sr_steps,
+                                        sr_guidance=settings.sr_guidance_scale, noise_level=settings.sr_noise_level,
+                                        sampler=settings.sampler,
+                                        generator=image_generators(settings.seed, first, count), progress=False)
+            except torch.OutOfMemoryError:
+                if count == 1:
+                    raise UserError("one class image does not fit in the device's memory: pass --precision bf16, "
+                                    "or --prior-mode predictions (no class images)") from None
+                batch_size = count // 2
+                tqdm.write(f"class images: a batch of {count} does not fit in memory; drawing {batch_size} at a time")
+                continue
             if settings.with_sr:
                 save_pngs(images["sr"], folder / "sr", prefix="", start=first)
-            # The base image is written last: a batch counts as done once base/ has it.
+            # The base image is written last: an image counts as done once base/ has it.
             save_pngs(images["base"], folder / "base", prefix="", start=first)
+            first += count
             bar.update(count)

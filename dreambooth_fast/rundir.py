@@ -28,7 +28,8 @@ LOCK_FILE = ".dbfast.lock"  # held by the run writing the directory; not part of
 RUN_ARTIFACTS = (RUN_FILE, CHECKPOINTS, VALIDATION, LOGS, LOCK_FILE)
 # Options that may change between a run and its --resume (they do not change what is learnt).
 RESUMABLE_CHANGES = {
-    "steps", "sr_steps", "checkpoint_every", "validation_prompt", "validation_every", "device", "report_to"
+    "steps", "sr_steps", "checkpoint_every", "validation_prompt", "validation_every", "device", "report_to",
+    "class_batch_size",
 }
 
 

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from .errors import UserError
 from .ops import add_noise
+from .samplers import sampler_schedule
 from .text import encode_negative, encode_prompts
 
 UnetFn = Callable[..., torch.Tensor]
@@ -154,27 +155,29 @@ def _placement(unet: torch.nn.Module | None, fallback: torch.nn.Module) -> dict:
 def sample_cascade(cascade, runners: dict[str, UnetFn], cond: torch.Tensor, uncond: torch.Tensor, *,
                    stages: tuple[str, ...] = ("base", "sr"), base_steps: int = BASE_STEPS,
                    base_guidance: float = BASE_GUIDANCE, sr_steps: int = SR_STEPS, sr_guidance: float = SR_GUIDANCE,
-                   noise_level: int = SR_NOISE_LEVEL, generator: Generator = None, progress: bool = True,
-                   placement: dict[str, dict] | None = None) -> dict[str, torch.Tensor]:
+                   noise_level: int = SR_NOISE_LEVEL, sampler: str = "ddpm", generator: Generator = None,
+                   progress: bool = True, placement: dict[str, dict] | None = None) -> dict[str, torch.Tensor]:
     """The cascade: stage I draws one image per row of the prompt embeddings `cond` (`uncond`: the empty
     prompt's row), then, with "sr" in `stages`, stage II upscales them. `runners` maps "base" and "sr" to a
     UNet runner (any backend); the schedulers and sizes come from the loaded `models.Cascade`. One generator
-    runs through both stages, as in diffusers' IF example. `placement` gives each stage's embedding device
+    runs through both stages, as in diffusers' IF example. `sampler` (samplers.SAMPLERS) steps both stages.
+    `placement` gives each stage's embedding device
     and dtype where they differ from `cond`'s. Returns {"base": ..., "sr": ...} for the stages run."""
     if "sr" in stages and cascade.sr_scheduler is None:
         raise UserError(f"{cascade.base_dir} has no stage II (stage_2/): pass --sr-model or --stages base")
     place = placement or {}
     out: dict[str, torch.Tensor] = {}
     to = place.get("base", {})
-    out["base"] = sample_base(runners["base"], cascade.base_scheduler, cond.to(**to), uncond.to(**to),
-                              size=cascade.base_size, steps=base_steps, guidance_scale=base_guidance,
+    scheduler, timesteps = sampler_schedule(cascade.base_scheduler, sampler)
+    out["base"] = sample_base(runners["base"], scheduler, cond.to(**to), uncond.to(**to), size=cascade.base_size,
+                              steps=base_steps, guidance_scale=base_guidance, timesteps=timesteps,
                               generator=generator, progress=progress)
     if "sr" in stages:
         to = place.get("sr", {})
-        out["sr"] = sample_sr(runners["sr"], cascade.sr_scheduler, cascade.sr_noising_scheduler, out["base"],
-                              cond.to(**to), uncond.to(**to), size=cascade.sr_size, steps=sr_steps,
-                              guidance_scale=sr_guidance, noise_level=noise_level, generator=generator,
-                              progress=progress)
+        scheduler, timesteps = sampler_schedule(cascade.sr_scheduler, sampler)
+        out["sr"] = sample_sr(runners["sr"], scheduler, cascade.sr_noising_scheduler, out["base"], cond.to(**to),
+                              uncond.to(**to), size=cascade.sr_size, steps=sr_steps, guidance_scale=sr_guidance,
+                              noise_level=noise_level, timesteps=timesteps, generator=generator, progress=progress)
     return out
 
 

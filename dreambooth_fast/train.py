@@ -14,6 +14,7 @@ the end plots.py draws the loss plot and the validation sheets.
 
 from __future__ import annotations
 
+import copy
 import math
 import platform
 import time
@@ -69,7 +70,6 @@ from .text import encode_negative, encode_prompts
 from .toy.default_model import default_model_dir, default_model_notes
 
 VALIDATION_STEPS = 25
-CLASS_IMAGE_BATCH = 4
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -219,6 +219,13 @@ class StageTrainer:
         )
         self.total_steps = (cfg.sr_steps or cfg.steps) if stage == "sr" else cfg.steps
         self.generator = torch.Generator().manual_seed(cfg.seed + (0 if stage == "base" else 1))
+        self.predicted_prior = cfg.prior_preservation and cfg.prior_mode == "predictions"
+        self.has_prior = rows.prior is not None or self.predicted_prior
+        # --prior-mode predictions with full fine-tuning: the frozen model is a copy of the UNet as loaded (made
+        # before a checkpoint's weights are restored into the trained one). With LoRA: the UNet, adapter off.
+        self.frozen = None
+        if self.predicted_prior and not cfg.lora_rank:
+            self.frozen = copy.deepcopy(unet).requires_grad_(False).eval()
         if cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         if cfg.compile:
@@ -305,6 +312,22 @@ class StageTrainer:
         cond_t = torch.cat(cond).to(self.device) if cond is not None else None
         return torch.cat(x0).to(self.device), cond_t, torch.cat(embeds).to(self.device), bs
 
+    @torch.no_grad()
+    def frozen_prediction(self, model_input: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor,
+                          class_labels: torch.Tensor | None, channels: int) -> torch.Tensor:
+        """The frozen model's prediction (epsilon or v half) for --prior-mode predictions."""
+        if self.frozen is not None:
+            out = self.frozen(model_input, timesteps, encoder_hidden_states=embeds, class_labels=class_labels).sample
+        else:
+            self.unet.eval()
+            self.unet.disable_adapters()
+            try:
+                out = self.unet(model_input, timesteps, encoder_hidden_states=embeds, class_labels=class_labels).sample
+            finally:
+                self.unet.enable_adapters()
+                self.unet.train()
+        return out[:, :channels]
+
     def loss(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The loss of one micro-batch and its two parts [subject, prior] (ops.dreambooth_loss_with_parts)."""
         x0, cond, embeds, n_instance = self._batch()
@@ -321,6 +344,15 @@ class StageTrainer:
             x_t = torch.cat([x_t, noisy_cond], dim=1)
         dtype = AUTOCAST[self.cfg.precision]
         with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            if self.predicted_prior:
+                # The prior rows: the subject rows' noisy input again, with the class prompt; their target is the
+                # frozen model's prediction there, so no class image is needed.
+                class_embeds = self.prompts.class_embeds.to(self.device).expand(n, -1, -1)
+                prior_target = self.frozen_prediction(x_t, timesteps, class_embeds, class_labels, target.shape[1])
+                x_t, timesteps = torch.cat([x_t, x_t]), torch.cat([timesteps, timesteps])
+                target = torch.cat([target, prior_target.to(target.dtype)])
+                embeds = torch.cat([embeds, class_embeds])
+                class_labels = None if class_labels is None else torch.cat([class_labels, class_labels])
             out = self.unet(x_t, timesteps, encoder_hidden_states=embeds, class_labels=class_labels).sample
         pred = out[:, : target.shape[1]]  # the epsilon half; the other half is the learned variance
         if pred.dtype != target.dtype:
@@ -330,9 +362,8 @@ class StageTrainer:
             weights = min_snr_weights(
                 timesteps[:n_instance], self.alphas_cumprod, self.cfg.min_snr_gamma, self.prediction_type
             )
-        has_prior = self.rows.prior is not None
         return ops.dreambooth_loss_with_parts(
-            pred, target, weights, n_instance if has_prior else None, self.cfg.prior_weight
+            pred, target, weights, n_instance if self.has_prior else None, self.cfg.prior_weight
         )
 
     def optimizer_step(self) -> StepMetrics:
@@ -396,7 +427,7 @@ class StageTrainer:
 
     def _postfix(self, metrics: StepMetrics) -> dict[str, str | int]:
         postfix = {"loss": f"{metrics.loss:.4f}"}
-        if self.rows.prior is not None:
+        if self.has_prior:
             postfix |= {"subject": f"{metrics.subject_loss:.4f}", "prior": f"{metrics.prior_loss:.4f}"}
         return postfix | ({"skipped": self.skipped} if self.skipped else {})
 
@@ -456,12 +487,13 @@ def prepare_class_images(
     cfg: TrainConfig, cascade: Cascade, prompts: Prompts, stages: list[str], device: torch.device
 ) -> Path | None:
     """The class images' directory: the user's, or the frozen cascade's (generated now or found in the cache)."""
-    if not cfg.prior_preservation:
+    if not cfg.prior_preservation or cfg.prior_mode == "predictions":
         return None
     if cfg.class_images_dir:
         return Path(cfg.class_images_dir)
     settings = PriorSettings(
         prompts.class_,
+        cfg.class_sampler,
         cfg.class_sample_steps,
         cfg.class_guidance_scale,
         cfg.sr_sample_steps,
@@ -469,7 +501,6 @@ def prepare_class_images(
         SR_NOISE_LEVEL,
         "sr" in stages,
         cfg.seed,
-        CLASS_IMAGE_BATCH,
     )
     # Raw RGB bytes per image, an upper bound for the PNGs
     need = cfg.num_class_images * 3 * (cascade.base_size**2 + (cascade.sr_size**2 if "sr" in stages else 0))
@@ -479,9 +510,8 @@ def prepare_class_images(
     dtype = AUTOCAST[cfg.precision]
     try:
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            return generate_class_images(
-                cascade, prompts.class_embeds, prompts.negative_embeds, cfg.num_class_images, settings
-            )
+            return generate_class_images(cascade, prompts.class_embeds, prompts.negative_embeds,
+                                         cfg.num_class_images, settings, batch_size=cfg.class_batch_size)
     except KeyboardInterrupt:
         raise UserError(
             "interrupted while generating class images: the ones made are kept, continue with --resume"

@@ -83,7 +83,7 @@ def test_two_runs_needing_the_same_class_images_draw_each_image_once(tiny_cascad
     cascade = load_cascade(tiny_cascade, stages=("base",))
     embeds = encode_prompts(cascade.tokenizer, cascade.text_encoder, ["a dog"])
     negative = encode_negative(cascade.tokenizer, cascade.text_encoder)
-    settings = prior.PriorSettings("a dog", 2, 7.0, 2, 4.0, 250, False, 0, 2)
+    settings = prior.PriorSettings("a dog", "ddpm", 2, 7.0, 2, 4.0, 250, False, 0)
     drawn = []
     sample_cascade = prior.sample_cascade
 
@@ -94,7 +94,7 @@ def test_two_runs_needing_the_same_class_images_draw_each_image_once(tiny_cascad
 
     monkeypatch.setattr(prior, "sample_cascade", counting)
     runs = [threading.Thread(target=prior.generate_class_images,
-                             args=(cascade, embeds, negative, 6, settings, tmp_path / "cache")) for _ in range(2)]
+                             args=(cascade, embeds, negative, 6, settings, tmp_path / "cache", 2)) for _ in range(2)]
     for run in runs:
         run.start()
     for run in runs:

@@ -378,7 +378,7 @@ def test_ctrl_c_while_making_class_images_keeps_them_and_resume_continues(
         return save(images, folder, prefix, start)
 
     out = tmp_path / "run"
-    options = ["--num-class-images", "6", "--stages", "base", "--steps", "1"]
+    options = ["--num-class-images", "6", "--class-batch-size", "2", "--stages", "base", "--steps", "1"]
     monkeypatch.setattr(prior, "save_pngs", interrupted_after_the_first_batch)
     assert_refused(train(tiny_cascade, subject_dir, out, *options), "class images", "--resume")
     monkeypatch.setattr(prior, "save_pngs", save)
