@@ -163,13 +163,18 @@ def kernels_section(rows: list[dict]) -> str:
 
 
 def prior_section(rows: list[dict]) -> str:
-    lines = [[r["model"], r["dtype"], r["base_shape"], r["sr_shape"], r["images"],
-              f"{r['base_steps']} + {r['sr_steps'] or 0}", f"{r['guidance']} / {r['sr_guidance'] or '-'}",
-              ms(r, "s"), f"{num(r['images_per_s']):.3f} ({num(r['images_per_s_min']):.3f}-"
-                          f"{num(r['images_per_s_max']):.3f})"] for r in rows]
-    text = md_table(["model", "dtype", "base batch", "SR batch", "images per call", "steps base + SR",
-                     "guidance base / SR", "s per call (min-max)", "images/s (min-max)"], lines)
-    return text
+    lines = [[r["candidate"], r["sampler"], r["steps"], r["batch_size"], r["images_per_call"],
+              f"{num(r['images_per_s']):.2f} ({num(r['images_per_s_min']):.2f}-{num(r['images_per_s_max']):.2f})",
+              f"{num(r['vs_diffusers']):.2f}x ({num(r['vs_diffusers_min']):.2f}-{num(r['vs_diffusers_max']):.2f})"
+              if r.get("vs_diffusers") else "-", f"{num(r['vs_before']):.2f}x" if r.get("vs_before") else "-",
+              r["judged"] or "-", r["class_share"] or "-", r["div"] or "-"] for r in rows]
+    first = rows[0]
+    return (md_table(["candidate", "sampler", "steps", "batch", "images per call", "images/s (min-max)",
+                      "vs diffusers (min-max)", "vs before", "judged", "drawn as the class", "DIV"], lines)
+            + f"\n\nModel: {first['model']}, stage I at {first['size']} px, {first['dtype']}, guidance "
+              f"{first['guidance']}; {first['rounds']} alternating rounds. 'diffusers': the pipeline's defaults as "
+              "diffusers' DreamBooth script draws class images (DDPM 100 steps, 4 per call); 'before': this "
+              "project's defaults until session 9 (DDPM 50, 4 per call); 'default': `dbfast train`'s now.")
 
 
 def generate_section(rows: list[dict]) -> str:
@@ -260,8 +265,12 @@ def kernels_summary(rows: list[dict]) -> list[str]:
 
 
 def prior_summary(rows: list[dict]) -> list[str]:
-    return [f"class images, {r['model']} cascade at the default settings ({r['base_steps']} + {r['sr_steps'] or 0} "
-            f"steps, batch {r['batch_size']}): {num(r['images_per_s']):.3f} images/s" for r in rows]
+    default = [r for r in rows if r["candidate"] == "default" and r.get("vs_diffusers")]
+    return [f"class images at the default settings ({r['sampler']}, {r['steps']} steps, batch {r['batch_size']}): "
+            f"{num(r['vs_diffusers']):.2f}x the images/s of diffusers' way, {num(r['vs_before']):.2f}x this "
+            f"project's before; judged as the class {r['class_share'] or '-'} (diffusers' way: "
+            f"{next((x['class_share'] for x in rows if x['candidate'] == 'diffusers'), '-') or '-'})"
+            for r in default]
 
 
 def generate_summary(rows: list[dict]) -> list[str]:
@@ -347,10 +356,11 @@ def plot(suite: str, rows: list[dict], path: Path) -> bool:
                            fontsize=6)
         axes[1].set_xlabel("fused GB/s, % of copy bandwidth")
     elif suite == "prior":
-        labels = [f"{r['model']} {r['dtype']} {r['base_steps']}+{r['sr_steps'] or 0} steps" for r in rows]
+        labels = [f"{r['candidate']} ({r['sampler']} {r['steps']}, batch {r['batch_size']})" for r in rows]
         _bars(axes[0], labels, {"images/s": [(num(r["images_per_s"]), num(r["images_per_s_min"]),
                                               num(r["images_per_s_max"])) for r in rows]}, "images/s")
-        _bars(axes[1], labels, {"s per call": [_triple(r, "s") for r in rows]}, "seconds per call")
+        _bars(axes[1], labels, {"drawn as the class": [(num(r["class_share"] or 0),) * 3 for r in rows]},
+              "share of images judged to show the class")
     else:
         done = [r for r in rows if r["what"] != "skipped"]
         groups = list(dict.fromkeys(f"{r['what']} {r['stage']}" for r in done))

@@ -101,6 +101,12 @@ def _stages(value: str) -> tuple[str, ...]:
 @click.option("--class-batch-size", type=int,
               help="Class images per sampler call (halved by itself where a batch does not fit in memory); the "
                    "images do not depend on it." + default("class_batch_size"))
+@click.option("--class-backend", type=click.Choice(BACKENDS),
+              help="UNet backend of the frozen model drawing the class images: eager torch, torch.compile, or an "
+                   "export of the input model (onnx, trt: run `dbfast export --model MODEL --onnx|--trt` first)."
+                   + default("class_backend"))
+@click.option("--class-export-dir", type=click.Path(),
+              help="Where the input model's exports are, for --class-backend onnx|trt  [default: MODEL/export].")
 @click.option("--class-sample-steps", type=int,
               help="Stage I sampling steps per class image." + default("class_sample_steps"))
 @click.option("--class-guidance-scale", type=float,

@@ -14,6 +14,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from .backends import BACKENDS
 from .errors import UserError
 from .samplers import check_sampler
 
@@ -44,7 +45,9 @@ class TrainConfig:
     class_images_dir: str | None = None
     class_sampler: str = "ddpm"
     class_batch_size: int = CLASS_IMAGE_BATCH
-    class_sample_steps: int = 50
+    class_backend: str = "torch"
+    class_export_dir: str | None = None
+    class_sample_steps: int = 25  # judged as good as 50 on the toy model, at half the cost (BENCHMARKS.md)
     class_guidance_scale: float = 7.0
     sr_sample_steps: int = 25
     steps: int = 1000
@@ -97,10 +100,11 @@ class TrainConfig:
             raise UserError("--prior-mode predictions is a kind of prior preservation: drop --no-prior, or the mode")
         if self.prior_mode == "predictions" and self.class_images_dir:
             raise UserError("--class-images-dir gives class images; --prior-mode predictions uses none: drop one")
-        draws_images = self.prior_preservation and self.prior_mode == "images" and not self.class_images_dir
-        if draws_images and self.num_class_images < 1:
+        if self.draws_class_images() and self.num_class_images < 1:
             raise UserError("--num-class-images must be at least 1 with prior preservation (or pass --no-prior)")
         check_sampler(self.class_sampler, "--class-sampler")
+        if self.class_backend not in BACKENDS:
+            raise UserError(f"--class-backend must be one of {', '.join(BACKENDS)}, got {self.class_backend!r}")
         if self.report_to not in REPORT_TO:
             raise UserError(f"--report-to must be one of {', '.join(REPORT_TO)}, got {self.report_to!r}")
         if self.report_to == "tensorboard":
@@ -133,6 +137,10 @@ class TrainConfig:
         if not 0 <= self.sr_noise_level < 1000:
             raise UserError(f"--sr-noise-level must be in [0, 1000), got {self.sr_noise_level}")
         return self
+
+    def draws_class_images(self) -> bool:
+        """Whether the run needs the frozen model's class images (its own or the cache's)."""
+        return self.prior_preservation and self.prior_mode == "images" and not self.class_images_dir
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)

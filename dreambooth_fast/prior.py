@@ -25,7 +25,7 @@ from .errors import UserError
 from .fileio import atomic_write_json, file_lock, sha256_files
 from .images import save_pngs
 from .models import Cascade, load_unet, weights_files
-from .sample import sample_cascade, torch_unet_fn
+from .sample import UnetFn, sample_cascade, torch_unet_fn
 
 
 @dataclass(frozen=True)
@@ -79,13 +79,15 @@ def generate_class_images(
     settings: PriorSettings,
     cache_root: Path | None = None,
     batch_size: int = CLASS_IMAGE_BATCH,
+    runners: dict[str, UnetFn] | None = None,
 ) -> Path:
     """Make sure `n` class images exist in the cache and return their directory (base/ and, with SR, sr/).
 
     `class_embeds` and `negative_embeds` are one row each (the class prompt and the empty prompt). Images are
-    drawn `batch_size` at a time; a batch that does not fit in the device's memory is halved. Two runs that
-    need the same class images take turns: the second waits for the first, then draws only what is still
-    missing (each PNG is also written atomically, so a reader never sees half an image)."""
+    drawn `batch_size` at a time; a batch that does not fit in the device's memory is halved. `runners` ("base"
+    and, with SR, "sr": sampler runners of the frozen UNets on any backend) default to the cascade's torch
+    UNets. Two runs that need the same class images take turns: the second waits for the first, then draws only
+    what is still missing (each PNG is also written atomically, so a reader never sees half an image)."""
     key = cache_key(cascade, settings)
     folder = cache_dir_for(key, cache_root or default_cache_root())
     folders = [folder / "base"] + ([folder / "sr"] if settings.with_sr else [])
@@ -93,7 +95,7 @@ def generate_class_images(
         return folder
     message = f"waiting for another run drawing the same class images into {folder}"
     with file_lock(folder / ".lock", wait=True, on_wait=lambda: tqdm.write(message)):
-        _draw_class_images(cascade, class_embeds, negative_embeds, n, settings, key, folder, batch_size)
+        _draw_class_images(cascade, class_embeds, negative_embeds, n, settings, key, folder, batch_size, runners)
     return folder
 
 
@@ -103,20 +105,23 @@ def image_generators(seed: int, first: int, count: int) -> list[torch.Generator]
 
 
 def _draw_class_images(cascade: Cascade, class_embeds: torch.Tensor, negative_embeds: torch.Tensor, n: int,
-                       settings: PriorSettings, key: dict, folder: Path, batch_size: int) -> None:
+                       settings: PriorSettings, key: dict, folder: Path, batch_size: int,
+                       runners: dict[str, UnetFn] | None) -> None:
     folders = [folder / "base"] + ([folder / "sr"] if settings.with_sr else [])
     first = min(_done(f, n) for f in folders)
     if first >= n:
         return
     atomic_write_json(folder / "key.json", key)
-    base_unet = cascade.base_unet
-    if base_unet is None:  # an SR-only run: its class images are still stage I's samples, upscaled
-        base_unet = load_unet(cascade.base_dir, str(cascade.sr_unet.device), cascade.sr_unet.dtype)
-    runners = {"base": torch_unet_fn(base_unet)}
-    if settings.with_sr:
-        runners["sr"] = torch_unet_fn(cascade.sr_unet)
-    stages = tuple(runners)
-    place = {"device": base_unet.device, "dtype": base_unet.dtype}
+    unet = cascade.base_unet if cascade.base_unet is not None else cascade.sr_unet
+    place = {"device": unet.device, "dtype": unet.dtype}
+    if runners is None:
+        base_unet = cascade.base_unet
+        if base_unet is None:  # an SR-only run: its class images are still stage I's samples, upscaled
+            base_unet = load_unet(cascade.base_dir, str(unet.device), unet.dtype)
+        runners = {"base": torch_unet_fn(base_unet)}
+        if settings.with_sr:
+            runners["sr"] = torch_unet_fn(cascade.sr_unet)
+    stages = ("base", "sr") if settings.with_sr else ("base",)
     with tqdm(total=n, initial=first, desc=f"class images for {settings.prompt!r}", unit="img") as bar:
         while first < n:
             count = min(batch_size, n - first)

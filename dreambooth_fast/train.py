@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import __version__, data, identifier, lora, ops
+from .backends import TORCH_BACKENDS, unet_runner
 from .checkpoint import load_checkpoint, mark_stage_done, read_latest, save_checkpoint
 from .compiled import compile_unet
 from .config import TrainConfig
@@ -40,6 +41,7 @@ from .models import (
     find_sr_dir,
     load_cascade,
     load_tokenizer,
+    load_unet,
     resolve_device,
     weights_files,
 )
@@ -483,8 +485,24 @@ def _versions() -> dict:
     }
 
 
+def class_image_runners(cfg: TrainConfig, cascade: Cascade, stages: list[str], device: torch.device) -> dict | None:
+    """The frozen UNets on --class-backend as sampler runners, made before the run writes anything (so that a
+    missing or stale export is refused first); None: the torch UNets as they are (prior.py's default)."""
+    if cfg.class_backend == "torch" or not cfg.draws_class_images():
+        return None
+    from .export import default_export_dir
+
+    export_dir = Path(cfg.class_export_dir) if cfg.class_export_dir else default_export_dir(cfg.model)
+    unets = {"base": cascade.base_unet, "sr": cascade.sr_unet}
+    if cfg.class_backend in TORCH_BACKENDS and unets["base"] is None:  # SR only: stage I still draws them
+        unets["base"] = load_unet(cascade.base_dir, str(device), cascade.sr_unet.dtype)
+    return {stage: unet_runner(cfg.class_backend, unets[stage], getattr(cascade, f"{stage}_dir"), export_dir, stage,
+                               device) for stage in ("base", *(["sr"] if "sr" in stages else []))}
+
+
 def prepare_class_images(
-    cfg: TrainConfig, cascade: Cascade, prompts: Prompts, stages: list[str], device: torch.device
+    cfg: TrainConfig, cascade: Cascade, prompts: Prompts, stages: list[str], device: torch.device,
+    runners: dict | None = None,
 ) -> Path | None:
     """The class images' directory: the user's, or the frozen cascade's (generated now or found in the cache)."""
     if not cfg.prior_preservation or cfg.prior_mode == "predictions":
@@ -511,7 +529,8 @@ def prepare_class_images(
     try:
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             return generate_class_images(cascade, prompts.class_embeds, prompts.negative_embeds,
-                                         cfg.num_class_images, settings, batch_size=cfg.class_batch_size)
+                                         cfg.num_class_images, settings, batch_size=cfg.class_batch_size,
+                                         runners=runners)
     except KeyboardInterrupt:
         raise UserError(
             "interrupted while generating class images: the ones made are kept, continue with --resume"
@@ -652,8 +671,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
         if warning:
             tqdm.write(f"warning: {warning}")
 
+        runners = class_image_runners(cfg, cascade, stages, inputs.device)
         run = start_run(cfg, inputs, prompts, saved_run, overwrite)
-        class_dir = prepare_class_images(cfg, cascade, prompts, stages, inputs.device)
+        class_dir = prepare_class_images(cfg, cascade, prompts, stages, inputs.device, runners)
+        del runners
         run["class_images"] = str(class_dir) if class_dir else None
         atomic_write_json(out / RUN_FILE, run)
 

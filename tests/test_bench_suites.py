@@ -72,16 +72,24 @@ def test_train_rows_compare_both_steps_and_both_op_sets_per_stage(results):
     assert all(r["ratio_min"] and r["ops_bound_ratio"] for r in ours)
 
 
-def test_prior_row_reports_images_per_second_and_its_settings(results):
-    (row,) = read_rows(results / "prior.csv")
-    check_run_fields([row])
-    assert float(row["images_per_s"]) > 0 and int(row["images"]) >= 1
-    assert row["base_shape"].endswith("x3x32x32") and row["sr_shape"].endswith("x3x64x64")
+def test_prior_rows_compare_the_default_with_diffusers_way_side_by_side(results):
+    rows = read_rows(results / "prior.csv")
+    check_run_fields(rows)
+    assert [r["candidate"] for r in rows] == ["diffusers", "before", "default"]
+    for r in rows:
+        assert float(r["images_per_s"]) > 0 and float(r["vs_diffusers"]) > 0 and r["size"] == "32"
+        assert r["judged"] == ""  # the tiny random cascade is not the toy world's: nothing to judge
 
 
-def test_prior_defaults_are_those_of_a_default_train_run():
-    settings = bench_prior.default_settings()
-    assert (settings.base_steps, settings.sr_steps, settings.batch_size, settings.with_sr) == (50, 25, 4, True)
+def test_prior_candidates_include_diffusers_way_and_the_train_defaults():
+    from dreambooth_fast.config import TrainConfig
+
+    cfg = TrainConfig()
+    named = {c.name: c for c in bench_prior.candidates()}
+    assert (named["diffusers"].sampler, named["diffusers"].steps, named["diffusers"].batch) == ("ddpm", 100, 4)
+    default = named["default"]
+    assert (default.sampler, default.steps, default.batch) == (cfg.class_sampler, cfg.class_sample_steps,
+                                                               cfg.class_batch_size)
 
 
 def test_generate_rows_per_stage_and_end_to_end_and_a_reason_for_a_missing_backend(results):

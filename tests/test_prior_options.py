@@ -1,5 +1,6 @@
-"""The class-image samplers (ddpm, DPM-Solver++, IF's timestep presets), their place in the class-image cache key,
-and the image-free prior (--prior-mode predictions)."""
+"""How the prior is made: the class-image samplers (ddpm, DPM-Solver++, IF's timestep presets) and their place in
+the class-image cache key, the batch size, the backend that draws them, and the image-free prior
+(--prior-mode predictions)."""
 
 import csv
 import json
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from runs import assert_refused, train, unet_weights
+from runs import assert_refused, dbfast, train, unet_weights
 
 from dreambooth_fast import prior
 from dreambooth_fast.errors import UserError
@@ -131,6 +132,31 @@ def test_train_records_the_class_sampler_and_refuses_an_unknown_one(tiny_cascade
     refused = train(tiny_cascade, subject_dir, tmp_path / "other", "--class-sampler", "euler")
     assert refused.exit_code == 2 and "--class-sampler" in refused.output
     assert not (tmp_path / "other").exists()
+
+
+def test_class_images_can_be_drawn_by_the_onnx_export_of_the_input_model(tiny_cascade, subject_dir, tmp_path,
+                                                                          monkeypatch):
+    export = tmp_path / "export"
+    assert dbfast("export", "--model", tiny_cascade, "--onnx", "--out", export).exit_code == 0
+    images = {}
+    for backend in ("torch", "onnx"):
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / f"cache-{backend}"))  # each draws its own
+        out = tmp_path / backend
+        result = train(tiny_cascade, subject_dir, out, "--class-backend", backend, "--class-export-dir", export)
+        assert result.exit_code == 0, result.output
+        folder = Path(json.loads((out / "dreambooth.json").read_text())["class_images"])
+        images[backend] = [np.asarray(Image.open(p), dtype=int) for p in sorted(folder.glob("*/*.png"))]
+    assert len(images["onnx"]) == len(images["torch"]) == 4  # 2 class images, base and sr
+    for a, b in zip(images["onnx"], images["torch"]):
+        assert np.abs(a - b).mean() < 1.0  # the same images, up to the export's rounding
+
+
+def test_class_images_on_a_backend_without_an_export_are_refused_before_anything_is_written(
+    tiny_cascade, subject_dir, tmp_path
+):
+    out = tmp_path / "run"
+    result = train(tiny_cascade, subject_dir, out, "--class-backend", "onnx", "--class-export-dir", tmp_path / "none")
+    assert_refused(result, "dbfast export", out=out)
 
 
 # -- --prior-mode predictions -----------------------------------------------------------------------------------
