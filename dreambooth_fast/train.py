@@ -29,6 +29,7 @@ from .checkpoint import load_checkpoint, mark_stage_done, read_latest, save_chec
 from .compiled import compile_unet
 from .config import TrainConfig
 from .errors import UserError
+from .fused_norm import fuse_resnet_norms
 from .fileio import atomic_write_dir, atomic_write_json, existing_ancestor, link_or_copy_tree
 from .images import enlarged, make_grid, save_png, to_pil
 from .metrics import StepMetrics, open_metrics_log
@@ -221,6 +222,8 @@ class StageTrainer:
         self.generator = torch.Generator().manual_seed(cfg.seed + (0 if stage == "base" else 1))
         if cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
+        if cfg.fused_norm:
+            fuse_resnet_norms(unet)
         if cfg.compile:
             compile_unet(unet, stage)
         if cfg.lora_rank:
