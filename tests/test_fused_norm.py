@@ -1,6 +1,6 @@
 """fuse_resnet_norms: a UNet whose ResnetBlock2D chains run as ops.group_norm_act gives the unpatched UNet's output
 and parameter gradients (tiny IF-shaped UNets: GELU and SiLU, time_embedding_norm "scale_shift" and "default";
-float64, float32 and bf16 autocast), keeps its parameters and state_dict keys, and leaves blocks whose
+float64 exactly; float32 and bf16 autocast as close to float64 as the unpatched UNet), keeps its parameters and state_dict keys, and leaves blocks whose
 nonlinearity the op does not have as they were."""
 
 import copy
@@ -53,8 +53,8 @@ def output_and_grads(unet, dtype, autocast: torch.dtype | None = None):
     return out.detach(), {name: p.grad.detach().clone() for name, p in unet.named_parameters() if p.grad is not None}
 
 
-def relative_error(got: torch.Tensor, exact: torch.Tensor) -> float:
-    return ((got.double() - exact).norm() / exact.norm().clamp_min(1e-30)).item()
+def error(got: torch.Tensor, exact: torch.Tensor) -> float:
+    return (got.double() - exact).norm().item()
 
 
 CHAINS = [("gelu", "scale_shift"), ("silu", "scale_shift"), ("gelu", "default"), ("silu", "default")]
@@ -62,38 +62,43 @@ CHAIN_IDS = ["gelu-scale-shift", "silu-scale-shift", "gelu-default", "silu-defau
 
 
 @pytest.mark.parametrize(("act_fn", "time_embedding_norm"), CHAINS, ids=CHAIN_IDS)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
-def test_fused_unet_matches_the_unpatched_unet(dtype, act_fn, time_embedding_norm):
-    eager = tiny_unet(act_fn, time_embedding_norm).to(dtype)
+def test_fused_unet_matches_the_unpatched_unet_in_float64(act_fn, time_embedding_norm):
+    eager = tiny_unet(act_fn, time_embedding_norm).double()
     fused = copy.deepcopy(eager)
     blocks = sum(type(m) is ResnetBlock2D for m in eager.modules())
     assert fuse_resnet_norms(fused) == blocks > 0
     assert all(type(m) is not ResnetBlock2D for m in fused.modules())
-    want_out, want_grads = output_and_grads(eager, dtype)
-    got_out, got_grads = output_and_grads(fused, dtype)
-    tol = {"rtol": 1e-9, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
-    torch.testing.assert_close(got_out, want_out, **tol)
+    want_out, want_grads = output_and_grads(eager, torch.float64)
+    got_out, got_grads = output_and_grads(fused, torch.float64)
+    torch.testing.assert_close(got_out, want_out, rtol=1e-9, atol=1e-10)
     assert got_grads.keys() == want_grads.keys() == {name for name, _ in eager.named_parameters()}
     for name, grad in want_grads.items():
-        torch.testing.assert_close(got_grads[name], grad, **tol, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-9, atol=1e-10, msg=lambda m, n=name: f"{n}: {m}")
 
 
-@pytest.mark.parametrize(("act_fn", "time_embedding_norm"), CHAINS[:2], ids=CHAIN_IDS[:2])
-def test_fused_unet_under_bf16_autocast_is_as_close_to_float64_as_the_unpatched_unet(act_fn, time_embedding_norm):
-    """--precision bf16 trains under autocast: the fused chains compute in float32 and round once, so their error
-    against the float64 UNet may be at most twice the unpatched UNet's (flash-attention's rule, on relative L2 errors)."""
-    exact_unet = tiny_unet(act_fn, time_embedding_norm).double()
-    exact_out, exact_grads = output_and_grads(exact_unet, torch.float64)
+@pytest.mark.parametrize(("act_fn", "time_embedding_norm"), [CHAINS[0], CHAINS[3]], ids=[CHAIN_IDS[0], CHAIN_IDS[3]])
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16], ids=["float32", "bf16-autocast"])
+def test_fused_unet_is_as_close_to_float64_as_the_unpatched_unet(autocast, act_fn, time_embedding_norm):
+    """In float32, and under bf16 autocast as --precision bf16 trains, the fused chains (float32 math, one rounding)
+    may be at most twice as far from the float64 UNet as the unpatched UNet is (flash-attention's rule, on L2
+    norms of the errors; the gradients as one vector), or within 1e-5 of it relative (float32 rounding). Gradients
+    that are zero in exact
+    arithmetic (the attention pool's key bias: softmax ignores a constant shift) are rounding noise on both sides,
+    where the eager error is as large as the value itself: those are not compared."""
+    exact_out, exact_grads = output_and_grads(tiny_unet(act_fn, time_embedding_norm).double(), torch.float64)
     eager = tiny_unet(act_fn, time_embedding_norm)
     fused = copy.deepcopy(eager)
     fuse_resnet_norms(fused)
-    eager_out, eager_grads = output_and_grads(eager, torch.float32, autocast=torch.bfloat16)
-    fused_out, fused_grads = output_and_grads(fused, torch.float32, autocast=torch.bfloat16)
+    eager_out, eager_grads = output_and_grads(eager, torch.float32, autocast)
+    fused_out, fused_grads = output_and_grads(fused, torch.float32, autocast)
     assert fused_out.dtype == eager_out.dtype
-    assert relative_error(fused_out, exact_out) <= 2 * relative_error(eager_out, exact_out) + 1e-3
-    for name, exact in exact_grads.items():
-        fused_err, eager_err = relative_error(fused_grads[name], exact), relative_error(eager_grads[name], exact)
-        assert fused_err <= 2 * eager_err + 1e-3, f"{name}: fused {fused_err} vs eager {eager_err}"
+    assert error(fused_out, exact_out) <= max(2 * error(eager_out, exact_out), 1e-5 * exact_out.norm().item())
+    compared = [name for name, exact in exact_grads.items() if error(eager_grads[name], exact) <= exact.norm() / 2]
+    assert len(compared) >= 0.95 * len(exact_grads)
+    exact = torch.cat([exact_grads[name].flatten() for name in compared])
+    fused_err = error(torch.cat([fused_grads[name].flatten() for name in compared]), exact)
+    eager_err = error(torch.cat([eager_grads[name].flatten() for name in compared]), exact)
+    assert fused_err <= max(2 * eager_err, 1e-5 * exact.norm().item()), f"fused {fused_err} vs eager {eager_err}"
 
 
 def test_fusing_keeps_parameters_and_state_dict_and_skips_other_activations():
