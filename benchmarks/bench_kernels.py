@@ -194,7 +194,8 @@ def bench_case(case: Case | NormCase, device: str, *, rounds: int, warmup: int, 
     return rows
 
 
-def result_row(case: Case | NormCase, op: str, direction: str, impl: str, s: Stats, eager: Stats, whole_op: bool) -> dict:
+def result_row(case: Case | NormCase, op: str, direction: str, impl: str, s: Stats, eager: Stats,
+               whole_op: bool) -> dict:
     return {
         "suite": "kernels",
         "stage": case.stage,

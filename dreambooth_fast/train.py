@@ -29,8 +29,8 @@ from .checkpoint import load_checkpoint, mark_stage_done, read_latest, save_chec
 from .compiled import compile_unet
 from .config import TrainConfig
 from .errors import UserError
-from .fused_norm import fuse_resnet_norms
 from .fileio import atomic_write_dir, atomic_write_json, existing_ancestor, link_or_copy_tree
+from .fused_norm import fuse_resnet_norms
 from .images import enlarged, make_grid, save_png, to_pil
 from .metrics import StepMetrics, open_metrics_log
 from .models import (

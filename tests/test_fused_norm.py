@@ -1,7 +1,7 @@
 """fuse_resnet_norms: a UNet whose ResnetBlock2D chains run as ops.group_norm_act gives the unpatched UNet's output
-and parameter gradients (tiny IF-shaped UNets: GELU and SiLU, time_embedding_norm "scale_shift" and "default";
-float64 exactly; float32 and bf16 autocast as close to float64 as the unpatched UNet), keeps its parameters and state_dict keys, and leaves blocks whose
-nonlinearity the op does not have as they were."""
+and parameter gradients (tiny IF-shaped UNets: GELU and SiLU, time_embedding_norm "scale_shift" and "default"):
+exactly in float64, and in float32 and under bf16 autocast as close to float64 as the unpatched UNet. It keeps the
+parameters and state_dict keys, and leaves blocks whose nonlinearity the op does not have as they were."""
 
 import copy
 
