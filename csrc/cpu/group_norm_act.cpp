@@ -27,14 +27,21 @@ namespace {
 // Elements per parallel task; smaller problems run on one thread.
 constexpr int64_t kGrain = 32768;
 
-// A per-(sample, channel) tensor as contiguous opmath values: scale and shift, or `fill` where not given.
-at::Tensor per_sample_channel(const std::optional<at::Tensor>& t, int64_t n, int64_t c, at::ScalarType opmath,
-                              double fill) {
-  if (!t.has_value()) return at::full({n, c}, fill, at::TensorOptions().dtype(opmath));
-  return t->to(opmath).contiguous();
-}
-
 at::Tensor as_opmath(const at::Tensor& t, at::ScalarType opmath) { return t.to(opmath).contiguous(); }
+
+// The data of an optional per-(sample, channel) tensor as contiguous opmath values (null when not given: 0), and
+// the tensor that owns them.
+template <typename opmath>
+struct Optional {
+  at::Tensor owner;
+  const opmath* data = nullptr;
+  Optional(const std::optional<at::Tensor>& t, at::ScalarType type) {
+    if (!t.has_value()) return;
+    owner = as_opmath(*t, type);
+    data = owner.const_data_ptr<opmath>();
+  }
+  opmath operator[](int64_t i) const { return data == nullptr ? opmath(0) : data[i]; }
+};
 
 struct Shape {
   int64_t n, c, groups, cg, hw;  // cg channels per group, hw elements per channel
@@ -45,17 +52,17 @@ struct Shape {
 };
 
 template <typename scalar_t>
-void forward_kernel(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, const at::Tensor& scale,
-                    const at::Tensor& shift, const Shape& s, double eps, Activation act, at::Tensor& y,
-                    at::Tensor& mean, at::Tensor& rstd) {
+void forward_kernel(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+                    const std::optional<at::Tensor>& scale_in, const std::optional<at::Tensor>& shift_in,
+                    const Shape& s, double eps, Activation act, at::Tensor& y, at::Tensor& mean, at::Tensor& rstd) {
   using opmath = opmath_t<scalar_t>;
   const Kernels<scalar_t> k = cpu_kernels<scalar_t>();
   const scalar_t* x_data = x.const_data_ptr<scalar_t>();
   scalar_t* y_data = y.mutable_data_ptr<scalar_t>();
   const opmath* w_data = w.const_data_ptr<opmath>();
   const opmath* b_data = b.const_data_ptr<opmath>();
-  const opmath* scale_data = scale.const_data_ptr<opmath>();
-  const opmath* shift_data = shift.const_data_ptr<opmath>();
+  const Optional<opmath> scale_data(scale_in, mean.scalar_type());
+  const Optional<opmath> shift_data(shift_in, mean.scalar_type());
   opmath* mean_data = mean.mutable_data_ptr<opmath>();
   opmath* rstd_data = rstd.mutable_data_ptr<opmath>();
   at::parallel_for(0, s.n * s.groups, s.grain(), [&](int64_t begin, int64_t end) {
@@ -93,19 +100,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_act_cpu(const at::Tens
   at::Tensor mean = at::empty({s.n, groups}, x.options().dtype(opmath));
   at::Tensor rstd = at::empty({s.n, groups}, x.options().dtype(opmath));
   const at::Tensor w = as_opmath(weight, opmath), b = as_opmath(bias, opmath);
-  const at::Tensor sc = per_sample_channel(scale, s.n, s.c, opmath, 0.0);
-  const at::Tensor sh = per_sample_channel(shift, s.n, s.c, opmath, 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_act_cpu", [&] {
-    forward_kernel<scalar_t>(x, w, b, sc, sh, s, eps, act, y, mean, rstd);
+    forward_kernel<scalar_t>(x, w, b, scale, shift, s, eps, act, y, mean, rstd);
   });
   return {y, mean, rstd};
 }
 
-// Fills dx and the per-(sample, channel) sums S1 = sum dz, S2 = sum dz xhat (double, [N, C]).
+// Fills dx and the parameter gradients (opmath, contiguous: dweight, dbias [C]; dscale, dshift [N, C] where scale
+// and shift were given). Per (sample, channel): S1 = sum dz and S2 = sum dz xhat; then, with a = dz (1 + scale):
+// dshift = S1, dscale = w S2 + bias S1, dbias = sum_n (1 + scale) S1, dweight = sum_n (1 + scale) S2, the batch
+// summed in a fixed order.
 template <typename scalar_t>
 void backward_kernel(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
-                     const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& mean, const at::Tensor& rstd,
-                     const Shape& s, Activation act, at::Tensor& dx, at::Tensor& s1, at::Tensor& s2) {
+                     const std::optional<at::Tensor>& scale_in, const std::optional<at::Tensor>& shift_in,
+                     const at::Tensor& mean, const at::Tensor& rstd, const Shape& s, Activation act, at::Tensor& dx,
+                     at::Tensor& dweight, at::Tensor& dbias, at::Tensor& dscale, at::Tensor& dshift) {
   using opmath = opmath_t<scalar_t>;
   const Kernels<scalar_t> k = cpu_kernels<scalar_t>();
   const scalar_t* dy_data = dy.const_data_ptr<scalar_t>();
@@ -113,12 +122,11 @@ void backward_kernel(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
   scalar_t* dx_data = dx.mutable_data_ptr<scalar_t>();
   const opmath* w_data = w.const_data_ptr<opmath>();
   const opmath* b_data = b.const_data_ptr<opmath>();
-  const opmath* scale_data = scale.const_data_ptr<opmath>();
-  const opmath* shift_data = shift.const_data_ptr<opmath>();
+  const Optional<opmath> scale_data(scale_in, mean.scalar_type());
+  const Optional<opmath> shift_data(shift_in, mean.scalar_type());
   const opmath* mean_data = mean.const_data_ptr<opmath>();
   const opmath* rstd_data = rstd.const_data_ptr<opmath>();
-  double* s1_data = s1.mutable_data_ptr<double>();
-  double* s2_data = s2.mutable_data_ptr<double>();
+  std::vector<double> s1(s.n * s.c), s2(s.n * s.c);
   const double inv_size = 1.0 / double(s.group_size());
   at::parallel_for(0, s.n * s.groups, s.grain(), [&](int64_t begin, int64_t end) {
     std::vector<opmath> dz(s.group_size());  // one group's dz, reused by this task's groups
@@ -135,10 +143,10 @@ void backward_kernel(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
         double sums[2];
         k.norm_act_grad(x_data + nc * s.hw, dy_data + nc * s.hw, dz.data() + (c - c0) * s.hw, s.hw, m,
                         r * w_data[c] * gain, b_data[c] * gain + shift_data[nc], act, sums);
-        s1_data[nc] = sums[0];
-        s2_data[nc] = sums[1] * double(r);
-        c1 += double(gain) * double(w_data[c]) * s1_data[nc];
-        c2 += double(gain) * double(w_data[c]) * s2_data[nc];
+        s1[nc] = sums[0];
+        s2[nc] = sums[1] * double(r);
+        c1 += double(gain) * double(w_data[c]) * s1[nc];
+        c2 += double(gain) * double(w_data[c]) * s2[nc];
       }
       // dx = rstd (dxhat - c1 / M - xhat c2 / M) with xhat = rstd (x - mean).
       const opmath q = opmath(-double(r) * double(r) * c2 * inv_size);
@@ -150,6 +158,23 @@ void backward_kernel(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
       }
     }
   });
+  opmath* dw = dweight.mutable_data_ptr<opmath>();
+  opmath* db = dbias.mutable_data_ptr<opmath>();
+  opmath* dsc = scale_in.has_value() ? dscale.mutable_data_ptr<opmath>() : nullptr;
+  opmath* dsh = shift_in.has_value() ? dshift.mutable_data_ptr<opmath>() : nullptr;
+  for (int64_t c = 0; c < s.c; ++c) {
+    double sum_w = 0.0, sum_b = 0.0;
+    for (int64_t n = 0; n < s.n; ++n) {
+      const int64_t nc = n * s.c + c;
+      const double gain = 1.0 + double(scale_data[nc]);
+      sum_w += gain * s2[nc];
+      sum_b += gain * s1[nc];
+      if (dsc != nullptr) dsc[nc] = opmath(double(w_data[c]) * s2[nc] + double(b_data[c]) * s1[nc]);
+      if (dsh != nullptr) dsh[nc] = opmath(s1[nc]);
+    }
+    dw[c] = opmath(sum_w);
+    db[c] = opmath(sum_b);
+  }
 }
 
 // Returns (dx, dweight, dbias, dscale, dshift); dscale and dshift are empty where scale and shift were not given.
@@ -169,26 +194,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_nor
   TORCH_CHECK(mean.numel() == s.n * groups && rstd.numel() == s.n * groups,
               "group_norm_act_backward: mean and rstd must have N * groups = ", s.n * groups, " values");
   const at::Tensor w = as_opmath(weight, opmath), b = as_opmath(bias, opmath);
-  const at::Tensor sc = per_sample_channel(scale, s.n, s.c, opmath, 0.0);
-  const at::Tensor sh = per_sample_channel(shift, s.n, s.c, opmath, 0.0);
+  const auto options = x.options().dtype(opmath);
   at::Tensor dx = at::empty(x.sizes(), x.options());
-  const auto sums_options = x.options().dtype(at::kDouble);
-  at::Tensor s1 = at::empty({s.n, s.c}, sums_options);
-  at::Tensor s2 = at::empty({s.n, s.c}, sums_options);
+  at::Tensor dweight = at::empty({s.c}, options), dbias = at::empty({s.c}, options);
+  at::Tensor dscale = at::empty({scale.has_value() ? s.n : 0, s.c}, options);
+  at::Tensor dshift = at::empty({shift.has_value() ? s.n : 0, s.c}, options);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_act_backward_cpu", [&] {
-    backward_kernel<scalar_t>(dy, x, w, b, sc, sh, as_opmath(mean, opmath), as_opmath(rstd, opmath), s, act, dx, s1,
-                              s2);
+    backward_kernel<scalar_t>(dy, x, w, b, scale, shift, as_opmath(mean, opmath), as_opmath(rstd, opmath), s, act, dx,
+                              dweight, dbias, dscale, dshift);
   });
-  // With a = dz (1 + scale): dshift = S1, dscale = w S2 + bias S1, dbias = sum_n (1 + scale) S1,
-  // dweight = sum_n (1 + scale) S2.
-  const at::Tensor gain = sc.to(at::kDouble) + 1.0;
-  const at::Tensor dweight = (gain * s2).sum(0).to(weight.scalar_type());
-  const at::Tensor dbias = (gain * s1).sum(0).to(bias.scalar_type());
-  const at::Tensor dscale = scale.has_value()
-                                ? (weight.to(at::kDouble) * s2 + bias.to(at::kDouble) * s1).to(scale->scalar_type())
-                                : at::empty({0}, x.options());
-  const at::Tensor dshift = shift.has_value() ? s1.to(shift->scalar_type()) : at::empty({0}, x.options());
-  return {dx, dweight, dbias, dscale, dshift};
+  return {dx, dweight.to(weight.scalar_type()), dbias.to(bias.scalar_type()),
+          scale.has_value() ? dscale.to(scale->scalar_type()) : at::empty({0}, x.options()),
+          shift.has_value() ? dshift.to(shift->scalar_type()) : at::empty({0}, x.options())};
 }
 
 }  // namespace
