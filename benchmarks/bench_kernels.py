@@ -7,8 +7,15 @@ training). dreambooth_loss is timed forward, backward and both, on the epsilon h
 (a strided view, as in training; it is made a leaf so that the slice's own backward, which is the same for
 both and belongs to the training-step benchmark, is not timed here), half the rows prior rows.
 
+group_norm_act (GroupNorm + scale-shift + GELU, diffusers' ResnetBlock2D chain) is timed forward, backward and both
+against its eager chain (F.group_norm, `* (1 + scale) + shift`, F.gelu, autograd), at IF stage I block shapes
+scaled to this CPU (IF-I-XL: 320..1280 channels in 32 groups at 64 px; here batch 2 at 320 x 64 px and
+640 x 32 px) and at the default model's (32 and 64 channels in 8 groups at 32 and 16 px, batch 1 + 1 prior);
+scale and shift are the two chunks of a [N, 2C, 1, 1] time embedding, as in the block.
+
 Achieved GB/s counts the floor of memory traffic of the whole op (add_noise: read x0 and eps, write x_t;
-dreambooth_loss forward+backward: read pred and target, write the gradient) over the median time, beside
+dreambooth_loss forward+backward: read pred and target, write the gradient; group_norm_act forward+backward:
+read x, write y, read x and dy, write dx) over the median time, beside
 the copy bandwidth (`dst.copy_(src)` of a tensor larger than the caches) measured in the same run; working sets
 that fit in a CPU's cache can exceed it (over 100%).
 
@@ -46,6 +53,10 @@ SMOKE_STAGES = {"smoke": (8, (2,))}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 NUM_TRAIN_TIMESTEPS = 1000
 COPY_BYTES = {"cpu": 256 << 20, "cuda": 1 << 30, "smoke": 1 << 20}
+# group_norm_act cases: name -> (batch, channels, size, groups).
+NORM_SHAPES = {"if1-320": (2, 320, 64, 32), "if1-640": (2, 640, 32, 32), "default-32": (2, 32, 32, 8),
+               "default-64": (2, 64, 16, 8)}
+SMOKE_NORM_SHAPES = {"smoke": (2, 8, 4, 2)}
 
 
 @dataclass(frozen=True)
@@ -64,6 +75,25 @@ class Case:
         """Read two tensors of the shape once, write one once (the floor of both ops)."""
         numel = self.batch * CHANNELS * self.size * self.size
         return 3 * numel * DTYPES[self.dtype].itemsize
+
+
+@dataclass(frozen=True)
+class NormCase:
+    stage: str
+    batch: int
+    channels: int
+    size: int
+    groups: int
+    dtype: str
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (self.batch, self.channels, self.size, self.size)
+
+    @property
+    def floor_bytes(self) -> int:
+        """Forward and backward: read x, write y; read x and dy, write dx."""
+        return 5 * self.batch * self.channels * self.size * self.size * DTYPES[self.dtype].itemsize
 
 
 def cases(stages: dict[str, tuple[int, tuple[int, ...]]], dtypes: list[str]) -> list[Case]:
@@ -112,21 +142,60 @@ def loss_candidates(case: Case, device: str, direction: str) -> dict[str, Timed]
     return {"fused": candidate(ops.dreambooth_loss), "eager": candidate(reference.dreambooth_loss)}
 
 
-def bench_case(case: Case, device: str, *, rounds: int, warmup: int, min_round_s: float) -> list[dict]:
+def norm_candidates(case: NormCase, device: str, direction: str) -> dict[str, Timed]:
+    dtype = DTYPES[case.dtype]
+    x = torch.randn(case.shape, device=device).to(dtype).requires_grad_()
+    weight = (1 + 0.1 * torch.randn(case.channels, device=device)).to(dtype).requires_grad_()
+    bias = (0.1 * torch.randn(case.channels, device=device)).to(dtype).requires_grad_()
+    temb = (0.5 * torch.randn((case.batch, 2 * case.channels, 1, 1), device=device)).to(dtype).requires_grad_()
+    upstream = torch.randn(case.shape, device=device).to(dtype)
+    state = {}
+
+    def forward(fn):
+        scale, shift = temb.chunk(2, dim=1)
+        return fn(x, case.groups, weight, bias, 1e-5, scale=scale, shift=shift, act="gelu")
+
+    def clear_grads():
+        for t in (x, weight, bias, temb):
+            t.grad = None
+
+    def candidate(fn) -> Timed:
+        if direction == "fwd":
+            return Timed(lambda: forward(fn))
+        if direction == "bwd":
+            def setup():
+                clear_grads()
+                state["y"] = forward(fn)
+
+            return Timed(lambda: state["y"].backward(upstream), setup)
+        return Timed(lambda: forward(fn).backward(upstream), clear_grads)
+
+    return {"fused": candidate(ops.group_norm_act), "eager": candidate(reference.group_norm_act)}
+
+
+# The work a training step does of each op: add_noise forward only, the others forward and backward.
+WHOLE_OPS = {("add_noise", "fwd"), ("dreambooth_loss", "fwd+bwd"), ("group_norm_act", "fwd+bwd")}
+
+
+def bench_case(case: Case | NormCase, device: str, *, rounds: int, warmup: int, min_round_s: float) -> list[dict]:
     """One row per (op, direction, implementation) of the case, without the run-wide columns."""
     torch.manual_seed(0)
-    jobs = [("add_noise", "fwd", add_noise_candidates(case, device))]
-    jobs += [("dreambooth_loss", d, loss_candidates(case, device, d)) for d in ("fwd", "bwd", "fwd+bwd")]
+    if isinstance(case, NormCase):
+        jobs = [("group_norm_act", d, norm_candidates(case, device, d)) for d in ("fwd", "bwd", "fwd+bwd")]
+    else:
+        jobs = [("add_noise", "fwd", add_noise_candidates(case, device))]
+        jobs += [("dreambooth_loss", d, loss_candidates(case, device, d)) for d in ("fwd", "bwd", "fwd+bwd")]
     rows = []
     for op, direction, candidates in jobs:
         stats = measure(candidates, device, rounds=rounds, warmup=warmup, min_round_s=min_round_s)
-        whole_op = (op, direction) in (("add_noise", "fwd"), ("dreambooth_loss", "fwd+bwd"))
+        whole_op = (op, direction) in WHOLE_OPS
         for impl, s in stats.items():
             rows.append(result_row(case, op, direction, impl, s, stats["eager"], whole_op))
     return rows
 
 
-def result_row(case: Case, op: str, direction: str, impl: str, s: Stats, eager: Stats, whole_op: bool) -> dict:
+def result_row(case: Case | NormCase, op: str, direction: str, impl: str, s: Stats, eager: Stats,
+               whole_op: bool) -> dict:
     return {
         "suite": "kernels",
         "stage": case.stage,
@@ -167,8 +236,10 @@ def run(
 
     copy_gbps = copy_bandwidth(device, COPY_BYTES["smoke" if smoke else device_type]) / 1e9
     env = run_info(device)
+    norm_shapes = SMOKE_NORM_SHAPES if smoke else NORM_SHAPES
+    norm_cases = [NormCase(stage, *shape, dtype) for stage, shape in norm_shapes.items() for dtype in DTYPES]
     rows = []
-    for case in cases(stages, list(DTYPES)):
+    for case in cases(stages, list(DTYPES)) + norm_cases:
         load = load_average()  # per case: a shared machine's load changes during the run
         for row in bench_case(case, device, rounds=rounds, warmup=warmup, min_round_s=min_round_s):
             pct = round(100 * row["gbps"] / copy_gbps, 1) if row["gbps"] != "" else ""

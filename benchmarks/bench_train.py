@@ -65,6 +65,7 @@ TEXT_LENGTH = 77
 SUBJECT_IMAGES = 4  # a user's 3-5 photos
 PRIOR_IMAGES = 8
 OURS, EAGER, OURS_COMPILED = "dreambooth_fast", "diffusers_eager", "dreambooth_fast_compile"
+OURS_FUSED_NORM = "dreambooth_fast_fused_norm"  # ours with --fused-norm (on its own UNet copy)
 FUSED_OPS, EAGER_OPS = "fused_ops", "eager_ops"
 
 
@@ -77,6 +78,7 @@ class Case:
     dtype: str  # "fp32" or "bf16": TrainConfig.precision (bf16: autocast; weights stay float32)
     checkpointing: bool = False  # gradient checkpointing
     compiled: bool = False  # also ours with --compile, a third step alternating with the other two
+    fused_norm: bool = False  # also ours with --fused-norm, one more step alternating with the others
 
     @property
     def shape(self) -> str:
@@ -104,11 +106,12 @@ def cases(device: str, *, quick: bool, smoke: bool, base_size: int, sr_size: int
         return [Case(stage, IF_MODELS[stage], 64 if stage == "base" else 256, b, "bf16", checkpointing=True)
                 for stage in ("base", "sr") for b in batches]
     if smoke:  # the tiny cascade's UNets at half their size: proves the suite runs, in seconds
-        return [Case("base", "tiny", base_size // 2, 1, "fp32"), Case("sr", "tiny", sr_size // 2, 1, "fp32")]
-    cpu = [Case("base", "tiny", base_size, 2, "fp32"), Case("sr", "tiny", sr_size, 2, "fp32")]
+        return [Case("base", "tiny", base_size // 2, 1, "fp32", fused_norm=True),
+                Case("sr", "tiny", sr_size // 2, 1, "fp32")]
+    cpu = [Case("base", "tiny", base_size, 2, "fp32", fused_norm=True), Case("sr", "tiny", sr_size, 2, "fp32")]
     if (DEFAULT_MODEL / "model_index.json").is_file():  # the model a user trains without --model, as they run it
         size = load_cascade(DEFAULT_MODEL, with_text_encoder=False, with_unets=False).base_size
-        cpu.append(Case("base", "default", size, 1, "fp32", compiled=True))
+        cpu.append(Case("base", "default", size, 1, "fp32", compiled=True, fused_norm=True))
     return cpu
 
 
@@ -118,6 +121,7 @@ class Setup:
 
     trainer: StageTrainer
     compiled: StageTrainer | None  # ours with --compile, on a copy of the UNet
+    fused_norm: StageTrainer | None  # ours with --fused-norm, on a copy of the UNet
     eager_step: Callable[[], float]
     fused_ops: Timed
     eager_ops: Timed
@@ -189,10 +193,12 @@ def setup_case(case: Case, model_dir: Path | None, device: str, out: Path) -> Se
     generator = torch.Generator().manual_seed(0)
     compiled = (make_trainer(case, copy.deepcopy(unet), scheduler, noising, device, out,
                              torch.Generator().manual_seed(0), compile=True) if case.compiled else None)
+    fused_norm = (make_trainer(case, copy.deepcopy(unet), scheduler, noising, device, out,
+                               torch.Generator().manual_seed(0), fused_norm=True) if case.fused_norm else None)
     trainer = make_trainer(case, unet, scheduler, noising, device, out, generator)
     eager = eager_step_fn(trainer, scheduler, noising, case.batch)
     fused_ops, eager_ops = ops_candidates(case, trainer, scheduler, noising, torch.device(device), generator)
-    return Setup(trainer, compiled, eager, fused_ops, eager_ops)
+    return Setup(trainer, compiled, fused_norm, eager, fused_ops, eager_ops)
 
 
 def eager_step_fn(trainer: StageTrainer, scheduler, noising, batch_size: int) -> Callable[[], float]:
@@ -326,6 +332,8 @@ def bench_case(case: Case, model_dir: Path | None, device: str, *, rounds: int, 
         step_fns = {OURS: s.trainer.optimizer_step, EAGER: s.eager_step}
         if s.compiled is not None:  # compilation happens in the warm-up calls
             step_fns[OURS_COMPILED] = s.compiled.optimizer_step
+        if s.fused_norm is not None:
+            step_fns[OURS_FUSED_NORM] = s.fused_norm.optimizer_step
         steps = measure_paired({name: Timed(fn) for name, fn in step_fns.items()}, device, rounds=rounds,
                                warmup=warmup)
         ops_samples = measure_paired({FUSED_OPS: s.fused_ops, EAGER_OPS: s.eager_ops}, device, rounds=ops_rounds,
@@ -335,6 +343,8 @@ def bench_case(case: Case, model_dir: Path | None, device: str, *, rounds: int, 
     step_stats = {name: summarize(v, rounds) for name, v in steps.items()}
     ops_stats = {name: summarize(v, ops_rounds) for name, v in ops_samples.items()}
     ratios = {name: ratio_spread(steps[EAGER], samples) for name, samples in steps.items()}
+    # Each option's step against our step with the default options, per paired round.
+    vs_ours = {name: ratio_spread(steps[OURS], samples) for name, samples in steps.items() if name not in (OURS, EAGER)}
     ops_ratio = ratio_spread(ops_samples[EAGER_OPS], ops_samples[FUSED_OPS])
     eager_step, saved = step_stats[EAGER].median, ops_stats[EAGER_OPS].median - ops_stats[FUSED_OPS].median
     common = {"suite": "train", "stage": case.stage, "model": case.model, "params_m": round(n_params / 1e6, 2),
@@ -347,6 +357,9 @@ def bench_case(case: Case, model_dir: Path | None, device: str, *, rounds: int, 
             "ratio_vs_eager": round(ratios[impl][0], 3),
             "ratio_min": round(ratios[impl][1], 3) if impl != EAGER else "",
             "ratio_max": round(ratios[impl][2], 3) if impl != EAGER else "",
+            "ratio_vs_ours": round(vs_ours[impl][0], 3) if impl in vs_ours else "",
+            "ratio_vs_ours_min": round(vs_ours[impl][1], 3) if impl in vs_ours else "",
+            "ratio_vs_ours_max": round(vs_ours[impl][2], 3) if impl in vs_ours else "",
             "peak_step_mb": round(memory[impl] / 2**20, 2),
             "mem_method": MEMORY_METHOD[torch.device(device).type],
             # What the step's speed-up would be if the fused ops were the only difference (the most they can give).
@@ -412,11 +425,14 @@ def table(rows: list[dict]) -> str:
     by_key = {(r["stage"], r["shape"], r["what"], r["impl"]): r for r in rows}
     lines = []
     for (stage, shape, what, impl), r in by_key.items():
-        if impl not in (OURS, OURS_COMPILED, FUSED_OPS):
+        if impl not in (OURS, OURS_COMPILED, OURS_FUSED_NORM, FUSED_OPS):
             continue
         e = by_key[(stage, shape, what, EAGER if what == "step" else EAGER_OPS)]
+        option = {OURS_COMPILED: "--compile", OURS_FUSED_NORM: "--fused-norm"}.get(impl)
         notes = (f"peak MB {r['peak_step_mb']:.1f} / {e['peak_step_mb']:.1f}"
-                 + (f"; ops bound {r['ops_bound_ratio']:.3f}x" if impl == OURS else "; --compile")
+                 + (f"; ops bound {r['ops_bound_ratio']:.3f}x" if impl == OURS else
+                    f"; {option}: {r['ratio_vs_ours']:.2f}x ({r['ratio_vs_ours_min']:.2f}-{r['ratio_vs_ours_max']:.2f})"
+                    " our default step")
                  if what == "step" else f"{r['share_of_step_pct']:.2g}% of our step")
         lines.append([r["model"], stage, shape, r["dtype"], what, _cell(r), _cell(e),
                       f"{r['ratio_vs_eager']:.2f}x ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})", notes])

@@ -108,7 +108,8 @@ def header_lines(rows: list[dict], run: dict) -> list[str]:
 
 
 # Our steps in the training-step table: the default options, and with --compile (a suffix to the model's name).
-OURS_IMPLS = {"dreambooth_fast": "", "dreambooth_fast_compile": " --compile"}
+OURS_IMPLS = {"dreambooth_fast": "", "dreambooth_fast_compile": " --compile",
+              "dreambooth_fast_fused_norm": " --fused-norm"}
 
 
 def train_section(rows: list[dict]) -> str:
@@ -235,8 +236,12 @@ def train_summary(rows: list[dict]) -> list[str]:
             continue
         fused = by_key[(stage, shape, "ops", "fused_ops")]
         if impl != "dreambooth_fast":
+            against_ours = ""
+            if r.get("ratio_vs_ours"):
+                against_ours = (f"; {num(r['ratio_vs_ours']):.2f}x ({num(r['ratio_vs_ours_min']):.2f}-"
+                                f"{num(r['ratio_vs_ours_max']):.2f}) our step without{OURS_IMPLS[impl]}")
             lines.append(f"training step, {r['model']}{OURS_IMPLS[impl]} {stage} ({shape}, {r['dtype']}): "
-                         f"{ratio(r)} eager's speed, **{verdict(r)}**")
+                         f"{ratio(r)} eager's speed, **{verdict(r)}**{against_ours}")
             continue
         lines.append(f"training step, {r['model']} {stage} ({shape}, {r['dtype']}): {ratio(r)} eager's speed, "
                      f"**{verdict(r)}**; the fused ops alone run {ratio(fused)} eager's speed but are "
@@ -261,6 +266,11 @@ def kernels_summary(rows: list[dict]) -> list[str]:
     if cached:
         lines.append(f"{len(cached)} of those cases move data faster than the measured copy bandwidth: their "
                      "tensors sat in cache, so that GB/s is not memory bandwidth")
+    norm = [r for r in rows if r["impl"] == "fused" and r["op"] == "group_norm_act" and r["direction"] == "fwd+bwd"]
+    if norm:
+        cells = ", ".join(f"{r['stage']} {r['dtype']} {num(r['speedup_vs_eager']):.2f}x" for r in norm)
+        lines.append(f"fused GroupNorm + scale-shift + GELU (group_norm_act) forward + backward against the eager "
+                     f"chain: {cells}")
     return lines
 
 

@@ -3,7 +3,11 @@
 #pragma once
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
+#include <optional>
 #include <string_view>
+#include <utility>
+
+#include "activation.h"
 
 namespace dreambooth_fast {
 
@@ -15,6 +19,13 @@ inline PredictionType parse_prediction_type(std::string_view name) {
   if (name == "sample") return PredictionType::sample;
   TORCH_CHECK(false, "add_noise: prediction_type must be 'epsilon', 'v_prediction' or 'sample', got '",
               std::string(name), "'");
+}
+
+inline Activation parse_activation(std::string_view name) {
+  if (name == "gelu") return Activation::gelu;
+  if (name == "silu") return Activation::silu;
+  if (name == "identity") return Activation::identity;
+  TORCH_CHECK(false, "group_norm_act: act must be 'gelu', 'silu' or 'identity', got '", std::string(name), "'");
 }
 
 inline bool is_supported_float(at::ScalarType t) {
@@ -74,6 +85,35 @@ inline void check_dreambooth_loss_args(const at::Tensor& pred, const at::Tensor&
                 ": weights must have shape [n_instance] = [", n_instance, "], got ", w.sizes());
     TORCH_CHECK(is_supported_float(w.scalar_type()), op, ": weights must be a float tensor, got ", w.scalar_type());
     check_same_device(op, pred, "pred", w, "weights");
+  }
+}
+
+// x is [N, C, *] with C divisible by groups; weight and bias [C]; scale and shift, when given, [N, C]: one value
+// per (sample, channel), as diffusers' time embedding chunks are.
+inline void check_group_norm_act_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                                      const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift,
+                                      int64_t groups) {
+  constexpr const char* op = "group_norm_act";
+  TORCH_CHECK(is_supported_float(x.scalar_type()), op, ": x must be float32, float64, float16 or bfloat16, got ",
+              x.scalar_type());
+  TORCH_CHECK(x.dim() >= 2 && x.numel() > 0, op, ": x must be a non-empty [N, C, *] tensor, got shape ", x.sizes());
+  const int64_t channels = x.size(1);
+  TORCH_CHECK(groups > 0 && channels % groups == 0, op, ": groups must divide the channels C = ", channels, ", got ",
+              groups);
+  for (const auto& [t, name] : {std::pair{&weight, "weight"}, std::pair{&bias, "bias"}}) {
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == channels, op, ": ", name, " must have shape [C] = [", channels,
+                "], got ", t->sizes());
+    TORCH_CHECK(is_supported_float(t->scalar_type()), op, ": ", name, " must be a float tensor, got ",
+                t->scalar_type());
+    check_same_device(op, x, "x", *t, name);
+  }
+  for (const auto& [t, name] : {std::pair{&scale, "scale"}, std::pair{&shift, "shift"}}) {
+    if (!t->has_value()) continue;
+    const at::Tensor& v = **t;
+    TORCH_CHECK(v.dim() == 2 && v.size(0) == x.size(0) && v.size(1) == channels, op, ": ", name,
+                " must have shape [N, C] = [", x.size(0), ", ", channels, "], got ", v.sizes());
+    TORCH_CHECK(is_supported_float(v.scalar_type()), op, ": ", name, " must be a float tensor, got ", v.scalar_type());
+    check_same_device(op, x, "x", v, name);
   }
 }
 

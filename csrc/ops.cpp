@@ -30,4 +30,11 @@ TORCH_LIBRARY(dreambooth_fast, m) {
   // (float32 for float16 and bfloat16 pred, else pred's dtype); the loss is in pred's dtype, and so are parts,
   // its two terms [subject, prior] (prior_weight included; 0 without prior rows) from the same reduction.
   m.def("dreambooth_loss(Tensor pred, Tensor target, Tensor? weights, int n_instance, float prior_weight) -> (Tensor, Tensor, Tensor)");
+  // y = act(GroupNorm(x; groups, eps, weight, bias) * (1 + scale) + shift) for a channels-first x [N, C, *], act
+  // "gelu" (erf), "silu" or "identity"; scale and shift are optional [N, C]. Returns (y, mean, rstd): mean and
+  // rstd per (sample, group) in x's opmath dtype, all the backward needs besides the inputs.
+  m.def("group_norm_act(Tensor x, Tensor weight, Tensor bias, Tensor? scale, Tensor? shift, int groups, float eps, str act) -> (Tensor, Tensor, Tensor)");
+  // Returns (grad_x, grad_weight, grad_bias, grad_scale, grad_shift), each in its input's dtype; grad_scale and
+  // grad_shift are empty where scale and shift were not given.
+  m.def("group_norm_act_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor bias, Tensor? scale, Tensor? shift, Tensor mean, Tensor rstd, int groups, str act) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

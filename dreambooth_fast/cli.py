@@ -133,6 +133,9 @@ def _stages(value: str) -> tuple[str, ...]:
 @click.option("--compile/--no-compile", "compile", default=None,
               help="torch.compile the UNet (Inductor; the first steps take longer); if compiling fails, one line "
                    "says so and training goes on eagerly." + default("compile"))
+@click.option("--fused-norm/--no-fused-norm", "fused_norm", default=None,
+              help="Run each ResNet block's GroupNorm -> scale-shift -> GELU/SiLU chain as one fused op "
+                   "(same results, fewer passes over memory)." + default("fused_norm"))
 @click.option("--min-snr-gamma", type=float, help="Min-SNR-gamma loss weighting of the subject rows (e.g. 5).")
 @click.option("--lora-rank", type=int,
               help="Train a LoRA adapter of this rank instead of the whole UNet." + default("lora_rank"))

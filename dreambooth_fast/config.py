@@ -61,6 +61,7 @@ class TrainConfig:
     precision: str = "fp32"
     gradient_checkpointing: bool = False
     compile: bool = False
+    fused_norm: bool = False
     min_snr_gamma: float | None = None
     lora_rank: int = 0
     merge_lora: bool = False

@@ -1,5 +1,6 @@
-"""The fused training ops: `add_noise` (noise the batch, make the target) and `dreambooth_loss` (subject rows plus
-prior rows in one pass, gradient written in the same pass).
+"""The fused training ops: `add_noise` (noise the batch, make the target), `dreambooth_loss` (subject rows plus
+prior rows in one pass, gradient written in the same pass) and `group_norm_act` (GroupNorm, scale-shift and
+activation in one pass; its backward recomputes what it needs from the input and the per-group statistics).
 
 They run the native kernels of `dreambooth_fast._C` (csrc/) where those are built for the tensor's device, else
 the same math in plain PyTorch (reference.py); `native_status()` says which devices have native kernels. The
@@ -26,7 +27,12 @@ except ImportError as err:  # not built, or built against another torch
         stacklevel=2,
     )
 
-_OPS = ("dreambooth_fast::add_noise", "dreambooth_fast::dreambooth_loss")
+_OPS = (
+    "dreambooth_fast::add_noise",
+    "dreambooth_fast::dreambooth_loss",
+    "dreambooth_fast::group_norm_act",
+    "dreambooth_fast::group_norm_act_backward",
+)
 
 
 def _has_kernels(dispatch_key: str) -> bool:
@@ -106,6 +112,32 @@ def dreambooth_loss_with_parts(
     return loss, parts
 
 
+def group_norm_act(
+    x: torch.Tensor,
+    groups: int,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float = 1e-5,
+    *,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    act: str = "gelu",
+) -> torch.Tensor:
+    """act(GroupNorm(x; groups, weight, bias, eps) * (1 + scale) + shift) for x [N, C, *], in one pass: diffusers'
+    ResnetBlock2D norm -> scale-shift -> nonlinearity chain. scale and shift are optional, per (sample, channel)
+    (any shape of N * C values, e.g. [N, C, 1, 1] time embedding chunks); act "gelu" (erf form), "silu" or
+    "identity". Math in float32 (float64 for float64), one rounding to x's dtype; gradients for x, weight, bias,
+    scale and shift. The kernels read channels-first memory: a channels_last x is copied to it first."""
+    if act not in reference.ACTIVATIONS:
+        raise ValueError(f"act must be one of {', '.join(reference.ACTIVATIONS)}, got {act!r}")
+    if not _NATIVE.get(x.device.type, False):
+        return reference.group_norm_act(x, groups, weight, bias, eps, scale=scale, shift=shift, act=act)
+    n, c = x.shape[:2]
+    scale = None if scale is None else scale.reshape(n, c)
+    shift = None if shift is None else shift.reshape(n, c)
+    return torch.ops.dreambooth_fast.group_norm_act(x, weight, bias, scale, shift, groups, float(eps), act)[0]
+
+
 def _check_timesteps_on_host(timesteps: torch.Tensor, table_size: int) -> None:
     # The message of the CPU kernel's check (csrc/cpu/add_noise.cpp), before the device assert can fire.
     outside = ((timesteps < 0) | (timesteps >= table_size)).nonzero().flatten()
@@ -168,6 +200,31 @@ def _loss_backward(ctx, grad_loss, _grad_buffer, _parts):
     return grad, -grad if ctx.needs_input_grad[1] else None, None, None, None
 
 
+def _group_norm_act_setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, scale, shift, groups, _, act = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.groups, ctx.act = groups, act
+
+
+def _group_norm_act_backward(ctx, grad_y, _grad_mean, _grad_rstd):
+    x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
+    grad_x, grad_weight, grad_bias, grad_scale, grad_shift = torch.ops.dreambooth_fast.group_norm_act_backward(
+        grad_y, x, weight, bias, scale, shift, mean, rstd, ctx.groups, ctx.act
+    )
+    return (
+        grad_x,
+        grad_weight,
+        grad_bias,
+        grad_scale if scale is not None else None,
+        grad_shift if shift is not None else None,
+        None,
+        None,
+        None,
+    )
+
+
 if _C is not None:
 
     @torch.library.register_fake("dreambooth_fast::add_noise")
@@ -180,6 +237,25 @@ if _C is not None:
         grad_dtype = torch.float64 if pred.dtype == torch.float64 else torch.float32
         return pred.new_empty(()), pred.new_empty(pred.shape, dtype=grad_dtype), pred.new_empty((2,))
 
+    @torch.library.register_fake("dreambooth_fast::group_norm_act")
+    def _group_norm_act_fake(x, weight, bias, scale, shift, groups, eps, act):
+        stats_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        stats = (x.shape[0], groups)
+        return x.new_empty(x.shape), x.new_empty(stats, dtype=stats_dtype), x.new_empty(stats, dtype=stats_dtype)
+
+    @torch.library.register_fake("dreambooth_fast::group_norm_act_backward")
+    def _group_norm_act_backward_fake(grad_y, x, weight, bias, scale, shift, mean, rstd, groups, act):
+        return (
+            x.new_empty(x.shape),
+            weight.new_empty(weight.shape),
+            bias.new_empty(bias.shape),
+            scale.new_empty(scale.shape) if scale is not None else x.new_empty((0,)),
+            shift.new_empty(shift.shape) if shift is not None else x.new_empty((0,)),
+        )
+
+    torch.library.register_autograd(
+        "dreambooth_fast::group_norm_act", _group_norm_act_backward, setup_context=_group_norm_act_setup_context
+    )
     torch.library.register_autograd(
         "dreambooth_fast::add_noise", _add_noise_backward, setup_context=_add_noise_setup_context
     )

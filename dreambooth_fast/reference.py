@@ -5,7 +5,8 @@ tests and the fallback of `ops.py` where no kernel is built for the tensor's dev
 dtype, gathered per sample and unsqueezed to the sample's rank. `dreambooth_loss` is the loss of diffusers'
 examples/dreambooth/train_dreambooth.py: per-sample `mse_loss(reduction="none")` means times the weights, averaged
 over the subject rows, plus `prior_weight` times the mean over the prior rows; computed in float32 (float64 for
-float64 inputs) and returned in pred's dtype.
+float64 inputs) and returned in pred's dtype. `group_norm_act` is the norm -> scale-shift -> activation chain of
+diffusers' `ResnetBlock2D`: `norm(h) * (1 + scale) + shift`, then the block's nonlinearity, in x's dtype throughout.
 """
 
 from __future__ import annotations
@@ -83,3 +84,30 @@ def dreambooth_loss_with_parts(
         prior_part = prior_weight * prior_loss
         loss = loss + prior_part
     return loss.to(pred.dtype), torch.stack([subject_part, prior_part]).detach().to(pred.dtype)
+
+
+ACTIVATIONS = {"gelu": F.gelu, "silu": F.silu, "identity": lambda h: h}
+
+
+def group_norm_act(
+    x: torch.Tensor,
+    groups: int,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float = 1e-5,
+    *,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    act: str = "gelu",
+) -> torch.Tensor:
+    """act(group_norm(x) * (1 + scale) + shift) for x [N, C, *]; scale and shift are per (sample, channel), any shape
+    of N * C values (diffusers' time embedding chunks are [N, C, 1, 1]); act "gelu" (erf), "silu" or "identity"."""
+    if act not in ACTIVATIONS:
+        raise ValueError(f"act must be one of {', '.join(ACTIVATIONS)}, got {act!r}")
+    per_channel = (x.shape[0], x.shape[1], *([1] * (x.dim() - 2)))
+    hidden = F.group_norm(x, groups, weight, bias, eps)
+    if scale is not None:
+        hidden = hidden * (1 + scale.reshape(per_channel))
+    if shift is not None:
+        hidden = hidden + shift.reshape(per_channel)
+    return ACTIVATIONS[act](hidden)

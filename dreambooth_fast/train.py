@@ -32,6 +32,7 @@ from .compiled import compile_unet
 from .config import TrainConfig
 from .errors import UserError
 from .fileio import atomic_write_dir, atomic_write_json, existing_ancestor, link_or_copy_tree
+from .fused_norm import fuse_resnet_norms
 from .images import enlarged, make_grid, save_png, to_pil
 from .metrics import StepMetrics, open_metrics_log
 from .models import (
@@ -230,6 +231,8 @@ class StageTrainer:
             self.frozen = copy.deepcopy(unet).requires_grad_(False).eval()
         if cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
+        if cfg.fused_norm:
+            fuse_resnet_norms(unet)
         if cfg.compile:
             compile_unet(unet, stage)
         if cfg.lora_rank:

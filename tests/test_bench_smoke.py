@@ -36,14 +36,16 @@ def check_rows(rows: list[dict], device: str) -> None:
             assert ("add_noise", "fwd", impl, dtype) in measured
             for direction in ("fwd", "bwd", "fwd+bwd"):
                 assert ("dreambooth_loss", direction, impl, dtype) in measured
+                assert ("group_norm_act", direction, impl, dtype) in measured
     for row in rows:
         for field in RUN_FIELDS + RESULT_FIELDS:
             assert field in row, field
         assert row["device"] == device and row["device_name"] and row["torch"] == torch.__version__ and row["commit"]
-        assert row["shape"] == "2x3x8x8"
+        assert row["shape"] == ("2x8x4x4" if row["op"] == "group_norm_act" else "2x3x8x8")
         assert float(row["median_us"]) > 0 and float(row["min_us"]) <= float(row["max_us"])
         assert float(row["copy_gbps"]) > 0
-        whole_op = (row["op"], row["direction"]) in {("add_noise", "fwd"), ("dreambooth_loss", "fwd+bwd")}
+        whole_op = (row["op"], row["direction"]) in {("add_noise", "fwd"), ("dreambooth_loss", "fwd+bwd"),
+                                                     ("group_norm_act", "fwd+bwd")}
         assert (row["gbps"] != "") == whole_op
 
 

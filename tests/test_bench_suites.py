@@ -70,6 +70,9 @@ def test_train_rows_compare_both_steps_and_both_op_sets_per_stage(results):
             assert float(r["share_of_step_pct"]) > 0
     ours = [r for r in rows if r["impl"] == "dreambooth_fast"]
     assert all(r["ratio_min"] and r["ops_bound_ratio"] for r in ours)
+    # The base stage also steps with --fused-norm, against eager and against our default step.
+    fused_norm = [r for r in rows if r["impl"] == "dreambooth_fast_fused_norm"]
+    assert [r["stage"] for r in fused_norm] == ["base"] and fused_norm[0]["ratio_vs_ours"]
 
 
 def test_prior_rows_compare_the_default_with_diffusers_way_side_by_side(results):

@@ -40,6 +40,8 @@ ac = torch.linspace(0.999, 0.01, 1000)
 x_t, target = ops.add_noise(x0, eps, t, ac, "v_prediction")
 assert torch.equal(x_t, reference.add_noise(x0, eps, t, ac, "v_prediction")[0])
 assert ops.dreambooth_loss(x_t, target, None, 1, 0.5).shape == ()
+w, b = torch.ones(3), torch.zeros(3)
+assert torch.equal(ops.group_norm_act(x0, 3, w, b, act="silu"), reference.group_norm_act(x0, 3, w, b, act="silu"))
 """
 
 

@@ -48,18 +48,26 @@ def test_train_without_prior_and_base_stage_only(tiny_cascade, subject_dir, tmp_
     )
 
 
-@pytest.mark.parametrize("adam", [{"fused": True}, {"foreach": True}])
+@pytest.mark.parametrize(
+    ("adam", "options"),
+    [({"fused": True}, []), ({"foreach": True}, []), ({"fused": True}, ["--fused-norm"])],
+    ids=["fused-adam", "foreach-adam", "fused-norm"],
+)
 def test_ctrl_c_then_resume_is_bitwise_identical_to_an_uninterrupted_run(
-    tiny_cascade, subject_dir, tmp_path, monkeypatch, adam
+    tiny_cascade, subject_dir, tmp_path, monkeypatch, adam, options
 ):
     """6 steps straight and 3 steps + Ctrl-C + resume give the same weights, bit for bit (CPU, fp32), with each
-    Adam implementation the trainer may choose."""
+    Adam implementation the trainer may choose, and with the fused norm op (--fused-norm)."""
     from dreambooth_fast import train as training
     from dreambooth_fast.train import StageTrainer
 
     monkeypatch.setattr(training, "adam_options", lambda params: adam)
+    fused_blocks = []
+    fuse = training.fuse_resnet_norms
+    monkeypatch.setattr(training, "fuse_resnet_norms", lambda unet: fused_blocks.append(fuse(unet)))
 
-    common = ["--stages", "base", "--no-prior", "--steps", "6", "--checkpoint-every", "100", "--batch-size", "2"]
+    common = ["--stages", "base", "--no-prior", "--steps", "6", "--checkpoint-every", "100", "--batch-size", "2",
+              *options]
     straight = tmp_path / "straight"
     assert train(tiny_cascade, subject_dir, straight, *common).exit_code == 0
     step = StageTrainer.optimizer_step
@@ -81,6 +89,8 @@ def test_ctrl_c_then_resume_is_bitwise_identical_to_an_uninterrupted_run(
     assert all(torch.equal(v, reference[k]) for k, v in tuned.items())
     # A finished run is not silently trained again.
     assert_refused(train(tiny_cascade, subject_dir, out, *common), "--resume", "--overwrite")
+    # --fused-norm fused every ResNet block of each of the three runs' UNets; the others none.
+    assert fused_blocks == ([fused_blocks[0]] * 3 if options else []) and (not options or fused_blocks[0] > 0)
 
 
 def test_lora_writes_an_adapter_that_diffusers_and_generate_load(tiny_cascade, subject_dir, tmp_path):

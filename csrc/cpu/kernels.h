@@ -8,6 +8,8 @@
 
 #include <cstdint>
 
+#include "activation.h"
+
 namespace dreambooth_fast::cpu {
 
 template <typename scalar_t>
@@ -23,6 +25,20 @@ struct Kernels {
   // multiplies them by the loss scale).
   double (*sq_err)(const scalar_t* p, const scalar_t* y, opmath_t<scalar_t>* g, int64_t len,
                    opmath_t<scalar_t> scale);
+  // Sum of x and sum of (x - m)^2 over a run, in opmath vector lanes added up in double.
+  double (*sum)(const scalar_t* x, int64_t len);
+  double (*sum_sq_dev)(const scalar_t* x, int64_t len, opmath_t<scalar_t> m);
+  // y = act(a (x - m) + b) over one channel's run: GroupNorm, its affine and the scale-shift folded into a and b.
+  void (*norm_act)(const scalar_t* x, scalar_t* y, int64_t len, opmath_t<scalar_t> m, opmath_t<scalar_t> a,
+                   opmath_t<scalar_t> b, Activation act);
+  // Backward of norm_act's activation over one channel's run: writes dz = dy act'(a (x - m) + b) and returns
+  // sums[0] = sum dz, sums[1] = sum dz (x - m).
+  void (*norm_act_grad)(const scalar_t* x, const scalar_t* dy, opmath_t<scalar_t>* dz, int64_t len,
+                        opmath_t<scalar_t> m, opmath_t<scalar_t> a, opmath_t<scalar_t> b, Activation act,
+                        double* sums);
+  // dx = p dz + q (x - m) + r over one channel's run (the GroupNorm input gradient, its group sums folded in).
+  void (*norm_input_grad)(const scalar_t* x, const opmath_t<scalar_t>* dz, scalar_t* dx, int64_t len,
+                          opmath_t<scalar_t> m, opmath_t<scalar_t> p, opmath_t<scalar_t> q, opmath_t<scalar_t> r);
 };
 
 namespace DEFAULT {

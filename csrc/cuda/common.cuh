@@ -1,4 +1,4 @@
-// Helpers shared by the CUDA kernels: 16-byte vector access, row layout and launch sizing.
+// Helpers shared by the CUDA kernels: 16-byte vector access, row layout, launch sizing and the block sum.
 #pragma once
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -67,6 +67,26 @@ inline dim3 row_grid(int64_t rows, int64_t items_per_row, int device) {
   const int64_t budget_x = int64_t(sm_count(device)) * kBlocksPerSM / grid_y;
   const int64_t grid_x = std::max<int64_t>(1, std::min({wanted_x, budget_x, int64_t(65535)}));
   return dim3(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y));
+}
+
+// Sum over a block of kThreads threads in a fixed order (a shuffle tree per warp, then the warp sums);
+// the result is valid in thread 0.
+template <typename acc_t>
+__device__ acc_t block_sum(acc_t value) {
+  __shared__ acc_t warp_sums[kThreads / 32];
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) value += __shfl_down_sync(0xffffffffu, value, offset);
+  if (lane == 0) warp_sums[warp] = value;
+  __syncthreads();
+  if (warp == 0) {
+    value = lane < kThreads / 32 ? warp_sums[lane] : acc_t(0);
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) value += __shfl_down_sync(0xffffffffu, value, offset);
+  }
+  __syncthreads();  // warp_sums is reused by the next call
+  return value;
 }
 
 }  // namespace dreambooth_fast::cuda

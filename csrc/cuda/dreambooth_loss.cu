@@ -19,26 +19,6 @@
 namespace dreambooth_fast::cuda {
 namespace {
 
-// Sum over a block of kThreads threads in a fixed order (a shuffle tree per warp, then the warp sums);
-// the result is valid in thread 0.
-template <typename acc_t>
-__device__ acc_t block_sum(acc_t value) {
-  __shared__ acc_t warp_sums[kThreads / 32];
-  const int lane = threadIdx.x % 32;
-  const int warp = threadIdx.x / 32;
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) value += __shfl_down_sync(0xffffffffu, value, offset);
-  if (lane == 0) warp_sums[warp] = value;
-  __syncthreads();
-  if (warp == 0) {
-    value = lane < kThreads / 32 ? warp_sums[lane] : acc_t(0);
-#pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) value += __shfl_down_sync(0xffffffffu, value, offset);
-  }
-  __syncthreads();  // warp_sums is reused by the next call
-  return value;
-}
-
 // blockIdx.y walks the rows, blockIdx.x grid-strides over a row in VEC-element steps. Rows of pred and
 // target are contiguous blocks `row_stride` elements apart; grad is contiguous, in opmath precision.
 template <typename scalar_t, int VEC>

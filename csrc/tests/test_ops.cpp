@@ -11,6 +11,7 @@
 #include <string>
 #include <string_view>
 #include <tuple>
+#include <utility>
 
 namespace {
 
@@ -42,6 +43,33 @@ using AddNoise = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at:
                                                     const at::Tensor&, std::string_view);
 using Loss = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                                                 int64_t, double);
+
+using Norm = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                             const std::optional<at::Tensor>&,
+                                                             const std::optional<at::Tensor>&, int64_t, double,
+                                                             std::string_view);
+using NormBackward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, int64_t, std::string_view);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+                                                    const std::optional<at::Tensor>& scale,
+                                                    const std::optional<at::Tensor>& shift, int64_t groups, double eps,
+                                                    std::string_view act) {
+  static auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("dreambooth_fast::group_norm_act", "").typed<Norm>();
+  return op.call(x, w, b, scale, shift, groups, eps, act);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_backward(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+    const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift, const at::Tensor& mean,
+    const at::Tensor& rstd, int64_t groups, std::string_view act) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("dreambooth_fast::group_norm_act_backward", "")
+                       .typed<NormBackward>();
+  return op.call(dy, x, w, b, scale, shift, mean, rstd, groups, act);
+}
 
 std::tuple<at::Tensor, at::Tensor> add_noise(const at::Tensor& x0, const at::Tensor& eps, const at::Tensor& t,
                                              const at::Tensor& ac, std::string_view prediction_type) {
@@ -131,6 +159,36 @@ void test_loss_gradient_of_half_pred_is_float32() {
   }
 }
 
+void test_group_norm_act_values() {
+  // One sample, two channels of two values, one group: mean 2.5, variance 1.25, rstd = 1/sqrt(1.25) (eps 0), so
+  // xhat = [-1.3416, -0.4472 | 0.4472, 1.3416]. weight [1, 2], bias [0, 1], scale [0.5, -0.5], shift [1, 0]:
+  // y = (xhat w + b)(1 + scale) + shift = [1.5 xhat + 1 | xhat + 0.5] with the identity activation.
+  const at::Tensor x = at::tensor({1.0f, 2.0f, 3.0f, 4.0f}).reshape({1, 2, 2});
+  const at::Tensor w = at::tensor({1.0f, 2.0f}), b = at::tensor({0.0f, 1.0f});
+  const at::Tensor scale = at::tensor({0.5f, -0.5f}).reshape({1, 2}), shift = at::tensor({1.0f, 0.0f}).reshape({1, 2});
+  const double r = 1.0 / std::sqrt(1.25);
+  auto [y, mean, rstd] = norm(x, w, b, scale, shift, 1, 0.0, "identity");
+  expect_close(y, at::tensor({-1.5 * 1.5 * r + 1, -0.5 * 1.5 * r + 1, 0.5 * r + 0.5, 1.5 * r + 0.5}, at::kFloat)
+                      .reshape({1, 2, 2}), 1e-6, "group_norm_act identity values");
+  expect_close(mean, at::full({1, 1}, 2.5), 1e-6, "group_norm_act mean");
+  expect_close(rstd, at::full({1, 1}, r), 1e-6, "group_norm_act rstd");
+  // With dy = 1: dshift = S1 = [2, 2], S2 = sum xhat per channel = [-2r, 2r]; dbias = (1 + scale) S1 = [3, 1],
+  // dweight = (1 + scale) S2, dscale = w S2 + b S1; the input gradient sums to 0 over the group.
+  auto [dx, dw, db, dscale, dshift] = norm_backward(at::ones_like(x), x, w, b, scale, shift, mean, rstd, 1, "identity");
+  expect_close(dshift, at::tensor({2.0f, 2.0f}).reshape({1, 2}), 1e-6, "group_norm_act dshift");
+  expect_close(db, at::tensor({3.0f, 1.0f}), 1e-6, "group_norm_act dbias");
+  expect_close(dw, at::tensor({-3.0 * r, r}, at::kFloat), 1e-6, "group_norm_act dweight");
+  expect_close(dscale, at::tensor({-2.0 * r, 4.0 * r + 2.0}, at::kFloat).reshape({1, 2}), 1e-6,
+               "group_norm_act dscale");
+  expect_close(dx.sum(), at::scalar_tensor(0.0), 1e-6, "group_norm_act dx sums to 0 over the group");
+  // A constant x normalises to 0: y = act(bias), GELU(1) = 0.8413447, SiLU(1) = 0.7310586; no scale or shift.
+  const at::Tensor zeros = at::zeros({1, 1, 37});
+  for (const auto& [act, want] : {std::pair{"gelu", 0.8413447461}, std::pair{"silu", 0.7310585786}}) {
+    auto [y_act, m, s] = norm(zeros, at::ones({1}), at::ones({1}), std::nullopt, std::nullopt, 1, 1e-5, act);
+    expect_close(y_act, at::full({1, 1, 37}, want), 1e-6, std::string("group_norm_act ") + act + " of the bias");
+  }
+}
+
 void test_bad_arguments() {
   const at::Tensor ac = at::tensor({0.25f, 0.64f, 0.36f});
   const at::Tensor x0 = at::zeros({2, 3});
@@ -145,6 +203,13 @@ void test_bad_arguments() {
   expect_error([&] { loss(x0, at::zeros({2, 4}), std::nullopt, 2, 1.0); }, "target has shape", "target shape");
   expect_error([&] { loss(x0, x0, at::ones({2}), 1, 1.0); }, "weights must have shape [n_instance] = [1]",
                "weights shape");
+  const at::Tensor x = at::zeros({2, 6, 3});
+  expect_error([&] { norm(x, at::ones({6}), at::ones({6}), std::nullopt, std::nullopt, 4, 1e-5, "gelu"); },
+               "groups must divide the channels C = 6, got 4", "groups");
+  expect_error([&] { norm(x, at::ones({6}), at::ones({6}), at::ones({2, 5}), std::nullopt, 3, 1e-5, "gelu"); },
+               "scale must have shape [N, C] = [2, 6], got [2, 5]", "scale shape");
+  expect_error([&] { norm(x, at::ones({6}), at::ones({6}), std::nullopt, std::nullopt, 3, 1e-5, "relu"); },
+               "act must be 'gelu', 'silu' or 'identity', got 'relu'", "activation");
 }
 
 }  // namespace
@@ -155,6 +220,7 @@ int main() {
   test_loss_values();
   test_loss_long_rows();
   test_loss_gradient_of_half_pred_is_float32();
+  test_group_norm_act_values();
   test_bad_arguments();
   if (failures > 0) {
     std::fprintf(stderr, "%d check(s) failed\n", failures);
