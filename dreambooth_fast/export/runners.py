@@ -78,14 +78,16 @@ class OnnxRunner:
     sample's device and dtype. On the CPU, inputs and output cross without a copy (numpy views), which is why
     there is no IO binding here: the Python side of a call is about 0.1 ms of a 50 ms tiny-base step."""
 
-    def __init__(self, onnx_path: str | Path, device: str = "cpu"):
+    def __init__(self, onnx_path: str | Path, device: str = "cpu", options: ort.SessionOptions | None = None):
+        """`options`: default onnx_session_options(); the generate benchmark passes ORT's own defaults to compare."""
         require_onnx()
         import onnxruntime as ort
 
         providers = ["CPUExecutionProvider"]
         if torch.device(device).type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
-        self.session = ort.InferenceSession(str(onnx_path), onnx_session_options(), providers=providers)
+        options = options if options is not None else onnx_session_options()
+        self.session = ort.InferenceSession(str(onnx_path), options, providers=providers)
         self.input_types = {i.name: _NUMPY_DTYPES.get(i.type, np.float32) for i in self.session.get_inputs()}
 
     def feed(self, sample, timestep, encoder_hidden_states, class_labels=None) -> dict[str, np.ndarray]:
