@@ -8,8 +8,10 @@ A step is one call of the stage's UNet runner at the sampler's batch (one prompt
 difference of its image from eager's is recorded. What each backend costs once (compilation, ONNX export with
 its parity check, engine build) is recorded as prepare_s and excluded from the timings. Backends run as
 `dbfast generate --backend` runs them (backends.unet_runner), at their default precision: torch and compile in
-the model's float32, onnx from its fp32 export, trt from its fp16 engine. A backend that cannot run here (no
-TensorRT, no GPU) gets a row saying why. On the tiny cascade.
+the model's float32, onnx from its fp32 export, trt from its fp16 engine. Beside onnx, "onnx-ort-defaults" runs the
+same export with ONNX Runtime's default session options (a thread per physical core, spinning workers) instead of
+the runner's (torch's thread count, sleeping workers: runners.onnx_session_options), to show what those options
+give. A backend that cannot run here (no TensorRT, no GPU) gets a row saying why. On the tiny cascade.
 
     python -m benchmarks --suite generate [--quick] [--device cpu|cuda]
 """
@@ -36,7 +38,8 @@ from benchmarks.common import (
 from dreambooth_fast.backends import BACKENDS, unet_runner
 from dreambooth_fast.errors import UserError
 from dreambooth_fast.export import export_cascade
-from dreambooth_fast.export.onnx_export import unet_spec
+from dreambooth_fast.export.onnx_export import onnx_file_name, unet_spec
+from dreambooth_fast.export.runners import OnnxRunner
 from dreambooth_fast.models import load_cascade
 from dreambooth_fast.sample import generate_cascade
 from dreambooth_fast.toy.tiny_cascade import build_tiny_cascade
@@ -46,7 +49,8 @@ PROMPT = "a red star on a blue background"
 # dbfast generate's defaults (generate.generate_images).
 STEPS, SR_STEPS, GUIDANCE, SR_GUIDANCE, NOISE_LEVEL = 50, 25, 7.0, 4.0, 250
 GUIDED_BATCH = 2  # one prompt, conditional + unconditional rows
-PRECISION = {"torch": "fp32", "compile": "fp32", "onnx": "fp32", "trt": "fp16"}
+ORT_DEFAULTS = "onnx-ort-defaults"  # the onnx export under ONNX Runtime's default session options
+PRECISION = {"torch": "fp32", "compile": "fp32", "onnx": "fp32", ORT_DEFAULTS: "fp32", "trt": "fp16"}
 
 
 class Unavailable(Exception):
@@ -55,18 +59,24 @@ class Unavailable(Exception):
 
 def prepare(backend: str, cascade, export_dir: Path, device: str) -> dict:
     """{"base": runner, "sr": runner} of `backend`, exporting first where it needs an export."""
-    if backend in ("onnx", "trt"):
+    if backend in ("onnx", ORT_DEFAULTS, "trt"):
         try:
             if backend == "trt" and torch.device(device).type != "cuda":
                 raise Unavailable("TensorRT needs a CUDA device")
-            export_cascade(cascade.base_dir, out_dir=export_dir, onnx=backend == "onnx", trt=backend == "trt",
+            export_cascade(cascade.base_dir, out_dir=export_dir, onnx=backend != "trt", trt=backend == "trt",
                            log=lambda line: None)
         except UserError as err:
             raise Unavailable(str(err)) from None
     runners = {}
     for stage, unet, stage_dir in (("base", cascade.base_unet, cascade.base_dir),
                                    ("sr", cascade.sr_unet, cascade.sr_dir)):
-        runners[stage] = unet_runner(backend, unet, stage_dir, export_dir, stage, torch.device(device))
+        if backend == ORT_DEFAULTS:
+            import onnxruntime
+
+            runners[stage] = OnnxRunner(export_dir / stage / onnx_file_name("fp32"), device,
+                                        options=onnxruntime.SessionOptions())
+        else:
+            runners[stage] = unet_runner(backend, unet, stage_dir, export_dir, stage, torch.device(device))
     return runners
 
 
@@ -82,7 +92,8 @@ def step_inputs(unet, device: str, generator: torch.Generator) -> tuple:
 
 
 def run(device: str, *, quick: bool = False, smoke: bool = False, out: Path | None = None,
-        model_dir: Path | None = None, command: str = "", backends: tuple[str, ...] = BACKENDS) -> list[dict]:
+        model_dir: Path | None = None, command: str = "",
+        backends: tuple[str, ...] = (*BACKENDS, ORT_DEFAULTS)) -> list[dict]:
     """Runs the generation benchmark for `backends`, appends its rows to `out` (default
     benchmarks/results/generate.csv), prints a table and returns the rows."""
     out = Path(out) if out is not None else RESULTS_DIR / "generate.csv"
@@ -159,8 +170,13 @@ def _round(value) -> float | str:
 
 
 def _note(runner) -> str:
-    session = getattr(runner, "session", None)  # an ONNX Runtime runner: name the provider that ran it
-    return f"onnxruntime {session.get_providers()[0]} (its own thread pool)" if session is not None else ""
+    session = getattr(runner, "session", None)  # an ONNX Runtime runner: its provider and threads
+    if session is None:
+        return ""
+    threads = session.get_session_options().intra_op_num_threads  # 0: ORT's default
+    options = (f"{threads} intra-op threads (torch's), sleeping workers" if threads else
+               "ORT's default options: a thread per core, spinning workers")
+    return f"onnxruntime {session.get_providers()[0]}, {options}"
 
 
 def table(rows: list[dict]) -> str:

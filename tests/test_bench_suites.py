@@ -134,13 +134,15 @@ def test_generate_measures_every_backend_there_is(tiny_cascade, tmp_path):
     with one_thread():
         rows = bench_generate.run("cpu", smoke=True, out=tmp_path / "generate.csv", model_dir=tiny_cascade)
     ran = {r["backend"] for r in rows if r["what"] == "cascade"}
-    assert {"torch", "compile", "onnx"} <= ran
+    assert {"torch", "compile", "onnx", bench_generate.ORT_DEFAULTS} <= ran
     for r in rows:
         if r["what"] == "cascade":
             # Same seed, same weights: every backend draws the same image as eager, to float tolerance.
             assert float(r["max_abs_diff_vs_eager"]) < 1e-2
         if r["backend"] == "onnx" and r["what"] != "skipped":
-            assert "onnxruntime" in r["note"]
+            assert "onnxruntime" in r["note"] and "1 intra-op threads (torch's)" in r["note"]
+        if r["backend"] == bench_generate.ORT_DEFAULTS:
+            assert "ORT's default options" in r["note"]
 
 
 @pytest.mark.gpu

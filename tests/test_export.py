@@ -94,6 +94,29 @@ def test_onnx_runner_matches_torch_at_two_batch_sizes(exported, tiny_cascade, st
         assert (actual - expected).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_onnx_runner_uses_torchs_thread_count_with_sleeping_workers(exported, threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        runner = make_unet_runner("onnx", "base", exported)
+    finally:
+        torch.set_num_threads(before)
+    options = runner.session.get_session_options()
+    assert options.intra_op_num_threads == threads
+    assert options.inter_op_num_threads == 1
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+def test_onnx_runner_hands_float32_cpu_inputs_over_without_a_copy(exported, tiny_cascade):
+    """The sample reaches ONNX Runtime as a numpy view of the tensor's memory (nothing to save with IO binding)."""
+    runner = make_unet_runner("onnx", "base", exported)
+    inputs = unet_spec(load_unet(tiny_cascade)).example_inputs(2)
+    feed = runner.feed(**inputs)
+    assert np.shares_memory(feed["sample"], inputs["sample"].numpy())
+    assert np.shares_memory(feed["encoder_hidden_states"], inputs["encoder_hidden_states"].numpy())
+
+
 def test_onnx_generation_matches_torch_generation_for_a_fixed_seed(exported, tiny_cascade):
     """Tolerance: 1e-3 on images in [-1, 1] (per-step UNet differences are ~1e-6)."""
     cascade = load_cascade(tiny_cascade)

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,6 +27,9 @@ from ..errors import UserError
 from .manifest import manifest_path, read_manifest, stale_reasons, weights_record
 from .onnx_export import onnx_file_name, require_onnx
 from .tensorrt_build import engine_file_name, import_tensorrt, tensorrt_environment
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 EXPORT_BACKENDS = ("onnx", "trt")
 UnetFn = Callable[..., torch.Tensor]
@@ -50,26 +54,50 @@ def unet_inputs(names: list[str], sample: torch.Tensor, timestep, encoder_hidden
     return inputs
 
 
-class OnnxRunner:
-    """ONNX Runtime session over an exported UNet graph; returns tensors on the sample's device and dtype."""
+def onnx_session_options() -> ort.SessionOptions:
+    """ONNX Runtime session options for a UNet runner: all graph optimisations; as many intra-op threads as torch
+    has (so `torch.set_num_threads` governs both backends alike, and a comparison with eager torch uses as many
+    cores); one inter-op thread, nodes run in order; worker threads that sleep instead of spinning between and
+    after runs. ORT's defaults (a thread per physical core, spinning) measured worse on the shared 2-core CPU:
+    spinning workers take the cores the sampler's torch code and other processes need, and a parallel node waits
+    for a descheduled worker (BENCHMARKS.md, Generation)."""
+    import onnxruntime as ort
 
-    def __init__(self, onnx_path: str | Path, device: str = "cpu"):
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return options
+
+
+class OnnxRunner:
+    """ONNX Runtime session over an exported UNet graph (options: onnx_session_options); returns tensors on the
+    sample's device and dtype. On the CPU, inputs and output cross without a copy (numpy views), which is why
+    there is no IO binding here: the Python side of a call is about 0.1 ms of a 50 ms tiny-base step."""
+
+    def __init__(self, onnx_path: str | Path, device: str = "cpu", options: ort.SessionOptions | None = None):
+        """`options`: default onnx_session_options(); the generate benchmark passes ORT's own defaults to compare."""
         require_onnx()
         import onnxruntime as ort
 
         providers = ["CPUExecutionProvider"]
         if torch.device(device).type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options = options if options is not None else onnx_session_options()
         self.session = ort.InferenceSession(str(onnx_path), options, providers=providers)
         self.input_types = {i.name: _NUMPY_DTYPES.get(i.type, np.float32) for i in self.session.get_inputs()}
 
-    def __call__(self, sample, timestep, encoder_hidden_states, class_labels=None) -> torch.Tensor:
+    def feed(self, sample, timestep, encoder_hidden_states, class_labels=None) -> dict[str, np.ndarray]:
+        """The graph's inputs as numpy arrays: CPU tensors of the graph's dtype are viewed, not copied."""
         inputs = unet_inputs(list(self.input_types), sample, timestep, encoder_hidden_states, class_labels)
-        feed = {name: value.detach().cpu().numpy().astype(self.input_types[name], copy=False)
+        return {name: value.detach().cpu().numpy().astype(self.input_types[name], copy=False)
                 for name, value in inputs.items()}
-        (output,) = self.session.run(None, feed)
+
+    def __call__(self, sample, timestep, encoder_hidden_states, class_labels=None) -> torch.Tensor:
+        (output,) = self.session.run(None, self.feed(sample, timestep, encoder_hidden_states, class_labels))
         return torch.from_numpy(output).to(device=sample.device, dtype=sample.dtype)
 
 
