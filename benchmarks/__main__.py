@@ -3,11 +3,12 @@
     python -m benchmarks [--suite kernels|train|prior|generate|all] [--quick] [--device cpu|cuda] [--out DIR]
 
 Suites (one module each): kernels (bench_kernels: the fused ops alone), train (bench_train: the whole training
-step), prior (bench_prior: class-image generation throughput), generate (bench_generate: UNet latency and end to
-end per backend). Each appends its rows to DIR/<suite>.csv; every suite run is also logged to DIR/runs.csv (the
-command, the load average before and after, versions). `python -m benchmarks.render` turns the latest results
-into BENCHMARKS.md and PNG plots. --quick: fewer sizes and rounds (all suites in minutes on a 2-core CPU);
---smoke: the tiniest sizes, one round (proves the suite runs; CI).
+step), prior (bench_prior: class images per sampler, speed and judged quality, on the embedded toy model),
+generate (bench_generate: UNet latency and end to end per backend). Each appends its rows to DIR/<suite>.csv;
+every suite run is also logged to DIR/runs.csv (the command, the load average before and after, versions).
+`python -m benchmarks.render` turns the latest results into BENCHMARKS.md and PNG plots. --quick: fewer sizes
+and rounds (all suites in minutes on a 2-core CPU); --smoke: the tiniest sizes, one round (proves the suite
+runs; CI).
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ def run_suite(suite: str, device: str, *, quick: bool, smoke: bool, out_dir: Pat
     out = out_dir / f"{suite}.csv"
     if suite == "kernels":
         rows = bench_kernels.run(device, quick=quick, smoke=smoke, out=out)
+    elif suite == "prior":  # the embedded toy model, whose class images the toy world's judge can read
+        rows = bench_prior.run(device, quick=quick, smoke=smoke, out=out, command=command)
     else:
         rows = MODULES[suite].run(device, quick=quick, smoke=smoke, out=out, model_dir=model_dir, command=command)
     load_after = load_average()
@@ -70,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         # One tiny cascade for every suite that runs one (the CPU sizes of train, prior, generate).
-        model_dir = build_tiny_cascade(Path(tmp) / "tiny") if set(suites) - {"kernels"} else None
+        model_dir = build_tiny_cascade(Path(tmp) / "tiny") if set(suites) - {"kernels", "prior"} else None
         for suite in suites:
             print(f"\n== {suite} ==", flush=True)
             run_suite(suite, args.device, quick=args.quick, smoke=args.smoke, out_dir=args.out, model_dir=model_dir,
