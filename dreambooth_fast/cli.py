@@ -140,6 +140,7 @@ def train(config_file: str | None, resume: bool, overwrite: bool, **options) -> 
     """Fine-tune a cascade on a subject with DreamBooth: bind a rare-token identifier to the subject with the
     class-specific prior preservation loss, stage by stage (base, then super-resolution)."""
     from .config import load_toml
+    from .rundir import read_run
     from .toy.default_model import DEFAULT_MODEL
     from .toy.world import SHAPES
     from .train import train as run_training
@@ -150,6 +151,9 @@ def train(config_file: str | None, resume: bool, overwrite: bool, **options) -> 
     values.update({k: v for k, v in options.items() if v is not None})
     cfg = TrainConfig(**values)
     out = run_training(cfg, resume=resume, overwrite=overwrite)
+    timings = (read_run(out) or {}).get("timings") or {}
+    click.echo("time: " + ", ".join(f"{phase.replace('_', ' ')} {s:.1f} s" for phase, s in timings.items())
+               + f" (sum {sum(timings.values()):.1f} s)")
     noun = cfg.class_noun
     if Path(cfg.model).resolve() != DEFAULT_MODEL.resolve():
         click.echo(f'done: {out}  (try: dbfast generate "a [V] {noun} on the beach" --model {out})')
