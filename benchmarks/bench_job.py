@@ -152,8 +152,8 @@ def run_ours(config: JobConfig, work: Path, xdg: Path, env: dict, device: str) -
                             work / "ours.log")
     run = json.loads((out / "dreambooth.json").read_text())
     key = json.loads((Path(run["class_images"]) / "key.json").read_text())
-    settings = "; ".join(f"{k} {v}" for k, v in key.items()
-                         if k not in ("base_unet", "sr_unet", "text_encoder", "prompt", "seed", "with_sr"))
+    settings = "; ".join(f"{k} {v}" for k, v in key.items() if k not in ("base_unet", "sr_unet", "text_encoder",
+                         "prompt", "seed", "with_sr") and not (k.startswith("sr_") and not key.get("with_sr")))
     return Sample(wall, phases_of(run["timings"], wall), rss, settings)
 
 
@@ -230,7 +230,7 @@ def config_rows(config: JobConfig, samples: dict[tuple[str, str], list[Sample]],
             base = samples[(cache, BASELINE)]
             ratio = ratio_spread([s.wall for s in base], [s.wall for s in runs])
             row |= {"speedup": round(ratio[0], 3), "speedup_min": round(ratio[1], 3), "speedup_max": round(ratio[2], 3)}
-            for phase in ("class_images", "train"):
+            for phase in ("class_images", "train") if cache == "cold" else ("train",):
                 if all(s.phases[phase] > 0 for s in runs):
                     row[f"{phase}_speedup"] = round(ratio_spread([s.phases[phase] for s in base],
                                                                  [s.phases[phase] for s in runs])[0], 3)
