@@ -23,13 +23,13 @@ argument parsing).
 Peak RSS: ru_maxrss of the child from os.wait4. Per configuration and cache state: medians over the rounds with
 min-max; speed-up = baseline time / our time per round (paired), median (min-max).
 
-Configurations: short (20 class images, 100 steps: the issue's target job), demo (the README demo: 50 class
-images, class guidance 2 for ours, 3000 steps, lr 3e-4 cosine, min-SNR 5, captions), paper (100 class images,
-1000 steps, our default lr and schedule). --quick: class images / 5 and steps / 10 (the rows say so), 2 rounds;
---smoke: 2 class images, 2 steps, short only, one round.
+Configurations, in the order they run: short (20 class images, 100 steps: the issue's target job), paper (100 class
+images, 1000 steps, our default lr and schedule), demo (the README demo: 50 class images, class guidance 2 for ours,
+3000 steps, lr 3e-4 cosine, min-SNR 5, captions). --quick: class images / 5 and steps / 10 (the rows say so), 2
+rounds; --smoke: 2 class images, 2 steps, short only, one round.
 
     python -m benchmarks --suite job [--quick] [--threads N]
-    python -m benchmarks.bench_job [--configs short,demo,paper] [--cache cold,warm] [--rounds N] [--quick]
+    python -m benchmarks.bench_job [--configs short,paper,demo] [--cache cold,warm] [--rounds N] [--quick]
 """
 
 from __future__ import annotations
@@ -77,8 +77,8 @@ class JobConfig:
 
 CONFIGS = {
     "short": JobConfig("short", 20, 100),
-    "demo": JobConfig("demo", 50, 3000, 3e-4, "cosine", 5.0, True, 2.0),
     "paper": JobConfig("paper", 100, 1000),
+    "demo": JobConfig("demo", 50, 3000, 3e-4, "cosine", 5.0, True, 2.0),
 }
 
 

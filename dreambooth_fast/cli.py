@@ -152,7 +152,9 @@ def train(config_file: str | None, resume: bool, overwrite: bool, **options) -> 
     cfg = TrainConfig(**values)
     out = run_training(cfg, resume=resume, overwrite=overwrite)
     timings = (read_run(out) or {}).get("timings") or {}
-    click.echo("time: " + ", ".join(f"{phase.replace('_', ' ')} {s:.1f} s" for phase, s in timings.items())
+    rank = {"load": 0, "class_images": 1, "write": 3, "pictures": 4}  # the stages' train_* come between
+    click.echo("time: " + ", ".join(f"{phase.replace('_', ' ')} {timings[phase]:.1f} s"
+                                    for phase in sorted(timings, key=lambda p: (rank.get(p, 2), p)))
                + f" (sum {sum(timings.values()):.1f} s)")
     noun = cfg.class_noun
     if Path(cfg.model).resolve() != DEFAULT_MODEL.resolve():
