@@ -119,6 +119,20 @@ def test_command_line_runs_a_suite_and_logs_the_run(tmp_path):
     assert read_rows(tmp_path / "kernels.csv") and run["load_1m_start"] != ""
 
 
+def test_job_commands_share_every_setting_and_leave_our_class_image_defaults_alone(tmp_path):
+    config = bench_job.scaled(bench_job.CONFIGS["demo"], quick=True, smoke=False)
+    assert (config.class_images, config.steps) == (10, 300) and config.scaled.startswith("quick")
+    ours = bench_job.ours_command(config, tmp_path / "ours", "cpu")
+    base = bench_job.baseline_command(config, tmp_path / "base", tmp_path / "class", tmp_path / "t.json", "cpu")
+    for option in ("--num-class-images", "--steps", "--seed", "--batch-size", "--lr-schedule", "--min-snr-gamma",
+                   "--device"):
+        assert ours[ours.index(option) + 1] == base[base.index(option) + 1], option
+    assert ours[ours.index("--lr") + 1] == base[base.index("--learning-rate") + 1] == "0.0003"
+    assert "--captions" in ours and "--captions" in base and ours[ours.index("--stages") + 1] == "base"
+    # Our class images are drawn at whatever dbfast's defaults are when the benchmark runs.
+    assert not [arg for arg in ours if arg.startswith(("--class-sample", "--sr-sample"))]
+
+
 @pytest.mark.slow
 def test_job_smoke_runs_both_jobs_cold_and_warm_and_renders(tmp_path):
     """Four processes (ours and the diffusers-way job, cold and warm), a couple of minutes on the shared CPU."""
