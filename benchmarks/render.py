@@ -107,7 +107,7 @@ def header_lines(rows: list[dict], run: dict) -> list[str]:
     if r.get("diffusers") or run.get("diffusers"):
         versions += f", diffusers {r.get('diffusers') or run['diffusers']}, " \
                     f"onnxruntime {r.get('onnxruntime') or run['onnxruntime']}"
-    loads = [num(x["load_1m"]) for x in rows if x.get("load_1m")] or \
+    loads = [num(x[k]) for x in rows for k in ("load_1m", "load_1m_end") if x.get(k)] or \
         [num(run[k]) for k in ("load_1m_start", "load_1m_end") if run.get(k)]
     load = f"{min(loads):.2f}-{max(loads):.2f}" if loads else "not recorded"
     command = r.get("command") or run.get("command") or "not recorded"
