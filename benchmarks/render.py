@@ -42,12 +42,13 @@ def latest_runs(rows: list[dict]) -> dict[str, list[dict]]:
 
 
 def latest_job_runs(rows: list[dict]) -> dict[str, list[dict]]:
-    """{device type: the rows of the latest run of each job configuration at each scale}: one command may measure
-    one configuration (a full run takes hours), so each keeps its latest figures."""
+    """{device type: the rows of the latest run of each job configuration at each scale and cache state}: one
+    command may measure one configuration or cache state (a full run takes hours), so each keeps its latest
+    figures."""
     latest: dict[str, list[dict]] = {}
     for device in sorted({r["device"] for r in rows}):
-        for key in dict.fromkeys((r["config"], r["scaled"]) for r in rows if r["device"] == device):
-            same = [r for r in rows if r["device"] == device and (r["config"], r["scaled"]) == key]
+        for key in dict.fromkeys((r["config"], r["scaled"], r["cache"]) for r in rows if r["device"] == device):
+            same = [r for r in rows if r["device"] == device and (r["config"], r["scaled"], r["cache"]) == key]
             date = max(r["date"] for r in same)
             latest.setdefault(device, []).extend(r for r in same if r["date"] == date)
     return latest
@@ -123,8 +124,9 @@ JOB_PHASES = ("startup", "load", "class_images", "train", "write", "pictures")
 
 def job_pairs(rows: list[dict]) -> list[tuple[dict, dict]]:
     """(ours, baseline) rows per configuration and cache state."""
-    by_key = {(r["config"], r["cache"], r["impl"]): r for r in rows}
-    return [(r, by_key[(r["config"], r["cache"], "diffusers_way")]) for r in rows if r["impl"] == "dreambooth_fast"]
+    by_key = {(r["config"], r["scaled"], r["cache"], r["impl"]): r for r in rows}
+    return [(r, by_key[(r["config"], r["scaled"], r["cache"], "diffusers_way")]) for r in rows
+            if r["impl"] == "dreambooth_fast"]
 
 
 def job_config(r: dict) -> str:
