@@ -51,6 +51,7 @@ from benchmarks.common import (
     run_info,
     summarize,
 )
+from benchmarks.diffusers_step import diffusers_step
 from dreambooth_fast import ops
 from dreambooth_fast.config import TrainConfig
 from dreambooth_fast.models import STAGE_2_DIR, load_cascade, load_scheduler, load_unet
@@ -202,9 +203,10 @@ def setup_case(case: Case, model_dir: Path | None, device: str, out: Path) -> Se
 
 
 def eager_step_fn(trainer: StageTrainer, scheduler, noising, batch_size: int) -> Callable[[], float]:
-    """One training step written the way diffusers' train_dreambooth.py writes it, on the trainer's UNet, with
-    `batch_size` subject rows and as many prior rows, and an optimizer of its own as that script makes it:
-    torch.optim.Adam with torch's default implementation on a CPU (per parameter), constant learning rate."""
+    """One training step written the way diffusers' train_dreambooth.py writes it (diffusers_step.py), on the
+    trainer's UNet, with `batch_size` subject rows and as many prior rows, and an optimizer of its own as that
+    script makes it: torch.optim.Adam with torch's default implementation on a CPU (per parameter), constant
+    learning rate."""
     rows, prompts, cfg, device = trainer.rows, trainer.prompts, trainer.cfg, trainer.device
     # The batch: the same numbers of subject and prior rows, collated as diffusers does (torch.cat).
     pick = torch.arange(batch_size) % SUBJECT_IMAGES
@@ -215,39 +217,14 @@ def eager_step_fn(trainer: StageTrainer, scheduler, noising, batch_size: int) ->
         "subject_cond": rows.subject_cond[pick] if rows.subject_cond is not None else None,
         "prior_cond": rows.prior_cond[pick] if rows.prior_cond is not None else None,
     }
-    unet, params = trainer.unet, trainer.params
+    params = trainer.params
     optimizer = torch.optim.Adam(params, lr=cfg.learning_rate, foreach=False if device.type == "cpu" else None)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)  # diffusers' "constant"
-    autocast = AUTOCAST[cfg.precision]
 
     def step() -> float:
-        model_input = torch.cat([batch["subject"], batch["prior"]]).to(device)
-        embeds = torch.cat([batch["subject_embeds"], batch["prior_embeds"]]).to(device)
-        noise = torch.randn_like(model_input)
-        bsz = model_input.shape[0]
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (bsz,), device=device).long()
-        noisy_model_input = scheduler.add_noise(model_input, noise, timesteps)
-        class_labels = None
-        if batch["subject_cond"] is not None:
-            cond = torch.cat([batch["subject_cond"], batch["prior_cond"]]).to(device)
-            class_labels = torch.full((bsz,), cfg.sr_noise_level, dtype=torch.long, device=device)
-            noisy_cond = noising.add_noise(cond, torch.randn_like(cond), class_labels)
-            noisy_model_input = torch.cat([noisy_model_input, noisy_cond], dim=1)
-        with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-            model_pred = unet(noisy_model_input, timesteps, embeds, class_labels=class_labels, return_dict=False)[0]
-        model_pred, _ = torch.chunk(model_pred, 2, dim=1)  # epsilon, learned variance
-        target = noise
-        model_pred, model_pred_prior = torch.chunk(model_pred, 2, dim=0)
-        target, target_prior = torch.chunk(target, 2, dim=0)
-        loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
-        prior_loss = F.mse_loss(model_pred_prior.float(), target_prior.float(), reduction="mean")
-        loss = loss + cfg.prior_weight * prior_loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        lr_schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach().item()
+        return diffusers_step(trainer.unet, params, optimizer, lr_schedule, scheduler, noising, batch,
+                              prior_weight=cfg.prior_weight, max_grad_norm=cfg.max_grad_norm,
+                              sr_noise_level=cfg.sr_noise_level, autocast=AUTOCAST[cfg.precision])
 
     return step
 

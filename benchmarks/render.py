@@ -19,8 +19,8 @@ from benchmarks.common import RESULTS_DIR
 from dreambooth_fast.fileio import atomic_write, atomic_write_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
-SUITES = ("train", "kernels", "prior", "generate")
-TITLES = {"train": "Training step", "kernels": "Fused kernels", "prior": "Class-image generation",
+SUITES = ("job", "train", "kernels", "prior", "generate")
+TITLES = {"job": "Whole job", "train": "Training step", "kernels": "Fused kernels", "prior": "Class-image generation",
           "generate": "Generation"}
 
 
@@ -38,6 +38,19 @@ def latest_runs(rows: list[dict]) -> dict[str, list[dict]]:
         on_device = [r for r in rows if r["device"] == device]
         date = max(r["date"] for r in on_device)
         latest[device] = [r for r in on_device if r["date"] == date]
+    return latest
+
+
+def latest_job_runs(rows: list[dict]) -> dict[str, list[dict]]:
+    """{device type: the rows of the latest run of each job configuration at each scale and cache state}: one
+    command may measure one configuration or cache state (a full run takes hours), so each keeps its latest
+    figures."""
+    latest: dict[str, list[dict]] = {}
+    for device in sorted({r["device"] for r in rows}):
+        for key in dict.fromkeys((r["config"], r["scaled"], r["cache"]) for r in rows if r["device"] == device):
+            same = [r for r in rows if r["device"] == device and (r["config"], r["scaled"], r["cache"]) == key]
+            date = max(r["date"] for r in same)
+            latest.setdefault(device, []).extend(r for r in same if r["date"] == date)
     return latest
 
 
@@ -95,7 +108,7 @@ def header_lines(rows: list[dict], run: dict) -> list[str]:
     if r.get("diffusers") or run.get("diffusers"):
         versions += f", diffusers {r.get('diffusers') or run['diffusers']}, " \
                     f"onnxruntime {r.get('onnxruntime') or run['onnxruntime']}"
-    loads = [num(x["load_1m"]) for x in rows if x.get("load_1m")] or \
+    loads = [num(x[k]) for x in rows for k in ("load_1m", "load_1m_end") if x.get(k)] or \
         [num(run[k]) for k in ("load_1m_start", "load_1m_end") if run.get(k)]
     load = f"{min(loads):.2f}-{max(loads):.2f}" if loads else "not recorded"
     command = r.get("command") or run.get("command") or "not recorded"
@@ -105,6 +118,62 @@ def header_lines(rows: list[dict], run: dict) -> list[str]:
 
 
 # -- per-suite tables -------------------------------------------------------------------------------------
+
+JOB_PHASES = ("startup", "load", "class_images", "train", "write", "pictures")
+
+
+def job_pairs(rows: list[dict]) -> list[tuple[dict, dict]]:
+    """(ours, baseline) rows per configuration and cache state."""
+    by_key = {(r["config"], r["scaled"], r["cache"], r["impl"]): r for r in rows}
+    return [(r, by_key[(r["config"], r["scaled"], r["cache"], "diffusers_way")]) for r in rows
+            if r["impl"] == "dreambooth_fast"]
+
+
+def job_config(r: dict) -> str:
+    return f"{r['config']}{' (' + r['scaled'].split(':')[0] + ')' if r['scaled'] else ''}"
+
+
+def speedup(r: dict) -> str:
+    return f"{num(r['speedup']):.2f}x ({num(r['speedup_min']):.2f}-{num(r['speedup_max']):.2f})"
+
+
+def job_section(rows: list[dict]) -> str:
+    lines = []
+    for r, b in job_pairs(rows):
+        faster = "faster" if num(r["speedup_min"]) > 1 else "slower" if num(r["speedup_max"]) < 1 else \
+            "no measurable difference"
+        phase_ratio = [f"{num(r[k]):.2f}x" if r.get(k) and (r["cache"] == "cold" or k == "train_speedup") else "-"
+                       for k in ("class_images_speedup", "train_speedup")]
+        lines.append([job_config(r), r["cache"], f"{r['class_images']} / {r['steps']}", ms(r, "s"), ms(b, "s"),
+                      speedup(r), faster, " / ".join(phase_ratio),
+                      " / ".join(f"{num(r[p + '_s']):.1f}" for p in JOB_PHASES),
+                      " / ".join(f"{num(b[p + '_s']):.1f}" for p in JOB_PHASES),
+                      f"{num(r['peak_rss_mib']):.0f} / {num(b['peak_rss_mib']):.0f}", r["rounds"]])
+    text = md_table(["config", "cache", "class images / steps", "ours s (min-max)", "baseline s (min-max)",
+                     "speed-up (min-max)", "whole job", "speed-up class images / train",
+                     "ours s: startup / load / class images / train / write / pictures", "baseline s (same phases)",
+                     "peak RSS MiB ours / baseline", "rounds"], lines)
+    r, b = job_pairs(rows)[0]
+    scaled = sorted({x["scaled"] for x in rows if x["scaled"]})
+    text += ("\n\nBoth jobs train the embedded default model's base stage (`--stages base`) on examples/subject, class "
+             f"\"heart\", {r['dtype']}, seed 0, {r['subject_rows']} subject + {r['prior_rows']} prior row per step, "
+             "each a process of its own, alternating; cold = empty class-image cache, warm = filled. Speed-up = "
+             "baseline time / our time per paired round, median (min-max); \"whole job\" says faster or slower only "
+             "when every round agrees. Phases are medians each process timed itself; startup = wall time minus them "
+             "(interpreter, imports). Peak RSS: ru_maxrss of each process (os.wait4), median.\n\n"
+             f"- ours: `dbfast train` at its defaults for the class images ({r['class_settings']}); "
+             f"{r['optimizer']}.\n"
+             f"- baseline (benchmarks/baseline_job.py, the way diffusers' train_dreambooth.py runs): class images with "
+             f"{b['class_settings']}; eager UNet, `DDPMScheduler.add_noise`, chunked F.mse_loss; {b['optimizer']}; a "
+             "checkpoint every 500 steps; `pipeline.save_pretrained`.\n")
+    options = sorted({f"{x['config']}: lr {x['learning_rate']} {x['lr_schedule']}"
+                      + (f", min-SNR {x['min_snr_gamma']}" if x["min_snr_gamma"] else "")
+                      + (", captions" if x["captions"] == "True" else "") for x in rows})
+    text += "- options: " + "; ".join(options) + ".\n"
+    if scaled:
+        text += f"- scaled down from the named configuration ({'; '.join(scaled)}).\n"
+    return text.rstrip("\n")
+
 
 
 # Our steps in the training-step table: the default options, and with --compile (a suffix to the model's name).
@@ -221,11 +290,24 @@ adds and muls of the scale-shift and residuals, their backward sums, and the res
 """
 
 
-SECTIONS = {"train": train_section, "kernels": kernels_section, "prior": prior_section,
+SECTIONS = {"job": job_section, "train": train_section, "kernels": kernels_section, "prior": prior_section,
             "generate": generate_section}
 
 
 # -- one line per finding, for the summary at the top ---------------------------------------------------------
+
+
+def job_summary(rows: list[dict]) -> list[str]:
+    lines = []
+    for r, b in job_pairs(rows):
+        phases = ", ".join(f"{name} {num(r[k]):.2f}x" for name, k in (("class images", "class_images_speedup"),
+                                                                      ("training", "train_speedup"))
+                          if r.get(k) and (r["cache"] == "cold" or k == "train_speedup"))
+        lines.append(f"**whole job**, {job_config(r)} ({r['class_images']} class images, {r['steps']} steps), "
+                     f"{r['cache']}: **{speedup(r)}** the diffusers-way job's speed ({num(r['median_s']):.1f} s "
+                     f"against {num(b['median_s']):.1f} s{'; ' + phases if phases else ''}); peak RSS "
+                     f"{num(r['peak_rss_mib']):.0f} against {num(b['peak_rss_mib']):.0f} MiB")
+    return lines
 
 
 def train_summary(rows: list[dict]) -> list[str]:
@@ -291,7 +373,7 @@ def generate_summary(rows: list[dict]) -> list[str]:
     return [line + (f"; not measured here: {', '.join(skipped)}" if skipped else "")]
 
 
-SUMMARIES = {"train": train_summary, "kernels": kernels_summary, "prior": prior_summary,
+SUMMARIES = {"job": job_summary, "train": train_summary, "kernels": kernels_summary, "prior": prior_summary,
              "generate": generate_summary}
 
 
@@ -340,7 +422,22 @@ def plot(suite: str, rows: list[dict], path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    if suite == "train":
+    if suite == "job":
+        pairs = job_pairs(rows)
+        bars = [(f"{job_config(x)} {x['cache']} {who}", x) for r, b in pairs for who, x in (("ours", r), ("base", b))]
+        left = [0.0] * len(bars)
+        for phase in JOB_PHASES:
+            widths = [num(x[f"{phase}_s"]) for _, x in bars]
+            axes[0].barh(range(len(bars)), widths, left=left, label=phase.replace("_", " "))
+            left = [a + w for a, w in zip(left, widths)]
+        axes[0].set_yticks(range(len(bars)), [label for label, _ in bars], fontsize=7)
+        axes[0].invert_yaxis()
+        axes[0].set_xlabel("seconds (median per phase)")
+        axes[0].legend(fontsize=7)
+        _bars(axes[1], [f"{job_config(r)} {r['cache']}" for r, _ in pairs],
+              {"whole job": [(num(r["speedup"]), num(r["speedup_min"]), num(r["speedup_max"])) for r, _ in pairs]},
+              "baseline / ours (>1: ours faster)", ratios=True)
+    elif suite == "train":
         mine = [r for r in rows if r["what"] == "step" and r["impl"] == "dreambooth_fast"]
         eager = {(r["stage"], r["shape"]): r for r in rows if r["what"] == "step" and r["impl"] == "diffusers_eager"}
         labels = [f"{r['model']} {r['stage']} {r['shape']}" for r in mine]
@@ -394,7 +491,8 @@ def plot(suite: str, rows: list[dict], path: Path) -> bool:
 
 INTRO = """# Benchmarks
 
-dreambooth-fast against eager PyTorch: the fused kernels alone, the whole DreamBooth training step, class-image
+dreambooth-fast against eager PyTorch: the whole job (`dbfast train` from command to output against a job run the
+way diffusers' DreamBooth script runs it), the fused kernels alone, the whole DreamBooth training step, class-image
 generation, and generation per backend. Generated by `python -m benchmarks.render` from `benchmarks/results/*.csv`
 (every run of `python -m benchmarks` appends there; this page shows the latest run of each suite per device).
 
@@ -415,12 +513,15 @@ def render(results: Path, out: Path) -> Path:
         if not rows:
             sections.append(f"No results yet: run `python -m benchmarks --suite {suite}`.\n")
             continue
-        for device, latest in latest_runs(rows).items():
+        for device, latest in (latest_job_runs(rows) if suite == "job" else latest_runs(rows)).items():
             summary += [f"- {device}: {line}" for line in SUMMARIES[suite](latest)]
             png = results / f"{suite}-{device}.png"
             sections.append(f"### {device}\n")
-            sections.append("\n\n".join(header_lines(latest, run_of(latest, suite, runs))) + "\n")
-            sections.append(SECTIONS[suite](latest) + "\n")
+            # The job suite's configurations may come from separate runs: one header and table per run.
+            for run_rows in ([[r for r in latest if r["date"] == d] for d in sorted({r["date"] for r in latest})]
+                             if suite == "job" else [latest]):
+                sections.append("\n\n".join(header_lines(run_rows, run_of(run_rows, suite, runs))) + "\n")
+                sections.append(SECTIONS[suite](run_rows) + "\n")
             if plot(suite, latest, png):
                 sections.append(f"![{TITLES[suite]} on {device}]({os.path.relpath(png, out.parent)})\n")
     profiles = read_csv(results / "profile.csv")

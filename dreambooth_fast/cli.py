@@ -163,6 +163,7 @@ def train(config_file: str | None, resume: bool, overwrite: bool, **options) -> 
     """Fine-tune a cascade on a subject with DreamBooth: bind a rare-token identifier to the subject with the
     class-specific prior preservation loss, stage by stage (base, then super-resolution)."""
     from .config import load_toml
+    from .rundir import read_run
     from .toy.default_model import DEFAULT_MODEL
     from .toy.world import SHAPES
     from .train import train as run_training
@@ -173,6 +174,11 @@ def train(config_file: str | None, resume: bool, overwrite: bool, **options) -> 
     values.update({k: v for k, v in options.items() if v is not None})
     cfg = TrainConfig(**values)
     out = run_training(cfg, resume=resume, overwrite=overwrite)
+    timings = (read_run(out) or {}).get("timings") or {}
+    rank = {"load": 0, "class_images": 1, "write": 3, "pictures": 4}  # the stages' train_* come between
+    click.echo("time: " + ", ".join(f"{phase.replace('_', ' ')} {timings[phase]:.1f} s"
+                                    for phase in sorted(timings, key=lambda p: (rank.get(p, 2), p)))
+               + f" (sum {sum(timings.values()):.1f} s)")
     noun = cfg.class_noun
     if Path(cfg.model).resolve() != DEFAULT_MODEL.resolve():
         click.echo(f'done: {out}  (try: dbfast generate "a [V] {noun} on the beach" --model {out})')

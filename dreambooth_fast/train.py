@@ -645,9 +645,18 @@ def stage_validation(cfg: TrainConfig, cascade: Cascade, stage: str, embeds: tor
     )
 
 
+def _lap(timings: dict[str, float], phase: str, since: float) -> float:
+    """Adds the seconds since `since` to timings[phase] (dreambooth.json's "timings"); returns now."""
+    now = time.perf_counter()
+    timings[phase] = round(timings.get(phase, 0.0) + now - since, 3)
+    return now
+
+
 def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
     """Run DreamBooth as `cfg` says; return the output directory: check the inputs, prepare the output, then
-    train stage by stage."""
+    train stage by stage. dreambooth.json's "timings" holds the seconds of this call's phases: load (checks,
+    model, prompts), class_images, train_<stage>, write (the tuned UNets), pictures (loss plot, sheets)."""
+    clock, timings = time.perf_counter(), {}
     inputs = check_inputs(cfg)
     out, stages = inputs.out, inputs.stages
     with output_lock(out):
@@ -676,9 +685,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
 
         runners = class_image_runners(cfg, cascade, stages, inputs.device)
         run = start_run(cfg, inputs, prompts, saved_run, overwrite)
+        clock = _lap(timings, "load", clock)
         class_dir = prepare_class_images(cfg, cascade, prompts, stages, inputs.device, runners)
         del runners
+        clock = _lap(timings, "class_images", clock)
         run["class_images"] = str(class_dir) if class_dir else None
+        run["timings"] = timings
         atomic_write_json(out / RUN_FILE, run)
 
         completed = list(latest["completed_stages"]) if latest else []
@@ -696,6 +708,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
             if latest and latest.get("stage") == stage:
                 trainer.restore(out / CHECKPOINTS, latest)
             run["final_loss"][stage] = trainer.run()
+            clock = _lap(timings, f"train_{stage}", clock)
             run.setdefault("skipped_steps", {})[stage] = trainer.skipped  # fp16 overflows
             write_output_stage(out, stage, trainer, cfg)
             completed.append(stage)
@@ -703,6 +716,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
             run["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
             atomic_write_json(out / RUN_FILE, run)
             del trainer, unet
+            clock = _lap(timings, "write", clock)
         for line in write_run_pictures(out, stages):
             tqdm.write(line)
+        _lap(timings, "pictures", clock)
+        atomic_write_json(out / RUN_FILE, run)
     return out

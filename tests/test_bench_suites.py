@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import bench_generate, bench_kernels, bench_prior, bench_train, render
+from benchmarks import bench_generate, bench_job, bench_kernels, bench_prior, bench_train, render
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,7 +115,8 @@ def test_render_writes_a_table_and_a_plot_per_suite(results, tmp_path):
     assert text.count("### cpu") == 4 and "Command: `test`" in text
     assert read_rows(results / "train.csv")[0]["device_name"] in text
     assert any(verdict in text for verdict in ("| faster |", "| slower |", "| no measurable difference |"))
-    for suite in render.SUITES:
+    assert "No results yet: run `python -m benchmarks --suite job`" in text  # its smoke run is the slow test below
+    for suite in set(render.SUITES) - {"job"}:
         assert (results / f"{suite}-cpu.png").stat().st_size > 0
 
 
@@ -127,6 +128,45 @@ def test_command_line_runs_a_suite_and_logs_the_run(tmp_path):
     (run,) = read_rows(tmp_path / "runs.csv")
     assert run["suite"] == "kernels" and run["command"].startswith("python -m benchmarks --suite kernels")
     assert read_rows(tmp_path / "kernels.csv") and run["load_1m_start"] != ""
+
+
+def test_job_commands_share_every_setting_and_leave_our_class_image_defaults_alone(tmp_path):
+    config = bench_job.scaled(bench_job.CONFIGS["demo"], quick=True, smoke=False)
+    assert (config.class_images, config.steps) == (10, 300) and config.scaled.startswith("quick")
+    ours = bench_job.ours_command(config, tmp_path / "ours", "cpu")
+    base = bench_job.baseline_command(config, tmp_path / "base", tmp_path / "class", tmp_path / "t.json", "cpu")
+    for option in ("--num-class-images", "--steps", "--seed", "--batch-size", "--lr-schedule", "--min-snr-gamma",
+                   "--device"):
+        assert ours[ours.index(option) + 1] == base[base.index(option) + 1], option
+    assert ours[ours.index("--lr") + 1] == base[base.index("--learning-rate") + 1] == "0.0003"
+    assert "--captions" in ours and "--captions" in base and ours[ours.index("--stages") + 1] == "base"
+    # Our class images are drawn at whatever dbfast's defaults are when the benchmark runs.
+    assert not [arg for arg in ours if arg.startswith(("--class-sample", "--sr-sample"))]
+
+
+@pytest.mark.slow
+def test_job_smoke_runs_both_jobs_cold_and_warm_and_renders(tmp_path):
+    """Four processes (ours and the diffusers-way job, cold and warm), a couple of minutes on the shared CPU."""
+    with one_thread():
+        rows = bench_job.run("cpu", smoke=True, out=tmp_path / "job.csv", command="test")
+    assert len(read_rows(tmp_path / "job.csv")) == len(rows) == 4
+    check_run_fields(rows)
+    runs = {(r["config"], r["cache"], r["impl"]): r for r in rows}
+    assert set(runs) == {("short", cache, impl) for cache in ("cold", "warm")
+                         for impl in ("dreambooth_fast", "diffusers_way")}
+    for (_, cache, impl), r in runs.items():
+        assert r["scaled"].startswith("smoke") and r["rounds"] == 1 and r["threads"] == 1
+        assert r["min_s"] <= r["median_s"] <= r["max_s"] and r["peak_rss_mib"] > 0
+        assert r["startup_s"] > 0 and r["load_s"] > 0 and r["train_s"] > 0 and r["write_s"] > 0
+        # Cold draws the class images; warm finds them (the two class images take seconds, finding them does not).
+        assert r["class_images_s"] > runs[("short", "warm", impl)]["class_images_s"] or cache == "warm"
+        if impl == "dreambooth_fast":
+            assert r["speedup_min"] <= r["speedup"] <= r["speedup_max"]
+            assert "base_steps" in r["class_settings"]  # read back from the run's class-image cache key
+    assert runs[("short", "cold", "dreambooth_fast")]["class_images_speedup"] > 0
+    text = render.render(tmp_path, tmp_path / "BENCHMARKS.md").read_text()
+    assert "## Whole job" in text and "**whole job**, short (smoke)" in text and "| short (smoke) | warm |" in text
+    assert (tmp_path / "job-cpu.png").stat().st_size > 0
 
 
 @pytest.mark.slow

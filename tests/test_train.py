@@ -27,6 +27,9 @@ def test_train_with_prior_writes_a_cascade_diffusers_loads(tiny_cascade, subject
     assert run["config"]["prior_preservation"] and Path(run["class_images"], "base", "0001.png").is_file()
     assert Path(run["class_images"], "sr", "0001.png").is_file()
     assert {"torch", "diffusers", "transformers", "dreambooth_fast"} <= set(run["versions"])
+    # Seconds per phase of the run, also summed up in one line at the end.
+    assert set(run["timings"]) == {"load", "class_images", "train_base", "train_sr", "write", "pictures"}
+    assert all(seconds > 0 for seconds in run["timings"].values()) and "time: load " in result.output
     # Both UNets changed; everything else is the input model's.
     for stage_out, stage_in in [(out, tiny_cascade), (out / "stage_2", tiny_cascade / "stage_2")]:
         tuned, original = unet_weights(stage_out), unet_weights(stage_in)
