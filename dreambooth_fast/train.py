@@ -508,10 +508,10 @@ def prepare_class_images(
     runners: dict | None = None,
 ) -> Path | None:
     """The class images' directory: the user's, or the frozen cascade's (generated now or found in the cache)."""
-    if not cfg.prior_preservation or cfg.prior_mode == "predictions":
-        return None
-    if cfg.class_images_dir:
+    if cfg.class_images_dir and cfg.prior_preservation:
         return Path(cfg.class_images_dir)
+    if not cfg.draws_class_images():
+        return None
     settings = PriorSettings(
         prompts.class_,
         cfg.class_sampler,
@@ -571,7 +571,7 @@ def check_inputs(cfg: TrainConfig) -> RunInputs:
               "--class-images-dir": cfg.class_images_dir}
     check_output_not_input(out, inputs)
     check_can_create(out, "--output")
-    if cfg.prior_preservation and not cfg.class_images_dir:
+    if cfg.draws_class_images():
         check_can_create(default_cache_root(), "the class-image cache")
     images = data.load_subject_images(cfg.images, skip_bad=cfg.skip_bad_images)
     captions = data.load_captions(images) if cfg.captions else None
