@@ -157,11 +157,29 @@ def _stages(value: str) -> tuple[str, ...]:
                    "OUTPUT/logs/tensorboard (needs the tensorboard extra)." + default("report_to"))
 @click.option("--seed", type=int, help="Seed of everything random in the run." + default("seed"))
 @click.option("--device", help="auto, cpu, cuda or cuda:N." + default("device"))
-@click.option("--resume", is_flag=True, help="Continue the run in --output from its last checkpoint.")
-@click.option("--overwrite", is_flag=True, help="Replace the run already in --output.")
-def train(config_file: str | None, resume: bool, overwrite: bool, **options) -> None:
+@click.option("--resume", is_flag=True,
+              help="Continue the run in --output from its last checkpoint. With --subjects: a finished subject is "
+                   "reported 'done (already)', an unfinished one continues, one without an output starts.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace the run already in --output (with --subjects: every subject's run starts again).")
+@click.option("--subjects", "subjects_file", type=click.Path(),
+              help="Train many subjects: a TOML file of [[subject]] tables (images, class, output, any option "
+                   "above), shared options at its top; relative paths in it are relative to its folder. Options "
+                   "given here are defaults under the file's. Under torchrun the subjects are a queue over the "
+                   "ranks, one per rank at a time. Exit code 3 when some subjects failed (the others go on).")
+@click.option("--summary", type=click.Path(),
+              help="With --subjects: where the summary table is written as JSON  [default: SUBJECTS-summary.json "
+                   "beside the subjects file].")
+def train(config_file: str | None, subjects_file: str | None, summary: str | None, resume: bool, overwrite: bool,
+          **options) -> None:
     """Fine-tune a cascade on a subject with DreamBooth: bind a rare-token identifier to the subject with the
-    class-specific prior preservation loss, stage by stage (base, then super-resolution)."""
+    class-specific prior preservation loss, stage by stage (base, then super-resolution).
+
+    \b
+    Many subjects (README, "Many subjects"):
+      dbfast train --subjects subjects.toml
+      torchrun --nproc_per_node 2 -m dreambooth_fast train --subjects subjects.toml
+    """
     from .config import load_toml
     from .rundir import read_run
     from .toy.default_model import DEFAULT_MODEL
@@ -172,6 +190,12 @@ def train(config_file: str | None, resume: bool, overwrite: bool, **options) -> 
     if options.get("stages") is not None:
         options["stages"] = _stages(options["stages"])
     values.update({k: v for k, v in options.items() if v is not None})
+    if subjects_file:
+        from .subjects import train_subjects
+
+        sys.exit(train_subjects(subjects_file, values, resume=resume, overwrite=overwrite, summary=summary))
+    if summary:
+        raise UserError("--summary is the summary of --subjects: pass both, or neither")
     cfg = TrainConfig(**values)
     out = run_training(cfg, resume=resume, overwrite=overwrite)
     timings = (read_run(out) or {}).get("timings") or {}

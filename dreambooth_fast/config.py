@@ -185,19 +185,31 @@ def field_names() -> set[str]:
 
 def load_toml(path: str | Path) -> dict:
     """Read a TOML file of TrainConfig fields (dashes or underscores); unknown keys are an error."""
+    return options_from_toml(read_toml(path, "--config"), f"--config {path}")
+
+
+def read_toml(path: str | Path, option: str) -> dict:
+    """The TOML file `path` as a dict; a missing or invalid file is one line naming `option`."""
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except FileNotFoundError:
-        raise UserError(f"--config {path} does not exist") from None
+        raise UserError(f"{option} {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{option} {path} cannot be read ({err})") from None
     except tomllib.TOMLDecodeError as err:
-        raise UserError(f"--config {path} is not valid TOML: {err}") from None
+        raise UserError(f"{option} {path} is not valid TOML: {err}") from None
+
+
+def options_from_toml(data: dict, where: str) -> dict:
+    """TrainConfig fields from a TOML table: dashes or underscores, `class` for class_noun, `stages` as a comma
+    string or a list; an unknown key is an error naming `where`."""
     data = {key.replace("-", "_"): value for key, value in data.items()}
     if "class" in data:
         data["class_noun"] = data.pop("class")
     unknown = sorted(set(data) - field_names())
     if unknown:
-        raise UserError(f"--config {path}: unknown option(s) {', '.join(unknown)}")
+        raise UserError(f"{where}: unknown option(s) {', '.join(unknown)}")
     if "stages" in data and isinstance(data["stages"], str):
         data["stages"] = tuple(s.strip() for s in data["stages"].split(","))
     return data

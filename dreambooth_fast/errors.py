@@ -3,3 +3,7 @@
 
 class UserError(Exception):
     """A mistake the user can fix (bad path, bad option, bad file). The message names it and says what to do."""
+
+
+class Interrupted(UserError):
+    """Ctrl-C stopped the run (what it made is kept and --resume continues it): a queue of runs stops too."""

@@ -30,7 +30,7 @@ from .backends import TORCH_BACKENDS, unet_runner
 from .checkpoint import load_checkpoint, mark_stage_done, read_latest, save_checkpoint
 from .compiled import compile_unet
 from .config import TrainConfig
-from .errors import UserError
+from .errors import Interrupted, UserError
 from .fileio import atomic_write_dir, atomic_write_json, existing_ancestor, link_or_copy_tree
 from .fused_norm import fuse_resnet_norms
 from .images import enlarged, make_grid, save_png, to_pil
@@ -423,7 +423,7 @@ class StageTrainer:
                         self.validate()
             except KeyboardInterrupt:
                 self.save()
-                raise UserError(
+                raise Interrupted(
                     f"interrupted at {self.stage} step {self.step}: checkpoint saved, continue with --resume"
                 ) from None
         if self.skipped:
@@ -535,7 +535,7 @@ def prepare_class_images(
                                          cfg.num_class_images, settings, batch_size=cfg.class_batch_size,
                                          runners=runners)
     except KeyboardInterrupt:
-        raise UserError(
+        raise Interrupted(
             "interrupted while generating class images: the ones made are kept, continue with --resume"
         ) from None
 
