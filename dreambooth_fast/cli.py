@@ -168,8 +168,8 @@ def _stages(value: str) -> tuple[str, ...]:
                    "given here are defaults under the file's. Under torchrun the subjects are a queue over the "
                    "ranks, one per rank at a time. Exit code 3 when some subjects failed (the others go on).")
 @click.option("--summary", type=click.Path(),
-              help="With --subjects: where the summary table is written as JSON  [default: SUBJECTS-summary.json "
-                   "beside the subjects file].")
+              help="With --subjects: where the summary table is written as JSON  [default: NAME-summary.json "
+                   "beside the subjects file NAME.toml].")
 def train(config_file: str | None, subjects_file: str | None, summary: str | None, resume: bool, overwrite: bool,
           **options) -> None:
     """Fine-tune a cascade on a subject with DreamBooth: bind a rare-token identifier to the subject with the

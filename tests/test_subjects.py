@@ -3,9 +3,11 @@
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -223,6 +225,24 @@ def test_resume_of_a_finished_subject_with_other_options_is_its_error(tiny_casca
     result = dbfast("train", "--subjects", path, "--resume", "--lr", "3e-5", "--summary", summary)
     assert result.exit_code == 3
     assert "different options" in json.loads(summary.read_text())["subjects"][0]["error"]
+
+
+def test_ctrl_c_stops_the_whole_queue(tiny_cascade, tmp_path):
+    photos(tmp_path / "rex", (220, 20, 20))
+    photos(tmp_path / "fido", (20, 20, 220))
+    path = subjects_file(tmp_path, tiny_cascade, [
+        {"images": "rex", "class": "dog", "output": "runs/rex", "steps": 100_000},  # still training at Ctrl-C
+        {"images": "fido", "class": "dog", "output": "runs/fido"},
+    ])
+    ctrl_c = threading.Timer(8, os.kill, (os.getpid(), signal.SIGINT))
+    ctrl_c.start()
+    try:
+        result = dbfast("train", "--subjects", path)
+    finally:
+        ctrl_c.cancel()
+    assert result.exit_code in (2, 130), result.output  # 2: interrupted in training, checkpoint saved
+    assert result.output.strip().splitlines()[-1].startswith("error: interrupted")
+    assert not (tmp_path / "runs/fido").exists() and not path.with_name("subjects-summary.json").exists()
 
 
 # -- the queue over two ranks (torchrun, gloo) ---------------------------------------------------------------
