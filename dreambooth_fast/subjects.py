@@ -36,11 +36,15 @@ import click
 import torch
 import torch.distributed as dist
 
+from . import distributed
 from .checkpoint import read_latest
 from .config import TrainConfig, options_from_toml, read_toml
 from .errors import Interrupted, UserError
 from .fileio import atomic_write_json
+from .models import resolve_device
 from .rundir import CHECKPOINTS, check_can_create, check_resume_config, overlaps, read_run
+from .toy.default_model import default_model_dir
+from .train import train
 
 PARTIAL_FAILURE = 3  # the exit code when some subjects failed (2: a user mistake, nothing ran)
 # The ranks meet only to share out subjects (the store, no timeout) and at the end: a rank that is done waits there
@@ -156,16 +160,11 @@ def finished(out: Path) -> dict | None:
 def run_subject(subject: Subject, rank: int, *, resume: bool, overwrite: bool,
                 echo: Callable[[str], object]) -> Result:
     """Train one subject in this process; its failure is its result (Ctrl-C is not: it stops the queue)."""
-    from .distributed import process_device
-    from .models import resolve_device
-    from .toy.default_model import default_model_dir
-    from .train import train
-
     cfg = dataclasses.replace(subject.cfg)
     result = Result(subject.index, subject.name, cfg.class_noun, subject.output, rank, "failed", 0.0)
     start = time.perf_counter()
     try:
-        cfg.device = str(process_device(resolve_device(cfg.device)))
+        cfg.device = str(distributed.process_device(resolve_device(cfg.device)))
         out = Path(cfg.output)
         done = finished(out) if resume else None
         if done:
@@ -264,8 +263,6 @@ def train_subjects(subjects_file: str | Path, defaults: dict, *, resume: bool = 
                    summary: str | Path | None = None) -> int:
     """`dbfast train --subjects FILE`: check the file, run the queue (over the ranks torchrun started, else in this
     process), print the summary on rank 0 and write it as JSON; return the exit code (0, or 3: some failed)."""
-    from . import distributed
-
     summary = Path(summary) if summary else default_summary_path(subjects_file)
     try:
         if resume and overwrite:

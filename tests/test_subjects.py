@@ -4,7 +4,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -248,19 +247,14 @@ def test_ctrl_c_stops_the_whole_queue(tiny_cascade, tmp_path):
 # -- the queue over two ranks (torchrun, gloo) ---------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_three_subjects_over_two_ranks_one_with_a_bad_photo(tiny_cascade, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # this test's own class images, to count them
     path = three_subjects(tmp_path, tiny_cascade)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}  # XDG_CACHE_HOME passed on
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(free_port()), "-m", "dreambooth_fast", "train", "--subjects", str(path)]
+    # --standalone: torchrun finds a free port itself (it binds port 0).
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "dreambooth_fast", "train", "--subjects", str(path)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     output = done.stdout + done.stderr
     # Every rank exits 3; torchrun turns a rank's non-zero exit into its own exit code 1, naming the rank's code.
