@@ -11,7 +11,8 @@ import click
 from . import __version__
 from .backends import BACKENDS
 from .config import LR_SCHEDULES, PRECISIONS, PRIOR_MODES, REPORT_TO, TrainConfig
-from .errors import UserError
+from .distributed import error_stream, rank_prefix
+from .errors import ReportedByRank0, UserError
 from .samplers import SAMPLERS
 
 
@@ -23,9 +24,11 @@ class _Group(click.Group):
         warnings.showwarning = lambda message, *args, **kwargs: click.echo(f"warning: {message}", err=True)
         try:
             return super().invoke(ctx)
+        except ReportedByRank0:
+            sys.exit(ReportedByRank0.exit_code)
         except UserError as err:
-            click.echo(f"error: {err}", err=True)
-            sys.exit(2)
+            click.echo(f"error: {rank_prefix()}{err}", file=error_stream())
+            sys.exit(err.exit_code)
         except KeyboardInterrupt:
             click.echo("error: interrupted", err=True)
             sys.exit(130)
@@ -157,23 +160,42 @@ def _stages(value: str) -> tuple[str, ...]:
                    "OUTPUT/logs/tensorboard (needs the tensorboard extra)." + default("report_to"))
 @click.option("--seed", type=int, help="Seed of everything random in the run." + default("seed"))
 @click.option("--device", help="auto, cpu, cuda or cuda:N." + default("device"))
+@click.option("--fsdp", is_flag=True, default=None,
+              help="Under torchrun/accelerate launch: shard the UNet, its gradients and Adam's state over the "
+                   "processes (FSDP2) instead of a copy on each (DDP, the default): for a UNet too big for one device.")
+@click.option("--dist-timeout", type=int,
+              help="Under torchrun: seconds a process waits for the others in one exchange before it stops the run."
+                   + default("dist_timeout"))
 @click.option("--resume", is_flag=True, help="Continue the run in --output from its last checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace the run already in --output.")
 def train(config_file: str | None, resume: bool, overwrite: bool, **options) -> None:
     """Fine-tune a cascade on a subject with DreamBooth: bind a rare-token identifier to the subject with the
     class-specific prior preservation loss, stage by stage (base, then super-resolution)."""
     from .config import load_toml
+    from .distributed import init_from_env, process_device, quiet_unless_main, reported_once, shutdown
+    from .models import resolve_device
     from .rundir import read_run
     from .toy.default_model import DEFAULT_MODEL
     from .toy.world import SHAPES
     from .train import train as run_training
 
-    values = load_toml(config_file) if config_file else {}
-    if options.get("stages") is not None:
-        options["stages"] = _stages(options["stages"])
-    values.update({k: v for k, v in options.items() if v is not None})
-    cfg = TrainConfig(**values)
-    out = run_training(cfg, resume=resume, overwrite=overwrite)
+    # Under torchrun / accelerate launch: only rank 0 prints (and writes); the processes join once the options
+    # are found good (every rank would find the same mistake: rank 0 says it).
+    quiet_unless_main()
+    try:
+        values = load_toml(config_file) if config_file else {}
+        if options.get("stages") is not None:
+            options["stages"] = _stages(options["stages"])
+        values.update({k: v for k, v in options.items() if v is not None})
+        cfg = TrainConfig(**values)
+        device = process_device(resolve_device(cfg.validate().device))
+    except UserError as err:
+        raise reported_once(err) from None
+    dist = init_from_env(device, cfg.dist_timeout)
+    try:
+        out = run_training(cfg, resume=resume, overwrite=overwrite, dist=dist)
+    finally:
+        shutdown()
     timings = (read_run(out) or {}).get("timings") or {}
     rank = {"load": 0, "class_images": 1, "write": 3, "pictures": 4}  # the stages' train_* come between
     click.echo("time: " + ", ".join(f"{phase.replace('_', ' ')} {timings[phase]:.1f} s"
