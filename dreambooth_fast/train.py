@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import __version__, data, identifier, lora, ops
+from . import __version__, data, identifier, lora, ops, sd
 from .backends import TORCH_BACKENDS, unet_runner
 from .checkpoint import load_checkpoint, mark_stage_done, read_latest, save_checkpoint
 from .compiled import compile_unet
@@ -43,6 +43,7 @@ from .models import (
     load_cascade,
     load_tokenizer,
     load_unet,
+    model_family,
     resolve_device,
     weights_files,
 )
@@ -157,7 +158,8 @@ def stage_data(
     base_size = cascade.base_size
     if stage == "base":
         prior = _load_class_images(class_dir, "base", base_size) if class_dir else None
-        return StageData(data.prepare(images, base_size, flip=flip), None, prior, None)
+        rows = StageData(data.prepare(images, base_size, flip=flip), None, prior, None)
+        return sd.latent_rows(cascade.vae, rows) if cascade.family == "sd" else rows  # SD trains on VAE latents
     sr_size = cascade.sr_size
     subject = data.prepare(images, sr_size, flip=flip)
     subject_cond = _upscaled(data.prepare(images, base_size, flip=flip), sr_size)
@@ -563,6 +565,8 @@ def check_inputs(cfg: TrainConfig) -> RunInputs:
     out = Path(cfg.output)
     device = resolve_device(cfg.device)
     check_stage_dir(Path(cfg.model), "base")
+    if model_family(Path(cfg.model)) == "sd":
+        sd.check_options(cfg)
     sr_dir = find_sr_dir(Path(cfg.model), cfg.sr_model)
     if cfg.sr_model is not None:
         check_stage_dir(sr_dir, "sr")
@@ -702,6 +706,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
             scheduler = cascade.base_scheduler if stage == "base" else cascade.sr_scheduler
             noising = cascade.sr_noising_scheduler if stage == "sr" else None
             rows = stage_data(stage, cascade, inputs.images, class_dir, cfg.flip, bool(cfg.class_images_dir))
+            cascade.vae = None  # Stable Diffusion: the rows are latents now, the VAE is not needed in the loop
             validation = stage_validation(cfg, cascade, stage, validation_embeds, prompts.negative_embeds)
             trainer = StageTrainer(stage, unet, scheduler, noising, rows, prompts, cfg, inputs.device, out,
                                    completed, validation)
