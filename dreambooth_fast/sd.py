@@ -110,6 +110,17 @@ def check_options(cfg) -> None:
                         "torch or compile")
 
 
+def sd_stages(sr_model, backend: str) -> tuple[str, ...]:
+    """The stages `dbfast generate` runs on a Stable Diffusion model: the base and the VAE decode (no SR stage yet),
+    on a PyTorch backend (no export yet)."""
+    if sr_model is not None:
+        raise UserError("--sr-model: the Stable Diffusion x4 upscaler is not supported yet; generate with the base "
+                        "model alone")
+    if backend not in ("torch", "compile"):
+        raise UserError(f"--backend {backend}: Stable Diffusion models cannot be exported yet; use torch or compile")
+    return ("base",)
+
+
 def vae_scale_factor(model_dir: Path) -> int:
     """Pixels per latent along a side: 2 ** (VAE levels - 1), as StableDiffusionPipeline computes it."""
     return 2 ** (len(_config(Path(model_dir) / "vae" / "config.json")["block_out_channels"]) - 1)
