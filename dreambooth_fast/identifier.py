@@ -13,7 +13,7 @@ a known English word (english_words.txt; "sks" is a rifle). k = 1-3 kept tokens 
 CLIP's byte-level BPE (Stable Diffusion) is ordered differently: 512 byte characters (alone and with the
 end-of-word mark `</w>`), then one id per merge in the order the merges were learnt (frequent pairs first, so
 later ids are rarer), then <|startoftext|> and <|endoftext|>. There the rare range is the same fraction of the
-merges, ids 512 + [round(5/32 M), round(10/32 M)) for M merges (8152-15791 of CLIP's 49408), and a kept token
+merges, ids 512 + [round(5/32 M), round(10/32 M)) for M merges (8152-15790 of CLIP's 49408), and a kept token
 is a word-final piece ('xy</w>': the rules above, unchanged, keep exactly those).
 
 Works on any SentencePiece-based T5 tokenizer and on CLIP's tokenizer through transformers' public API (encode,
@@ -217,8 +217,11 @@ def candidates_report(tokenizer, *, seed: int = 0, limit: int = 20) -> str:
     rare = rare_id_range(tokenizer)
     judged = find_candidates(tokenizer, seed=seed, include_rejected=True)
     kept = [c for c in judged if c.kept]
-    of = (f"of {tokenizer.vocab_size}, merges {rare.start - BPE_BYTE_PIECES}-{rare.stop - 1 - BPE_BYTE_PIECES} of "
-          f"this BPE's {base_vocab_size(tokenizer)}" if is_clip_tokenizer(tokenizer) else f"of {base_vocab_size(tokenizer)}")
+    size = base_vocab_size(tokenizer)
+    of = f"of {size}"
+    if is_clip_tokenizer(tokenizer):
+        first = BPE_BYTE_PIECES
+        of = f"of {tokenizer.vocab_size}, merges {rare.start - first}-{rare.stop - 1 - first} of this BPE's {size}"
     header = (f"rare range: ids {rare.start}-{rare.stop - 1} {of} (the paper's "
               f"{PAPER_RARE_IDS[0]}-{PAPER_RARE_IDS[1] - 1} of {PAPER_VOCAB_SIZE}, scaled), order of seed {seed}")
     lines = [header,

@@ -2,7 +2,8 @@
 
 A cascade directory is an IF stage I directory (model_index.json, unet/, text_encoder/, tokenizer/,
 scheduler/) that may hold an IF stage II directory in `stage_2/`. Real IF ships the stages as separate
-directories (IF-I-XL-v1.0, IF-II-L-v1.0): pass the second as `sr_model_dir`.
+directories (IF-I-XL-v1.0, IF-II-L-v1.0): pass the second as `sr_model_dir`. A Stable Diffusion directory
+(model_index.json naming StableDiffusionPipeline) is detected here and checked and loaded by sd.py.
 """
 
 from __future__ import annotations

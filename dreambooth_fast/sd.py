@@ -67,7 +67,8 @@ def check_sd_dir(path: Path, index: dict) -> None:
         if not _has_weights(path / folder):
             raise UserError(f"no weight files in {path / folder} (expected *.safetensors): the download is incomplete")
     tok = path / "tokenizer"
-    if not (tok / "tokenizer.json").is_file() and not ((tok / "vocab.json").is_file() and (tok / "merges.txt").is_file()):
+    bpe_files = (tok / "vocab.json").is_file() and (tok / "merges.txt").is_file()
+    if not (tok / "tokenizer.json").is_file() and not bpe_files:
         raise UserError(f"{tok} has no CLIP BPE vocabulary (vocab.json and merges.txt, or tokenizer.json): restore it")
     unet = _config(path / "unet" / "config.json")
     vae = _config(path / "vae" / "config.json")
@@ -108,11 +109,22 @@ def check_options(cfg) -> None:
     if cfg.class_backend in ("onnx", "trt"):
         raise UserError(f"--class-backend {cfg.class_backend}: Stable Diffusion models cannot be exported yet; use "
                         "torch or compile")
+    check_sampler(cfg.class_sampler, "--class-sampler")
 
 
-def sd_stages(sr_model, backend: str) -> tuple[str, ...]:
+def check_sampler(sampler: str, option: str) -> None:
+    """DeepFloyd IF's timestep presets are IF's alone: Stable Diffusion samples with its own scheduler or dpm++."""
+    from .samplers import IF_PRESETS
+
+    if sampler in IF_PRESETS:
+        raise UserError(f"{option} {sampler}: a DeepFloyd IF timestep preset; for Stable Diffusion use ddpm (the "
+                        "model's own scheduler) or dpm++")
+
+
+def sd_stages(sr_model, backend: str, sampler: str) -> tuple[str, ...]:
     """The stages `dbfast generate` runs on a Stable Diffusion model: the base and the VAE decode (no SR stage yet),
     on a PyTorch backend (no export yet)."""
+    check_sampler(sampler, "--sampler")
     if sr_model is not None:
         raise UserError("--sr-model: the Stable Diffusion x4 upscaler is not supported yet; generate with the base "
                         "model alone")
@@ -165,7 +177,8 @@ def load_sd(model_dir: Path, *, device: str, dtype: torch.dtype, stages: tuple[s
 
     return Cascade(
         tokenizer=load_tokenizer(model_dir),
-        text_encoder=_load_part(CLIPTextModel, model_dir / "text_encoder", device, dtype) if with_text_encoder else None,
+        text_encoder=(_load_part(CLIPTextModel, model_dir / "text_encoder", device, dtype) if with_text_encoder
+                      else None),
         base_unet=load_unet(model_dir, device, dtype) if "base" in stages and with_unets else None,
         base_scheduler=load_scheduler(model_dir),
         sr_unet=None,

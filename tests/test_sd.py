@@ -10,6 +10,8 @@ import pytest
 import torch
 from runs import assert_refused, dbfast, train, unet_weights
 
+from dreambooth_fast.errors import UserError
+from dreambooth_fast.export.onnx_export import cascade_stages
 from dreambooth_fast.identifier import (
     check_identifier,
     choose_identifier,
@@ -77,8 +79,8 @@ BAD_LAYOUTS = {
                           ["'Nope'", "not a diffusers scheduler"]),
     "sdxl": (lambda m: _edit_json(m / "model_index.json", _class_name="StableDiffusionXLPipeline"),
              ["SDXL", "not supported yet"]),
-    "upscaler as the model": (lambda m: _edit_json(m / "model_index.json", _class_name="StableDiffusionUpscalePipeline"),
-                              ["x4 upscaler"]),
+    "upscaler as the model": (
+        lambda m: _edit_json(m / "model_index.json", _class_name="StableDiffusionUpscalePipeline"), ["x4 upscaler"]),
     "broken model_index": (lambda m: (m / "model_index.json").write_text("{"), ["model_index.json is not valid JSON"]),
 }
 
@@ -100,8 +102,9 @@ def test_every_bad_layout_is_one_line_before_anything_is_written(tiny_sd, subjec
         (["--stages", "sr"], ["--stages sr", "only stage here is base"]),
         (["--validation-prompt", "a [V] dog", "--validation-every", "1"], ["--validation-prompt", "not supported"]),
         (["--class-backend", "onnx"], ["--class-backend onnx", "cannot be exported yet"]),
+        (["--class-sampler", "smart27"], ["--class-sampler smart27", "IF timestep preset"]),
     ],
-    ids=["sr-model", "stages-sr", "validation", "class-backend"],
+    ids=["sr-model", "stages-sr", "validation", "class-backend", "if-preset"],
 )
 def test_options_that_do_not_apply_to_sd_yet_are_refused(tiny_sd, subject_dir, tmp_path, options, words):
     out = tmp_path / "run"
@@ -121,6 +124,8 @@ def test_prompts_are_encoded_as_stable_diffusion_pipeline_encodes_them(tiny_sd):
     assert ours.shape == (2, 77, 32)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
     torch.testing.assert_close(encode_negative(pipe.tokenizer, pipe.text_encoder), negative[:1], rtol=0, atol=0)
+    with pytest.warns(UserWarning, match="longer than 77 tokens; this part was cut"):
+        encode_prompts(pipe.tokenizer, pipe.text_encoder, [" ".join(["dog"] * 80)])
 
 
 def word_ids(tokenizer, word):
@@ -194,7 +199,8 @@ def test_train_with_prior_writes_a_model_stable_diffusion_pipeline_loads(tiny_sd
 
 def test_train_without_prior_and_generate(tiny_sd, subject_dir, tmp_path):
     out = tmp_path / "run"
-    result = train(tiny_sd, subject_dir, out, "--no-prior", "--min-snr-gamma", "5")
+    # Min-SNR weights and the fused GroupNorm + SiLU op (SD's ResNet blocks) on latents too.
+    result = train(tiny_sd, subject_dir, out, "--no-prior", "--min-snr-gamma", "5", "--fused-norm")
     assert result.exit_code == 0, result.output
     assert json.loads((out / "dreambooth.json").read_text())["class_images"] is None
     # dbfast generate: the base stage draws latents, the VAE decodes them (no SR stage for SD yet).
@@ -203,7 +209,13 @@ def test_train_without_prior_and_generate(tiny_sd, subject_dir, tmp_path):
                     "--out", samples)
     assert result.exit_code == 0, result.output
     assert len(list(samples.glob("image-*.png"))) == 2
+    result = dbfast("generate", "a [V] dog", "--model", out, "-n", "1", "--steps", "2", "--sampler", "dpm++",
+                    "--device", "cpu", "--out", samples)
+    assert result.exit_code == 0, result.output
     assert_refused(dbfast("generate", "a [V] dog", "--model", out, "--backend", "onnx"), "cannot be exported yet")
+    assert_refused(dbfast("generate", "a [V] dog", "--model", out, "--sampler", "fast27"), "IF timestep preset")
+    with pytest.raises(UserError, match="Stable Diffusion model: its export"):
+        cascade_stages(out)  # what `dbfast export` checks first, once onnx is importable
 
 
 def test_our_sampler_draws_what_stable_diffusion_pipeline_draws(tiny_sd):
@@ -235,6 +247,15 @@ def test_lora_writes_an_adapter_that_load_lora_weights_loads(tiny_sd, subject_di
     pipe.load_lora_weights(out, weight_name=LORA_WEIGHTS)
     after = pipe.unet(latents, 500, encoder_hidden_states=embeds).sample
     assert not torch.allclose(before, after)
+
+
+def test_prior_mode_predictions_with_lora(tiny_sd, subject_dir, tmp_path):
+    """No class images: the UNet with its adapter off predicts the prior rows' targets on the subject latents."""
+    out = tmp_path / "run"
+    result = train(tiny_sd, subject_dir, out, "--prior-mode", "predictions", "--lora-rank", "4")
+    assert result.exit_code == 0, result.output
+    run = json.loads((out / "dreambooth.json").read_text())
+    assert run["class_images"] is None and (out / LORA_WEIGHTS).is_file()
 
 
 def test_ctrl_c_then_resume_is_bitwise_identical(tiny_sd, subject_dir, tmp_path, monkeypatch):
@@ -282,3 +303,27 @@ def test_sd2_style_v_prediction_trains_on_v_targets(tmp_path, subject_dir, monke
     assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
     StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
 
+
+
+def test_eval_generation_runs_on_a_stable_diffusion_model(tiny_sd, tmp_path):
+    """dbfast eval's generation (the protocol prompts) draws through the SD base and the VAE decode."""
+    from PIL import Image
+
+    from dreambooth_fast.evaluate.protocol import generate_eval_images
+
+    paths = generate_eval_images(tiny_sd, ["a dog", "a dog on the beach"], 2, tmp_path / "eval", device="cpu",
+                                 base_steps=2, progress=False)
+    assert [len(group) for group in paths] == [2, 2]
+    assert {Image.open(p).size for group in paths for p in group} == {(32, 32)}
+
+
+def test_the_class_image_cache_key_names_the_vae(tiny_sd, tmp_path):
+    from dreambooth_fast.prior import PriorSettings, cache_key
+
+    settings = PriorSettings("a dog", "ddpm", 2, 7.5, 2, 4.0, 250, False, 0)
+    model = copy_of(tiny_sd, tmp_path)
+    key = cache_key(load_cascade(model, with_text_encoder=False, with_unets=False), settings)
+    with open(model / "vae" / "diffusion_pytorch_model.safetensors", "ab") as f:
+        f.write(b"\0")  # another VAE decodes other class images from the same latents
+    changed = cache_key(load_cascade(model, with_text_encoder=False, with_unets=False), settings)
+    assert key["base_unet"] == changed["base_unet"] and key["vae"] != changed["vae"]
