@@ -49,8 +49,9 @@ def is_clip_tokenizer(tokenizer) -> bool:
 def encode_clip(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
     """CLIP embeddings as StableDiffusionPipeline computes them: the prompt as given (CLIP's tokenizer lower-cases
     it), padded to the tokenizer's model_max_length (77) and truncated, the attention mask passed only where the
-    encoder's config asks for it (use_attention_mask), the last hidden state. Warns when a prompt is truncated."""
-    max_length = tokenizer.model_max_length
+    encoder's config asks for it (use_attention_mask), the last hidden state. Warns when a prompt is truncated.
+    A tokenizer saved without model_max_length (transformers then says 1e30) is held to the encoder's positions."""
+    max_length = min(tokenizer.model_max_length, text_encoder.config.max_position_embeddings)
     inputs = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
     for text, ids in zip(prompts, tokenizer(prompts).input_ids):
         if len(ids) > max_length:
