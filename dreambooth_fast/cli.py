@@ -37,7 +37,8 @@ class _Group(click.Group):
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="dbfast")
 def main() -> None:
-    """Fast DreamBooth for cascaded text-to-image diffusion models (DeepFloyd IF layout).
+    """Fast DreamBooth for cascaded text-to-image diffusion models (DeepFloyd IF layout; Stable Diffusion 1.x/2.x's
+    base stage too).
 
     \b
     Typical use:
@@ -68,7 +69,8 @@ def _stages(value: str) -> tuple[str, ...]:
 @click.option("--images", type=click.Path(), help="Directory of 3-5 photos of the subject (jpg, png, webp).")
 @click.option("--class", "class_noun", help="The subject's class noun, e.g. dog: prompts are 'a [V] dog' and 'a dog'.")
 @click.option("--model", type=click.Path(),
-              help="Cascade directory in DeepFloyd IF's diffusers layout (stage I, optional stage_2/). "
+              help="Cascade directory in DeepFloyd IF's diffusers layout (stage I, optional stage_2/), or a "
+                   "Stable Diffusion 1.x/2.x directory (StableDiffusionPipeline layout; base stage only). "
                    "[default: the embedded toy model, else a tiny random cascade]")
 @click.option("--sr-model", type=click.Path(),
               help="IF stage II directory when it is not MODEL/stage_2 (e.g. IF-II-L-v1.0).")
@@ -250,7 +252,7 @@ def generate(prompt: str, model: str, sr_model: str | None, num_images: int, sta
 
 @main.command()
 @click.option("--model", "model_dir", required=True, type=click.Path(),
-              help="Cascade directory (DeepFloyd IF stage I layout) whose tokenizer/ to search.")
+              help="Model directory (DeepFloyd IF stage I or Stable Diffusion layout) whose tokenizer/ to search.")
 @click.option("--n", "n_tokens", default=1, show_default=True, type=click.IntRange(1, 3),
               help="How many rare tokens to concatenate into the identifier (the paper: 1-3).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the uniform sampling of rare token ids.")

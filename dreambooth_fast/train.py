@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from . import __version__, data, identifier, lora, ops
+from . import __version__, data, identifier, lora, ops, sd
 from .backends import TORCH_BACKENDS, unet_runner
 from .checkpoint import checkpoint_dir, load_checkpoint, mark_stage_done, read_latest, save_checkpoint
 from .compiled import compile_unet
@@ -62,6 +62,7 @@ from .models import (
     load_cascade,
     load_tokenizer,
     load_unet,
+    model_family,
     resolve_device,
     weights_files,
 )
@@ -176,7 +177,8 @@ def stage_data(
     base_size = cascade.base_size
     if stage == "base":
         prior = _load_class_images(class_dir, "base", base_size) if class_dir else None
-        return StageData(data.prepare(images, base_size, flip=flip), None, prior, None)
+        rows = StageData(data.prepare(images, base_size, flip=flip), None, prior, None)
+        return sd.latent_rows(cascade.vae, rows) if cascade.family == "sd" else rows  # SD trains on VAE latents
     sr_size = cascade.sr_size
     subject = data.prepare(images, sr_size, flip=flip)
     subject_cond = _upscaled(data.prepare(images, base_size, flip=flip), sr_size)
@@ -658,6 +660,8 @@ def check_inputs(cfg: TrainConfig) -> RunInputs:
     out = Path(cfg.output)
     device = process_device(resolve_device(cfg.device))  # under a launcher: the local rank's GPU
     check_stage_dir(Path(cfg.model), "base")
+    if model_family(Path(cfg.model)) == "sd":
+        sd.check_options(cfg)
     sr_dir = find_sr_dir(Path(cfg.model), cfg.sr_model)
     if cfg.sr_model is not None:
         check_stage_dir(sr_dir, "sr")
@@ -863,6 +867,7 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, dist: Dist) -> Path:
             scheduler = cascade.base_scheduler if stage == "base" else cascade.sr_scheduler
             noising = cascade.sr_noising_scheduler if stage == "sr" else None
             rows = stage_data(stage, cascade, inputs.images, class_dir, cfg.flip, bool(cfg.class_images_dir))
+            cascade.vae = None  # Stable Diffusion: the rows are latents now, the VAE is not needed in the loop
             validation = stage_validation(cfg, cascade, stage, validation_embeds, prompts.negative_embeds)
             trainer = StageTrainer(stage, unet, scheduler, noising, rows, prompts, cfg, inputs.device, out,
                                    completed, validation, dist)
