@@ -11,7 +11,8 @@ import click
 from . import __version__
 from .backends import BACKENDS
 from .config import LR_SCHEDULES, PRECISIONS, PRIOR_MODES, REPORT_TO, TrainConfig
-from .errors import UserError
+from .distributed import error_stream, rank_prefix
+from .errors import ReportedByRank0, UserError
 from .samplers import SAMPLERS
 
 
@@ -23,9 +24,11 @@ class _Group(click.Group):
         warnings.showwarning = lambda message, *args, **kwargs: click.echo(f"warning: {message}", err=True)
         try:
             return super().invoke(ctx)
+        except ReportedByRank0:
+            sys.exit(ReportedByRank0.exit_code)
         except UserError as err:
-            click.echo(f"error: {err}", err=True)
-            sys.exit(2)
+            click.echo(f"error: {rank_prefix()}{err}", file=error_stream())
+            sys.exit(err.exit_code)
         except KeyboardInterrupt:
             click.echo("error: interrupted", err=True)
             sys.exit(130)
@@ -34,7 +37,8 @@ class _Group(click.Group):
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="dbfast")
 def main() -> None:
-    """Fast DreamBooth for cascaded text-to-image diffusion models (DeepFloyd IF layout).
+    """Fast DreamBooth for cascaded text-to-image diffusion models (DeepFloyd IF layout; Stable Diffusion 1.x/2.x's
+    base stage too).
 
     \b
     Typical use:
@@ -65,7 +69,8 @@ def _stages(value: str) -> tuple[str, ...]:
 @click.option("--images", type=click.Path(), help="Directory of 3-5 photos of the subject (jpg, png, webp).")
 @click.option("--class", "class_noun", help="The subject's class noun, e.g. dog: prompts are 'a [V] dog' and 'a dog'.")
 @click.option("--model", type=click.Path(),
-              help="Cascade directory in DeepFloyd IF's diffusers layout (stage I, optional stage_2/). "
+              help="Cascade directory in DeepFloyd IF's diffusers layout (stage I, optional stage_2/), or a "
+                   "Stable Diffusion 1.x/2.x directory (StableDiffusionPipeline layout; base stage only). "
                    "[default: the embedded toy model, else a tiny random cascade]")
 @click.option("--sr-model", type=click.Path(),
               help="IF stage II directory when it is not MODEL/stage_2 (e.g. IF-II-L-v1.0).")
@@ -157,6 +162,12 @@ def _stages(value: str) -> tuple[str, ...]:
                    "OUTPUT/logs/tensorboard (needs the tensorboard extra)." + default("report_to"))
 @click.option("--seed", type=int, help="Seed of everything random in the run." + default("seed"))
 @click.option("--device", help="auto, cpu, cuda or cuda:N." + default("device"))
+@click.option("--fsdp", is_flag=True, default=None,
+              help="Under torchrun/accelerate launch: shard the UNet, its gradients and Adam's state over the "
+                   "processes (FSDP2) instead of a copy on each (DDP, the default): for a UNet too big for one device.")
+@click.option("--dist-timeout", type=int,
+              help="Under torchrun: seconds a process waits for the others in one exchange before it stops the run."
+                   + default("dist_timeout"))
 @click.option("--resume", is_flag=True,
               help="Continue the run in --output from its last checkpoint. With --subjects: a finished subject is "
                    "reported 'done (already)', an unfinished one continues, one without an output starts.")
@@ -181,23 +192,39 @@ def train(config_file: str | None, subjects_file: str | None, summary: str | Non
       torchrun --nproc_per_node 2 -m dreambooth_fast train --subjects subjects.toml
     """
     from .config import load_toml
+    from .distributed import init_from_env, process_device, quiet_unless_main, reported_once, shutdown
+    from .models import resolve_device
     from .rundir import read_run
     from .toy.default_model import DEFAULT_MODEL
     from .toy.world import SHAPES
     from .train import train as run_training
 
-    values = load_toml(config_file) if config_file else {}
-    if options.get("stages") is not None:
-        options["stages"] = _stages(options["stages"])
-    values.update({k: v for k, v in options.items() if v is not None})
-    if subjects_file:
+    try:
+        values = load_toml(config_file) if config_file else {}
+        if options.get("stages") is not None:
+            options["stages"] = _stages(options["stages"])
+        values.update({k: v for k, v in options.items() if v is not None})
+    except UserError as err:
+        raise reported_once(err) from None
+    if subjects_file:  # every rank prints its own subjects' lines (subjects.py prefixes them)
         from .subjects import train_subjects
 
         sys.exit(train_subjects(subjects_file, values, resume=resume, overwrite=overwrite, summary=summary))
-    if summary:
-        raise UserError("--summary is the summary of --subjects: pass both, or neither")
-    cfg = TrainConfig(**values)
-    out = run_training(cfg, resume=resume, overwrite=overwrite)
+    # Under torchrun / accelerate launch: only rank 0 prints (and writes); the processes join once the options
+    # are found good (every rank would find the same mistake: rank 0 says it).
+    quiet_unless_main()
+    try:
+        if summary:
+            raise UserError("--summary is the summary of --subjects: pass both, or neither")
+        cfg = TrainConfig(**values)
+        device = process_device(resolve_device(cfg.validate().device))
+    except UserError as err:
+        raise reported_once(err) from None
+    dist = init_from_env(device, cfg.dist_timeout)
+    try:
+        out = run_training(cfg, resume=resume, overwrite=overwrite, dist=dist)
+    finally:
+        shutdown()
     timings = (read_run(out) or {}).get("timings") or {}
     rank = {"load": 0, "class_images": 1, "write": 3, "pictures": 4}  # the stages' train_* come between
     click.echo("time: " + ", ".join(f"{phase.replace('_', ' ')} {timings[phase]:.1f} s"
@@ -252,7 +279,7 @@ def generate(prompt: str, model: str, sr_model: str | None, num_images: int, sta
 
 @main.command()
 @click.option("--model", "model_dir", required=True, type=click.Path(),
-              help="Cascade directory (DeepFloyd IF stage I layout) whose tokenizer/ to search.")
+              help="Model directory (DeepFloyd IF stage I or Stable Diffusion layout) whose tokenizer/ to search.")
 @click.option("--n", "n_tokens", default=1, show_default=True, type=click.IntRange(1, 3),
               help="How many rare tokens to concatenate into the identifier (the paper: 1-3).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the uniform sampling of rare token ids.")

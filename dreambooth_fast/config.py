@@ -18,6 +18,7 @@ from .backends import BACKENDS
 from .errors import UserError
 from .samplers import check_sampler
 
+DIST_TIMEOUT_S = 600  # how long a rank waits for the others in one collective before it stops the run
 CLASS_IMAGE_BATCH = 16  # class images per sampler call; halved where it does not fit (BENCHMARKS.md, prior suite)
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -75,6 +76,8 @@ class TrainConfig:
     report_to: str = "none"
     seed: int = 0
     device: str = "auto"
+    fsdp: bool = False  # under torchrun: shard the UNet over the ranks (FSDP2) instead of replicating it (DDP)
+    dist_timeout: int = DIST_TIMEOUT_S
 
     def validate(self) -> TrainConfig:
         _check_types(self)
@@ -135,6 +138,14 @@ class TrainConfig:
             _require("bitsandbytes", "--use-8bit-adam", "bnb")
         if self.lora_rank:
             _require("peft", "--lora-rank", "lora")
+        if self.fsdp and self.lora_rank:
+            raise UserError("--fsdp shards full fine-tuning; a LoRA adapter is small enough to replicate: drop --fsdp "
+                            "(a distributed run uses DDP by default)")
+        if self.fsdp and self.use_8bit_adam:
+            raise UserError("--fsdp and --use-8bit-adam do not go together (bitsandbytes' Adam does not take "
+                            "sharded parameters): drop one")
+        if self.dist_timeout < 1:
+            raise UserError(f"--dist-timeout must be at least 1 second, got {self.dist_timeout}")
         if not 0 <= self.sr_noise_level < 1000:
             raise UserError(f"--sr-noise-level must be in [0, 1000), got {self.sr_noise_level}")
         return self

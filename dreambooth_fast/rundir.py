@@ -29,7 +29,7 @@ RUN_ARTIFACTS = (RUN_FILE, CHECKPOINTS, VALIDATION, LOGS, LOCK_FILE)
 # Options that may change between a run and its --resume (they do not change what is learnt).
 RESUMABLE_CHANGES = {
     "steps", "sr_steps", "checkpoint_every", "validation_prompt", "validation_every", "device", "report_to",
-    "class_batch_size", "class_backend", "class_export_dir",
+    "class_batch_size", "class_backend", "class_export_dir", "dist_timeout",
 }
 
 

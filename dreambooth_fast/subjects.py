@@ -9,8 +9,8 @@ runs (a mistake is one `error:` line, exit code 2).
 The queue: one process trains the subjects one after the other. Under torchrun (WORLD_SIZE > 1) every rank takes
 the next subject from a counter in the process group's store, one at a time, so a rank whose subject failed at once
 or finished early takes the next. Each subject is an ordinary single-process run (`train.train`) on the rank's own
-device. Subjects of one class share its class images through the cache (prior.py draws them under a lock, so two
-ranks never draw the same images: the second waits, then reuses them).
+device. Subjects of one class share its class images through the cache (prior.py: ranks that need them at the same
+time share the drawing batch by batch, and no image is drawn twice).
 
 A subject that fails is recorded with its one-line error and the queue goes on; Ctrl-C stops the queue. At the end
 rank 0 gathers every rank's results, prints one table and writes it as JSON (`--summary`); every rank exits with
@@ -24,7 +24,6 @@ import dataclasses
 import gc
 import io
 import itertools
-import os
 import sys
 import time
 import traceback
@@ -54,6 +53,7 @@ PATH_FIELDS = ("images", "model", "sr_model", "output", "class_images_dir", "cla
 INPUT_FIELDS = {"--images": "images", "--model": "model", "--sr-model": "sr_model",
                 "--class-images-dir": "class_images_dir"}
 OWN_FIELDS = ("images", "output")  # every subject's own: never shared
+ERROR = "error: "
 
 
 @dataclass
@@ -117,6 +117,9 @@ def read_subjects(path: str | Path, defaults: dict) -> list[Subject]:
             raise UserError(f"{here} has no {names}: every subject needs images, class and output")
         try:
             cfg = TrainConfig(**values).validate()
+            if cfg.fsdp:
+                raise UserError("--fsdp shards one run over the processes, and with --subjects each subject is a "
+                                "run of one process: drop fsdp")
         except UserError as err:
             raise UserError(f"{here}: {err}") from None
         output = str(own["output"])
@@ -185,7 +188,7 @@ def run_subject(subject: Subject, rank: int, *, resume: bool, overwrite: bool,
     result.seconds = round(time.perf_counter() - start, 1)
     if result.error:
         result.error = (result.error.strip().splitlines() or ["(no message)"])[0]
-        echo(f"error: subject {subject.index} ({subject.name}): {result.error}")
+        echo(f"{ERROR}subject {subject.index} ({subject.name}): {result.error}")
     else:
         echo(f"subject {subject.index} ({subject.name}): {result.status} in {result.seconds:.1f} s")
     gc.collect()  # the next subject starts with this one's model freed (a failed one's frames included)
@@ -239,7 +242,9 @@ class _RankPrefix(io.TextIOBase):
         *lines, self.pending = (self.pending + text).split("\n")
         for line in lines:
             line = line.rsplit("\r", 1)[-1]
-            if line.strip():
+            if line.startswith(ERROR):  # error lines still start with 'error: ', as the CLI's own
+                self.stream.write(ERROR + self.prefix + line[len(ERROR):] + "\n")
+            elif line.strip():
                 self.stream.write(self.prefix + line + "\n")
         if lines:
             self.stream.flush()
@@ -270,10 +275,8 @@ def train_subjects(subjects_file: str | Path, defaults: dict, *, resume: bool = 
                             "--overwrite starts each one again")
         subjects = read_subjects(subjects_file, defaults)
         check_can_create(summary.parent, "--summary")
-    except UserError:
-        if os.environ.get("RANK", "0") != "0":  # every rank read the same file: rank 0 alone says what is wrong
-            raise SystemExit(2) from None
-        raise
+    except UserError as err:
+        raise distributed.reported_once(err) from None  # every rank read the same file: rank 0 says what is wrong
     # The ranks only share out subjects and results: gloo (CPU) whatever the devices train on.
     group = distributed.init_from_env(torch.device("cpu"), timeout_s=QUEUE_TIMEOUT_S)
     if group.is_distributed:
@@ -281,23 +284,19 @@ def train_subjects(subjects_file: str | Path, defaults: dict, *, resume: bool = 
         next_index = lambda: store.add("next", 1) - 1  # noqa: E731
     else:
         next_index = itertools.count().__next__
-    echo = lambda line: click.echo(line, err=line.startswith("error:"))  # noqa: E731
+    echo = lambda line: click.echo(line, err=line.startswith(ERROR))  # noqa: E731
     with _prefixed_output(group.rank) if group.is_distributed else contextlib.nullcontext():
         if group.is_main:
             echo(f"{len(subjects)} subjects, {group.world_size} at a time")
         results = run_queue(subjects, group.rank, next_index, resume=resume, overwrite=overwrite, echo=echo)
-    if group.is_distributed:
-        gathered: list = [None] * group.world_size
-        dist.all_gather_object(gathered, results)
-        results = sorted((r for part in gathered for r in part), key=lambda r: r.index)
+    results = sorted((r for part in distributed.gather(group, results) for r in part), key=lambda r: r.index)
     code = PARTIAL_FAILURE if any(r.status == "failed" for r in results) else 0
     if group.is_main:
         click.echo(format_summary(results))
         atomic_write_json(summary, {"subjects_file": str(subjects_file), "world_size": group.world_size,
                                     "exit_code": code, "subjects": [dataclasses.asdict(r) for r in results]})
         click.echo(f"summary: {summary}")
-    if group.is_distributed:
-        # torchrun stops every rank once one exits with an error: none leaves before rank 0 has written the summary.
-        dist.barrier()
+    # torchrun stops every rank once one exits with an error: none leaves before rank 0 has written the summary.
+    distributed.barrier(group)
     distributed.shutdown()
     return code

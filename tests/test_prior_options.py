@@ -104,7 +104,7 @@ def _settings(sampler="ddpm", steps=2):
 
 def test_the_sampler_is_part_of_the_class_image_cache_key(cascade, embeds, tmp_path):
     cond, uncond = embeds
-    folders = {s: prior.generate_class_images(cascade, cond[:1], uncond, 2, _settings(s), tmp_path) for s in
+    folders = {s: prior.generate_class_images(cascade, cond[:1], uncond, 2, _settings(s), tmp_path)[0] for s in
                ("ddpm", "dpm++")}
     assert folders["ddpm"] != folders["dpm++"]
     for sampler, folder in folders.items():
@@ -114,8 +114,8 @@ def test_the_sampler_is_part_of_the_class_image_cache_key(cascade, embeds, tmp_p
 
 def test_class_images_do_not_depend_on_the_batch_size(cascade, embeds, tmp_path):
     cond, uncond = embeds
-    one = prior.generate_class_images(cascade, cond[:1], uncond, 3, _settings(), tmp_path / "a", batch_size=1)
-    three = prior.generate_class_images(cascade, cond[:1], uncond, 3, _settings(), tmp_path / "b", batch_size=3)
+    one, _ = prior.generate_class_images(cascade, cond[:1], uncond, 3, _settings(), tmp_path / "a", batch_size=1)
+    three, _ = prior.generate_class_images(cascade, cond[:1], uncond, 3, _settings(), tmp_path / "b", batch_size=3)
     assert one.name == three.name  # the same cache key
     for i in range(3):
         a, b = (np.asarray(Image.open(f / "base" / f"{i:04d}.png"), dtype=int) for f in (one, three))

@@ -91,6 +91,7 @@ REX = '[[subject]]\nimages = "p"\nclass = "dog"\noutput = "a"\n'  # one good sub
     ('[[subject]]\nimages = "p"\nclass = "dog"\noutput = "p/run"\n', ["subject 1's output p/run overlaps its own"]),
     (REX + '[[subject]]\nname = "max"\nimages = "q"\nclass = "cat"\noutput = "b"\nsteps = 0\n',
      ["subject 2 (max)", "--steps must be at least 1"]),
+    (REX + "fsdp = true\n", ["subject 1", "--fsdp", "one process"]),
     (REX + 'learning-rate = "fast"\n', ["subject 1", "learning-rate"]),
     ('[[subject]]\nname = 7\nimages = "p"\nclass = "dog"\noutput = "a"\n', ["subject 1", "name must be"]),
 ])
@@ -155,8 +156,9 @@ def test_rank_prefix_keeps_whole_lines_and_the_last_state_of_a_progress_bar():
     stream.write("train base:   0%\rtrain base:  50%")
     assert sink.text == ""  # no whole line yet
     stream.write("\rtrain base: 100%\nwarning: a small")
-    stream.write(" photo\n\n")
-    assert sink.text == "[rank 1] train base: 100%\n[rank 1] warning: a small photo\n"
+    stream.write(" photo\n\nerror: subject 2 (tom): no photos\n")
+    assert sink.text == ("[rank 1] train base: 100%\n[rank 1] warning: a small photo\n"
+                         "error: [rank 1] subject 2 (tom): no photos\n")  # error lines start with 'error: '
 
 
 # -- the queue in one process ----------------------------------------------------------------------------------
@@ -260,9 +262,9 @@ def test_three_subjects_over_two_ranks_one_with_a_bad_photo(tiny_cascade, tmp_pa
     # Every rank exits 3; torchrun turns a rank's non-zero exit into its own exit code 1, naming the rank's code.
     assert done.returncode != 0, output
     assert re.search(r"exitcode\s*:\s*3\b", output), output
-    errors = [line for line in output.splitlines() if "error: subject" in line]
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "(broken)" in errors[0] and "4.jpg" in errors[0], errors
-    assert errors[0].startswith("[rank ")
+    assert re.match(r"error: \[rank [01]\] subject 2 \(broken\)", errors[0])
     for name in ("rex", "fido"):
         assert load_cascade(tmp_path / "runs" / name, stages=("base",)).base_unet is not None
     summary = summary_of(path)

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..models import check_stage_dir, find_sr_dir
+from ..models import check_stage_dir, find_sr_dir, model_family
 
 DEFAULT_OPSET = 18
 EXTERNAL_DATA_THRESHOLD = 2**31  # protobuf cannot hold a model of 2 GiB or more in one file
@@ -54,6 +54,8 @@ def cascade_stages(model_dir: str | Path, sr_model_dir: str | Path | None = None
     when there is one; each checked to be an IF stage directory."""
     base_dir = Path(model_dir)
     check_stage_dir(base_dir, "base")
+    if model_family(base_dir) == "sd":
+        raise UserError(f"{base_dir} is a Stable Diffusion model: its export (ONNX, TensorRT) is not supported yet")
     stages = [("base", base_dir)]
     sr_dir = find_sr_dir(base_dir, sr_model_dir)
     if sr_dir is not None:
