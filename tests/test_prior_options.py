@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from runs import assert_refused, dbfast, train, unet_weights
+from runs import assert_refused, dbfast, interrupted_then_resumed, train
 
 from dreambooth_fast import prior
 from dreambooth_fast.errors import UserError
@@ -185,26 +185,9 @@ def test_prior_predictions_draw_no_class_images_and_start_at_zero_prior_loss(
 
 def test_prior_predictions_resume_bit_exactly(tiny_cascade, subject_dir, tmp_path, monkeypatch):
     """The frozen model is the loaded model, not the checkpoint's weights: a resumed run trains as if unbroken."""
-    from dreambooth_fast.train import StageTrainer
-
-    common = ["--stages", "base", "--prior-mode", "predictions", "--steps", "4", "--checkpoint-every", "100",
-              "--lr", "1e-3"]
-    straight = tmp_path / "straight"
-    assert train(tiny_cascade, subject_dir, straight, *common).exit_code == 0
-    step = StageTrainer.optimizer_step
-
-    def interrupted_at_step_3(self):
-        if self.step == 2:
-            raise KeyboardInterrupt
-        return step(self)
-
-    out = tmp_path / "run"
-    monkeypatch.setattr(StageTrainer, "optimizer_step", interrupted_at_step_3)
-    assert_refused(train(tiny_cascade, subject_dir, out, *common), "interrupted at base step 2", "--resume")
-    monkeypatch.setattr(StageTrainer, "optimizer_step", step)
-    assert train(tiny_cascade, subject_dir, out, *common, "--resume").exit_code == 0
-    tuned, reference = unet_weights(out), unet_weights(straight)
-    assert all(torch.equal(v, reference[k]) for k, v in tuned.items())
+    options = ["--stages", "base", "--prior-mode", "predictions", "--steps", "4", "--checkpoint-every", "100",
+               "--lr", "1e-3"]
+    interrupted_then_resumed(tiny_cascade, subject_dir, tmp_path, monkeypatch, options, stop_after=2)
 
 
 @pytest.mark.parametrize("options, words", [

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from runs import assert_refused, dbfast, train, unet_weights
+from runs import assert_refused, dbfast, interrupted_then_resumed, train, unet_weights
 
 from dreambooth_fast.errors import UserError
 from dreambooth_fast.export.onnx_export import cascade_stages
@@ -259,26 +259,8 @@ def test_prior_mode_predictions_with_lora(tiny_sd, subject_dir, tmp_path):
 
 
 def test_ctrl_c_then_resume_is_bitwise_identical(tiny_sd, subject_dir, tmp_path, monkeypatch):
-    from dreambooth_fast.train import StageTrainer
-
-    common = ["--steps", "4", "--checkpoint-every", "100", "--batch-size", "2", "--flip"]
-    straight = tmp_path / "straight"
-    assert train(tiny_sd, subject_dir, straight, *common).exit_code == 0
-    step = StageTrainer.optimizer_step
-
-    def interrupted_at_step_3(self):
-        if self.step == 2:
-            raise KeyboardInterrupt
-        return step(self)
-
-    out = tmp_path / "run"
-    monkeypatch.setattr(StageTrainer, "optimizer_step", interrupted_at_step_3)
-    assert_refused(train(tiny_sd, subject_dir, out, *common), "interrupted at base step 2", "--resume")
-    monkeypatch.setattr(StageTrainer, "optimizer_step", step)
-    result = train(tiny_sd, subject_dir, out, *common, "--resume")
-    assert result.exit_code == 0, result.output
-    tuned, reference = unet_weights(out), unet_weights(straight)
-    assert all(torch.equal(v, reference[k]) for k, v in tuned.items())
+    options = ["--steps", "4", "--checkpoint-every", "100", "--batch-size", "2", "--flip"]
+    interrupted_then_resumed(tiny_sd, subject_dir, tmp_path, monkeypatch, options, stop_after=2)
 
 
 def test_sd2_style_v_prediction_trains_on_v_targets(tmp_path, subject_dir, monkeypatch):
