@@ -1,5 +1,11 @@
 """Scale-out benchmarks: the same work over several processes (torchrun) against one process.
 
+measure_class_images: the class-image phase of `dbfast train` (the embedded default model, "a heart", class guidance
+2, N images drawn B per batch; --steps 1) in one process and under torchrun with 2 processes, which split the
+batches between them (prior.py's per-batch claims), each run from an empty class-image cache, alternating, 1 torch
+thread per process. Timed: the "class_images" phase the run records in dreambooth.json (rank 0's: it ends when
+every image is there, its own and the other rank's); images/s = N / that; speed-up per round, median (min-max).
+
 measure_subjects: 2 subjects trained by `dbfast train --subjects` in one process (one after the other) and under
 torchrun with 2 processes (a queue: one subject per rank), each command a process tree of its own, alternating, the
 order flipping every round, 1 torch thread per process (OMP_NUM_THREADS=1). Both subjects are the embedded default
@@ -16,6 +22,7 @@ per round, median (min-max). The 1-minute load average is read before every run:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import socket
@@ -27,11 +34,13 @@ from pathlib import Path
 
 from benchmarks.bench_job import CLASS_NOUN, PHOTOS, ROOT, run_process
 from benchmarks.common import RESULTS_DIR, append_rows, format_table, load_average, ratio_spread, run_info
+from benchmarks.render import distributed_rate
 from dreambooth_fast.toy.default_model import DEFAULT_MODEL
 
 SUBJECTS = 2
 IMPLS = ("sequential", "torchrun")
 SIZES = {"full": (300, 20, 3), "quick": (100, 20, 2), "smoke": (2, 2, 1)}  # steps, class images, rounds
+CLASS_IMAGE_SIZES = {"full": (64, 4, 3), "quick": (32, 4, 2), "smoke": (2, 1, 1)}  # images, per batch, rounds
 
 
 def free_port() -> int:
@@ -98,6 +107,52 @@ def measure_subjects(device: str, *, steps: int, class_images: int, rounds: int,
     return rows
 
 
+def class_images_command(impl: str, out: Path, images: int, batch: int, device: str) -> list[str]:
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(SUBJECTS), "--master_port", str(free_port())]
+    return [sys.executable, *(launcher if impl == "torchrun" else []), "-m", "dreambooth_fast", "train",
+            "--model", str(DEFAULT_MODEL), "--images", str(PHOTOS), "--class", CLASS_NOUN, "--output", str(out),
+            "--stages", "base", "--steps", "1", "--num-class-images", str(images), "--class-batch-size", str(batch),
+            "--class-guidance-scale", "2", "--seed", "0", "--device", device]
+
+
+def measure_class_images(device: str, *, images: int, batch: int, rounds: int, tmp: Path,
+                         threads: int = 1) -> list[dict]:
+    """One row per implementation (one process, torchrun) with the class-image phase's seconds, images/s and, for
+    torchrun, the speed-up; see the module's docstring."""
+    seconds: dict[str, list[float]] = {impl: [] for impl in IMPLS}
+    loads: list[float] = []
+    start_load = load_average()
+    for r in range(rounds):
+        for impl in IMPLS if r % 2 == 0 else reversed(IMPLS):
+            work = tmp / f"{impl}-{r}"
+            env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads),
+                   "MKL_NUM_THREADS": str(threads), "XDG_CACHE_HOME": str(work / "cache")}
+            loads.append(load_average()["load_1m"])
+            work.mkdir(parents=True)
+            run_process(class_images_command(impl, work / "out", images, batch, device), env, work / "run.log")
+            run = json.loads((work / "out" / "dreambooth.json").read_text())
+            seconds[impl].append(run["timings"]["class_images"])
+            print(f"  class images round {r + 1}/{rounds} {impl}: {seconds[impl][-1]:.1f} s, drawn per rank "
+                  f"{run['class_images_drawn']} (load before {loads[-1]:.2f})", flush=True)
+    end_load = load_average()
+    speedup = ratio_spread(seconds["sequential"], seconds["torchrun"])
+    rows = []
+    for impl in IMPLS:
+        median = statistics.median(seconds[impl])
+        rows.append({
+            "what": "class_images", "impl": impl, "processes": SUBJECTS if impl == "torchrun" else 1,
+            "images": images, "batch": batch, "model": "default model", "stage": "base", "threads": threads,
+            "median_s": round(median, 2), "min_s": round(min(seconds[impl]), 2),
+            "max_s": round(max(seconds[impl]), 2), "images_per_s": round(images / median, 3),
+            "speedup": round(speedup[0], 3) if impl == "torchrun" else "",
+            "speedup_min": round(speedup[1], 3) if impl == "torchrun" else "",
+            "speedup_max": round(speedup[2], 3) if impl == "torchrun" else "",
+            "rounds": rounds, "load_1m": start_load["load_1m"], "load_1m_end": end_load["load_1m"],
+            "load_1m_runs": f"{min(loads):.2f}-{max(loads):.2f}",
+        })
+    return rows
+
+
 def run(device: str, *, quick: bool = False, smoke: bool = False, out: Path = RESULTS_DIR / "distributed.csv",
         model_dir: Path | None = None, command: str = "", rounds: int | None = None,
         steps: int | None = None) -> list[dict]:
@@ -111,15 +166,18 @@ def run(device: str, *, quick: bool = False, smoke: bool = False, out: Path = RE
             print(f"  distributed: skipped, {SUBJECTS} CUDA devices needed", flush=True)
             return []
     info = {**run_info(device), "suite": "distributed", "command": command}
+    images, batch, image_rounds = CLASS_IMAGE_SIZES["smoke" if smoke else "quick" if quick else "full"]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        rows += measure_class_images(device, images=images, batch=batch, rounds=rounds or image_rounds,
+                                     tmp=Path(tmp) / "class-images")
         rows += measure_subjects(device, steps=steps or size_steps, class_images=class_images,
                                  rounds=rounds or size_rounds, tmp=Path(tmp) / "subjects")
     rows = [{**info, **row} for row in rows]  # the processes' thread count, not this one's
     append_rows(out, rows)
-    print(format_table(["what", "impl", "processes", "median s", "min-max s", "subjects/h", "speed-up"],
+    print(format_table(["what", "impl", "processes", "median s", "min-max s", "rate", "speed-up"],
                        [[r["what"], r["impl"], r["processes"], r["median_s"], f"{r['min_s']}-{r['max_s']}",
-                         r["subjects_per_hour"], f"{r['speedup']} ({r['speedup_min']}-{r['speedup_max']})"
+                         distributed_rate(r), f"{r['speedup']} ({r['speedup_min']}-{r['speedup_max']})"
                          if r["speedup"] != "" else "-"] for r in rows]))
     return rows
 

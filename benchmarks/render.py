@@ -291,20 +291,42 @@ adds and muls of the scale-shift and residuals, their backward sums, and the res
 
 
 def distributed_section(rows: list[dict]) -> str:
-    lines = [[r["what"], r["impl"], r["processes"], r["subjects"], r["steps"], ms(r, "s"), r["subjects_per_hour"],
+    lines = [[r["what"].replace("_", " "), r["impl"], r["processes"], _distributed_work(r), ms(r, "s"),
+              distributed_rate(r),
               f"{num(r['speedup']):.2f}x ({num(r['speedup_min']):.2f}-{num(r['speedup_max']):.2f})"
               if r.get("speedup") else "-", r["load_1m_runs"], r["rounds"]] for r in rows]
-    first = rows[0]
-    return (md_table(["what", "how", "processes", "subjects", "steps each", "wall s (min-max)", "subjects/hour",
-                      "speed-up (min-max)", "load (1 min) before the runs", "rounds"], lines)
-            + f"\n\nsubjects: `dbfast train --subjects` with {first['subjects']} subjects (the embedded default "
-              f"model's base stage, examples/subject, class \"heart\", the same options, outputs of their own; class "
-              f"images: {first['class_images']}), one process (one subject after the other) against torchrun with "
-              f"{first['subjects']} processes (one subject per rank), each command a process tree of its own, "
-              f"alternating, {first['threads']} torch thread per process. Wall time from the command's start to its "
-              "exit (interpreter, torchrun, model load, training, writing); speed-up = sequential wall / torchrun "
-              "wall per round, median (min-max). Two processes can only be 2x as fast with 2 free cores: read the "
-              "load column.")
+    notes = []
+    images = next((r for r in rows if r["what"] == "class_images"), None)
+    if images:
+        notes.append(f"class images: the class-image phase of `dbfast train` (the embedded default model, \"a heart\", "
+                     f"class guidance 2, {images['images']} images drawn {images['batch']} per batch, from an empty "
+                     f"cache) in one process against torchrun with 2 processes, which split the batches; the phase's "
+                     f"seconds from dreambooth.json (rank 0's: it ends when every image is there); alternating, "
+                     f"{images['threads']} torch thread per process.")
+    subjects = next((r for r in rows if r["what"] == "subjects"), None)
+    if subjects:
+        notes.append(f"subjects: `dbfast train --subjects` with {subjects['subjects']} subjects (the embedded default "
+                     f"model's base stage, examples/subject, class \"heart\", the same options, outputs of their own; "
+                     f"class images: {subjects['class_images']}), one process (one subject after the other) against "
+                     f"torchrun with {subjects['subjects']} processes (one subject per rank), each command a process "
+                     f"tree of its own, alternating, {subjects['threads']} torch thread per process. Wall time from "
+                     "the command's start to its exit (interpreter, torchrun, model load, training, writing).")
+    return (md_table(["what", "how", "processes", "work", "seconds (min-max)", "rate", "speed-up (min-max)",
+                      "load (1 min) before the runs", "rounds"], lines)
+            + "\n\n" + "\n\n".join(notes)
+            + "\n\nSpeed-up = one process's seconds / torchrun's per round, median (min-max). Two processes can only "
+              "be 2x as fast with 2 free cores: read the load column.")
+
+
+def _distributed_work(r: dict) -> str:
+    if r["what"] == "subjects":
+        return f"{r['subjects']} subjects x {r['steps']} steps"
+    return f"{r['images']} class images, {r['batch']} per batch"
+
+
+def distributed_rate(r: dict) -> str:
+    """What a row's work gets done at: subjects/hour or class images/s."""
+    return f"{r['subjects_per_hour']} subjects/h" if r["what"] == "subjects" else f"{r['images_per_s']} images/s"
 
 
 SECTIONS = {"job": job_section, "train": train_section, "kernels": kernels_section, "prior": prior_section,
@@ -391,9 +413,9 @@ def generate_summary(rows: list[dict]) -> list[str]:
 
 
 def distributed_summary(rows: list[dict]) -> list[str]:
-    return [f"{r['subjects']} subjects on {r['processes']} torchrun processes ({r['steps']} steps each): "
-            f"{num(r['speedup']):.2f}x ({num(r['speedup_min']):.2f}-{num(r['speedup_max']):.2f}) the subjects/hour "
-            f"of one after the other, at load {r['load_1m_runs']}" for r in rows if r.get("speedup")]
+    return [f"{_distributed_work(r)} on {r['processes']} torchrun processes: {num(r['speedup']):.2f}x "
+            f"({num(r['speedup_min']):.2f}-{num(r['speedup_max']):.2f}) the {distributed_rate(r).split(' ', 1)[1]} of "
+            f"one process, at load {r['load_1m_runs']}" for r in rows if r.get("speedup")]
 
 
 SUMMARIES = {"job": job_summary, "train": train_summary, "kernels": kernels_summary, "prior": prior_summary,

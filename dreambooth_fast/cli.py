@@ -61,6 +61,19 @@ def default(field: str) -> str:
     return f"  [default: {','.join(value) if isinstance(value, tuple) else value}]"
 
 
+def _without_option(args: list[str], name: str) -> list[str]:
+    """`args` without `name VALUE` / `name=VALUE` (the command line each started process gets)."""
+    kept, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == name:
+            skip = True
+        elif not arg.startswith(f"{name}="):
+            kept.append(arg)
+    return kept
+
+
 def _stages(value: str) -> tuple[str, ...]:
     return tuple(s.strip() for s in value.split(",") if s.strip())
 
@@ -168,6 +181,10 @@ def _stages(value: str) -> tuple[str, ...]:
 @click.option("--dist-timeout", type=int,
               help="Under torchrun: seconds a process waits for the others in one exchange before it stops the run."
                    + default("dist_timeout"))
+@click.option("--nproc-per-node", type=click.IntRange(1),
+              help="Start this many processes on this machine (one per GPU) and run as one distributed run, or as a "
+                   "queue with --subjects: what torchrun --standalone --nproc_per_node N starts, without torchrun's "
+                   "report on failure (the exit code is the first failed process's).")
 @click.option("--resume", is_flag=True,
               help="Continue the run in --output from its last checkpoint. With --subjects: a finished subject is "
                    "reported 'done (already)', an unfinished one continues, one without an output starts.")
@@ -181,8 +198,8 @@ def _stages(value: str) -> tuple[str, ...]:
 @click.option("--summary", type=click.Path(),
               help="With --subjects: where the summary table is written as JSON  [default: NAME-summary.json "
                    "beside the subjects file NAME.toml].")
-def train(config_file: str | None, subjects_file: str | None, summary: str | None, resume: bool, overwrite: bool,
-          **options) -> None:
+def train(config_file: str | None, subjects_file: str | None, summary: str | None, nproc_per_node: int | None,
+          resume: bool, overwrite: bool, **options) -> None:
     """Fine-tune a cascade on a subject with DreamBooth: bind a rare-token identifier to the subject with the
     class-specific prior preservation loss, stage by stage (base, then super-resolution).
 
@@ -192,13 +209,26 @@ def train(config_file: str | None, subjects_file: str | None, summary: str | Non
       torchrun --nproc_per_node 2 -m dreambooth_fast train --subjects subjects.toml
     """
     from .config import load_toml
-    from .distributed import init_from_env, process_device, quiet_unless_main, reported_once, shutdown
+    from .distributed import (
+        init_from_env,
+        launch_here,
+        launched_world_size,
+        process_device,
+        quiet_unless_main,
+        reported_once,
+        shutdown,
+    )
     from .models import resolve_device
     from .rundir import read_run
     from .toy.default_model import DEFAULT_MODEL
     from .toy.world import SHAPES
     from .train import train as run_training
 
+    if nproc_per_node and nproc_per_node > 1:
+        if launched_world_size() > 1:
+            raise reported_once(UserError("--nproc-per-node: this process was already started by a launcher "
+                                          "(torchrun, accelerate launch): pass one or the other"))
+        sys.exit(launch_here(nproc_per_node, _without_option(sys.argv[1:], "--nproc-per-node")))
     try:
         values = load_toml(config_file) if config_file else {}
         if options.get("stages") is not None:

@@ -218,6 +218,32 @@ def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, we
     set_optimizer_state_dict(model, optimizer, state, options=options)
 
 
+def launch_here(nproc: int, args: list[str]) -> int:
+    """`--nproc-per-node N`: start N processes of `python -m dreambooth_fast ARGS` on this machine through
+    torch.distributed's elastic launcher (what `torchrun --standalone` runs) and return their exit code: 0, or the
+    first failed process's (a partial failure of --subjects stays 3; a process killed by a signal gives 1). The
+    launcher's own report is left out: each process has printed its one line."""
+    import logging
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # as torchrun does: N processes would oversubscribe the cores
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0)
+    try:
+        elastic_launch(config, sys.executable)("-m", "dreambooth_fast", *args)
+    except ChildFailedError as err:
+        code = err.get_first_failure()[1].exitcode
+        return code if code > 0 else 1
+    except SignalException:  # Ctrl-C or a kill of this launcher: the processes were stopped and said so
+        return 130
+    return 0
+
+
 def shutdown() -> None:
     """Leave the process group (at the end of a run, on every rank)."""
     if dist.is_initialized():

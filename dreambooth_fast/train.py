@@ -497,7 +497,8 @@ class StageTrainer:
                         self.validate()
             except KeyboardInterrupt:
                 if self.dist.is_distributed:  # the other ranks stop too: take the last checkpoint
-                    raise UserError(f"interrupted at {self.stage} step {self.step}; {resume_hint(self.out)}") from None
+                    raise Interrupted(
+                        f"interrupted at {self.stage} step {self.step}; {resume_hint(self.out)}") from None
                 self.save()
                 raise Interrupted(
                     f"interrupted at {self.stage} step {self.step}: checkpoint saved, continue with --resume"

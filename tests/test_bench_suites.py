@@ -218,17 +218,21 @@ def test_step_profile_groups_every_op_of_a_step_and_renders(tiny_cascade, tmp_pa
 
 
 @pytest.mark.slow
-def test_distributed_smoke_runs_two_subjects_both_ways_and_renders(tmp_path):
-    """`dbfast train --subjects` with 2 subjects in one process and on 2 torchrun ranks: a couple of minutes."""
+def test_distributed_smoke_runs_class_images_and_two_subjects_both_ways_and_renders(tmp_path):
+    """The class-image phase and `dbfast train --subjects` with 2 subjects, in one process and on 2 torchrun ranks:
+    a few minutes."""
     rows = bench_distributed.run("cpu", smoke=True, out=tmp_path / "distributed.csv", command="test")
-    assert len(read_rows(tmp_path / "distributed.csv")) == len(rows) == 2
+    assert len(read_rows(tmp_path / "distributed.csv")) == len(rows) == 4
     check_run_fields(rows)
-    sequential, torchrun = rows
-    assert (sequential["impl"], sequential["processes"], torchrun["impl"], torchrun["processes"]) == (
-        "sequential", 1, "torchrun", 2)
+    assert [(r["what"], r["impl"], r["processes"]) for r in rows] == [
+        ("class_images", "sequential", 1), ("class_images", "torchrun", 2),
+        ("subjects", "sequential", 1), ("subjects", "torchrun", 2)]
     for r in rows:
         assert r["threads"] == 1 and r["rounds"] == 1 and r["min_s"] <= r["median_s"] <= r["max_s"]
-    assert torchrun["speedup"] == round(sequential["median_s"] / torchrun["median_s"], 3)
+    for sequential, torchrun in (rows[:2], rows[2:]):
+        assert torchrun["speedup"] == round(sequential["median_s"] / torchrun["median_s"], 3)
+    assert rows[0]["images_per_s"] == round(2 / rows[0]["median_s"], 3)
     text = render.render(tmp_path, tmp_path / "BENCHMARKS.md").read_text()
     assert "## Several processes" in text and "| subjects | torchrun | 2 |" in text
+    assert "| class images | torchrun | 2 | 2 class images, 1 per batch |" in text
     assert (tmp_path / "distributed-cpu.png").stat().st_size > 0

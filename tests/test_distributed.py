@@ -232,3 +232,18 @@ def test_doctor_names_the_rank_and_backend_under_a_launcher(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     assert "distributed     launched: rank 1 of 2, backend gloo" in dbfast("doctor").output
+
+
+@pytest.mark.slow
+def test_nproc_per_node_starts_the_run_itself_and_passes_the_exit_code_on(tiny_cascade, subject_dir, tmp_path):
+    out = tmp_path / "out"
+    result = run_dbfast(0, *train_args(tiny_cascade, subject_dir, out, "--no-prior", "--nproc-per-node", "2"),
+                        cache=tmp_path / "cache")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / "dreambooth.json").read_text())["distributed"]["world_size"] == 2
+
+    bad = run_dbfast(0, *train_args(tiny_cascade, subject_dir, tmp_path / "bad", "--steps", "0", "--nproc-per-node",
+                                    "2"), cache=tmp_path / "cache")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-3000:]
+    assert [line for line in bad.stderr.splitlines() if line.strip()] == [
+        "error: [rank 0] --steps must be at least 1, got 0"]
