@@ -10,8 +10,6 @@ import pytest
 import torch
 from runs import assert_refused, dbfast, train, unet_weights
 
-from dreambooth_fast.errors import UserError
-from dreambooth_fast.export.onnx_export import cascade_stages
 from dreambooth_fast.identifier import (
     check_identifier,
     choose_identifier,
@@ -23,12 +21,6 @@ from dreambooth_fast.lora import LORA_WEIGHTS
 from dreambooth_fast.models import check_stage_dir, load_cascade, load_tokenizer, model_family
 from dreambooth_fast.text import encode_negative, encode_prompts
 from dreambooth_fast.toy.tiny_sd import build_tiny_sd
-
-
-@pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory):
-    """SD 1.x-style: PNDM scheduler, epsilon prediction, 32 px images, 8 px latents."""
-    return build_tiny_sd(tmp_path_factory.mktemp("sd") / "sd15")
 
 
 @pytest.fixture(scope="module")
@@ -99,12 +91,10 @@ def test_every_bad_layout_is_one_line_before_anything_is_written(tiny_sd, subjec
     ("options", "words"),
     [
         (["--sr-model", "."], ["--sr-model", "x4 upscaler", "not supported yet"]),
-        (["--stages", "sr"], ["--stages sr", "only stage here is base"]),
-        (["--validation-prompt", "a [V] dog", "--validation-every", "1"], ["--validation-prompt", "not supported"]),
-        (["--class-backend", "onnx"], ["--class-backend onnx", "cannot be exported yet"]),
+        (["--stages", "sr"], ["--stages sr", "x4 upscaler", "not supported yet", "--stages base"]),
         (["--class-sampler", "smart27"], ["--class-sampler smart27", "IF timestep preset"]),
     ],
-    ids=["sr-model", "stages-sr", "validation", "class-backend", "if-preset"],
+    ids=["sr-model", "stages-sr", "if-preset"],
 )
 def test_options_that_do_not_apply_to_sd_yet_are_refused(tiny_sd, subject_dir, tmp_path, options, words):
     out = tmp_path / "run"
@@ -212,10 +202,7 @@ def test_train_without_prior_and_generate(tiny_sd, subject_dir, tmp_path):
     result = dbfast("generate", "a [V] dog", "--model", out, "-n", "1", "--steps", "2", "--sampler", "dpm++",
                     "--device", "cpu", "--out", samples)
     assert result.exit_code == 0, result.output
-    assert_refused(dbfast("generate", "a [V] dog", "--model", out, "--backend", "onnx"), "cannot be exported yet")
     assert_refused(dbfast("generate", "a [V] dog", "--model", out, "--sampler", "fast27"), "IF timestep preset")
-    with pytest.raises(UserError, match="Stable Diffusion model: its export"):
-        cascade_stages(out)  # what `dbfast export` checks first, once onnx is importable
 
 
 def test_our_sampler_draws_what_stable_diffusion_pipeline_draws(tiny_sd):

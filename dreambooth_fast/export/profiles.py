@@ -53,6 +53,14 @@ def unet_batch_sizes(prompt: BatchSizes) -> BatchSizes:
     return BatchSizes(prompt.min, 2 * prompt.opt, 2 * prompt.max)
 
 
+def profile_shapes(spec, unet: BatchSizes) -> dict[str, tuple[tuple[int, ...], ...]]:
+    """TensorRT's optimisation profile: {input name: (min shape, opt shape, max shape)} of a UNet's graph inputs
+    (`spec`: onnx_export.UNetSpec, read from the UNet's config, so IF's and Stable Diffusion's alike) over the
+    UNet batch profile; only the batch axis varies."""
+    sizes = (unet.min, unet.opt, unet.max)
+    return {name: tuple(spec.shapes(b)[name] for b in sizes) for name in spec.input_names}
+
+
 def parity_batch_sizes(unet: BatchSizes) -> tuple[int, int]:
     """Two different UNet batch sizes inside the profile, the cheapest ones, for the parity check."""
     return unet.min, unet.min + 1  # a UNet profile has max >= 2 * min, so min + 1 is inside it
