@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 from runs import assert_refused, dbfast, train, unet_weights
+from safetensors.torch import load_file, save_file
 
 from dreambooth_fast.identifier import (
     check_identifier,
@@ -310,7 +311,9 @@ def test_the_class_image_cache_key_names_the_vae(tiny_sd, tmp_path):
     settings = PriorSettings("a dog", "ddpm", 2, 7.5, 2, 4.0, 250, False, 0)
     model = copy_of(tiny_sd, tmp_path)
     key = cache_key(load_cascade(model, with_text_encoder=False, with_unets=False), settings)
-    with open(model / "vae" / "diffusion_pytorch_model.safetensors", "ab") as f:
-        f.write(b"\0")  # another VAE decodes other class images from the same latents
+    weights = model / "vae" / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    name = next(iter(state))
+    save_file({**state, name: state[name] + 1}, weights)  # another VAE decodes other class images from the same latents
     changed = cache_key(load_cascade(model, with_text_encoder=False, with_unets=False), settings)
     assert key["base_unet"] == changed["base_unet"] and key["vae"] != changed["vae"]
