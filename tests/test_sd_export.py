@@ -3,6 +3,7 @@ with the IF UNet's parity check, `dbfast generate --backend onnx` (base on ONNX 
 against torch, missing and stale exports refused, class images on --class-backend onnx, the TensorRT profile shapes
 of SD 1.5 and 2.1 UNets, validation grids while training, and no stage II note."""
 
+import importlib.util
 import json
 import shutil
 from types import SimpleNamespace
@@ -20,6 +21,7 @@ from dreambooth_fast.export.manifest import manifest_path, read_manifest, weight
 from dreambooth_fast.export.onnx_export import OUTPUT_NAME, unet_spec
 from dreambooth_fast.export.parity import TOLERANCES
 from dreambooth_fast.export.profiles import BatchSizes, profile_shapes
+from dreambooth_fast.export.tensorrt_build import INSTALL_COMMAND
 from dreambooth_fast.images import enlarged, make_grid, to_pil
 from dreambooth_fast.models import load_cascade
 from dreambooth_fast.sample import generate_cascade, sample_base, torch_unet_fn
@@ -101,6 +103,23 @@ def test_dbfast_generate_backend_onnx_writes_what_torch_writes(exported, tuned, 
         assert a.shape == (32, 32, 3) and np.abs(a - b).max() <= 1  # one grey level: rounding
 
 
+def test_eval_images_on_the_onnx_backend_match_torch(exported, tuned, tmp_path):
+    from dreambooth_fast.evaluate import generate_eval_images
+
+    kwargs = dict(base_steps=3, progress=False)
+    torch_paths = generate_eval_images(tuned, ["a dog"], 2, tmp_path / "torch", **kwargs)
+    onnx_paths = generate_eval_images(tuned, ["a dog"], 2, tmp_path / "onnx", backend="onnx", **kwargs)
+    for a, b in zip(torch_paths[0], onnx_paths[0]):
+        assert np.abs(np.asarray(Image.open(a), int) - np.asarray(Image.open(b), int)).max() <= 1
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed")
+def test_tensorrt_on_sd_without_tensorrt_is_the_install_line(tuned):
+    for args in (["export", "--model", tuned, "--trt"],
+                 ["generate", "a dog", "--model", tuned, "-n", "1", "--steps", "2", "--backend", "trt"]):
+        assert_refused(dbfast(*args), "TensorRT is not installed", INSTALL_COMMAND)
+
+
 def test_a_missing_or_stale_sd_export_is_refused_in_one_line(exported, tuned, tmp_path):
     model = shutil.copytree(tuned, tmp_path / "model", ignore=shutil.ignore_patterns("export"))
     args = ["generate", "a [V] dog", "--model", model, "-n", "1", "--steps", "2", "--device", "cpu"]
@@ -167,3 +186,14 @@ def test_sd_says_nothing_of_a_stage_ii_when_stages_is_left_at_its_default(tiny_s
     result = train(tiny_sd, subject_dir, tmp_path / "run", "--no-prior", "--steps", "1")
     assert result.exit_code == 0, result.output
     assert "stage II" not in result.output and "stage_2" not in result.output
+
+
+def test_an_if_model_without_stage_ii_still_gets_the_note(capsys):
+    from dreambooth_fast.config import TrainConfig
+    from dreambooth_fast.train import _pick_stages
+
+    cfg = TrainConfig(model="if-base-only")
+    assert _pick_stages(cfg, has_sr=False, family="if") == ["base"]
+    assert capsys.readouterr().out == "if-base-only has no stage II (stage_2/): training the base stage only\n"
+    assert _pick_stages(cfg, has_sr=False, family="sd") == ["base"]
+    assert capsys.readouterr().out == ""
