@@ -182,8 +182,8 @@ def _export_onnx(unet, spec: UNetSpec, stage: str, stage_dir: Path, path: Path, 
         _log_parity(log, stage, f"ONNX {precision} (ONNX Runtime, CPU)", results)
         manifest = {
             "kind": "onnx", "stage": stage, "family": model_family(stage_dir), "source": str(stage_dir.resolve()),
-            "file": path.name,
-            "files": [f.name for f in files], "external_data": len(files) > 1, "onnx_sha256": sha256_files(files),
+            "file": path.name, "files": [f.name for f in files], "external_data": len(files) > 1,
+            "onnx_sha256": sha256_files(files),
             "precision": precision, "opset": opset, "weights": weights, "weights_sha256": weights["sha256"],
             "inputs": _input_shapes(spec), "output": OUTPUT_NAME,
             "parity": [r.as_dict() for r in results], "tolerance": asdict(tolerance),
