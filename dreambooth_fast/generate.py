@@ -57,7 +57,7 @@ def generate_images(
     if unknown or "base" not in stages:
         raise UserError(f"--stages must be base or base,sr, got {','.join(stages)}")
     if model_family(model) == "sd":
-        stages = sd_stages(sr_model, backend, sampler)
+        stages = sd_stages(sr_model, sampler)
     if "sr" in stages and find_sr_dir(model, sr_model) is None:
         raise UserError(f"{model} has no stage II (stage_2/): pass --sr-model DIR or --stages base")
     text = expand_prompt(prompt, model)

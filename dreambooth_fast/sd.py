@@ -12,8 +12,8 @@ the VAE be freed before training and keeps a resumed run bit-exact). Class image
 the model's own scheduler and decoded by the VAE. The output is the same layout with the tuned unet/ (or the
 LoRA adapter beside it), so `StableDiffusionPipeline.from_pretrained(output)` loads it.
 
-Not yet (issue 19): the x4 upscaler as SR stage, export (ONNX/TensorRT), validation grids during training,
-text-encoder fine-tuning, SDXL.
+The UNet exports through export/ like an IF stage (the VAE decoder stays in PyTorch: it runs once per image).
+Not yet (issue 19): the x4 upscaler as SR stage, text-encoder fine-tuning, SDXL.
 """
 
 from __future__ import annotations
@@ -102,13 +102,8 @@ def check_options(cfg) -> None:
         raise UserError("--sr-model: the Stable Diffusion x4 upscaler as SR stage is not supported yet; train the "
                         "base stage (--stages base)")
     if tuple(cfg.stages) == ("sr",):
-        raise UserError(f"--stages sr: {cfg.model} is a Stable Diffusion model, whose only stage here is base")
-    if cfg.validation_prompt and cfg.validation_every:
-        raise UserError("--validation-prompt: validation grids are not supported for Stable Diffusion models yet; "
-                        "drop it and run dbfast generate on the output")
-    if cfg.class_backend in ("onnx", "trt"):
-        raise UserError(f"--class-backend {cfg.class_backend}: Stable Diffusion models cannot be exported yet; use "
-                        "torch or compile")
+        raise UserError(f"--stages sr: {cfg.model} is a Stable Diffusion model, and its SR stage (the x4 upscaler) "
+                        "is not supported yet; train the base stage (--stages base)")
     check_sampler(cfg.class_sampler, "--class-sampler")
 
 
@@ -121,21 +116,26 @@ def check_sampler(sampler: str, option: str) -> None:
                         "model's own scheduler) or dpm++")
 
 
-def sd_stages(sr_model, backend: str, sampler: str) -> tuple[str, ...]:
-    """The stages `dbfast generate` runs on a Stable Diffusion model: the base and the VAE decode (no SR stage yet),
-    on a PyTorch backend (no export yet)."""
+def sd_stages(sr_model, sampler: str) -> tuple[str, ...]:
+    """The stages `dbfast generate` runs on a Stable Diffusion model: the base (on any backend) and the VAE decode
+    (in PyTorch); no SR stage yet."""
     check_sampler(sampler, "--sampler")
     if sr_model is not None:
         raise UserError("--sr-model: the Stable Diffusion x4 upscaler is not supported yet; generate with the base "
                         "model alone")
-    if backend not in ("torch", "compile"):
-        raise UserError(f"--backend {backend}: Stable Diffusion models cannot be exported yet; use torch or compile")
     return ("base",)
 
 
 def vae_scale_factor(model_dir: Path) -> int:
     """Pixels per latent along a side: 2 ** (VAE levels - 1), as StableDiffusionPipeline computes it."""
     return 2 ** (len(_config(Path(model_dir) / "vae" / "config.json")["block_out_channels"]) - 1)
+
+
+def prompt_length(model_dir: str | Path) -> int:
+    """The token count of an encoded prompt, as text.encode_clip pads it: the tokenizer's model_max_length, held to
+    the text encoder's positions (77 for SD 1.x/2.x)."""
+    positions = _config(Path(model_dir) / "text_encoder" / "config.json")["max_position_embeddings"]
+    return min(load_tokenizer(model_dir).model_max_length, positions)
 
 
 def load_tokenizer(model_dir: str | Path):
@@ -187,7 +187,8 @@ def load_sd(model_dir: Path, *, device: str, dtype: torch.dtype, stages: tuple[s
         base_dir=model_dir,
         sr_dir=None,
         family="sd",
-        vae=_load_part(AutoencoderKL, model_dir / "vae", device, dtype) if with_unets else None,
+        # The VAE decodes whatever UNet backend drew the latents (exported ones too: with_unets=False).
+        vae=_load_part(AutoencoderKL, model_dir / "vae", device, dtype),
         vae_scale_factor=vae_scale_factor(model_dir),
     )
 

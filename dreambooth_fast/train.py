@@ -118,17 +118,19 @@ class Validation:
     noising_scheduler: object | None  # stage II's augmentation schedule
     steps: int = VALIDATION_STEPS
     noise_level: int = SR_NOISE_LEVEL
+    vae: object | None = None  # Stable Diffusion: `size` is the latents', which this VAE decodes
 
 
 def _stage_dir(out: Path, stage: str) -> Path:
     return out if stage == "base" else out / STAGE_2_DIR
 
 
-def _pick_stages(cfg: TrainConfig, has_sr: bool) -> list[str]:
+def _pick_stages(cfg: TrainConfig, has_sr: bool, family: str = "if") -> list[str]:
     if "sr" in cfg.stages and not has_sr:
         if cfg.stages == ("sr",):
             raise UserError(f"--stages sr: {cfg.model} has no stage II (stage_2/); pass --sr-model DIR")
-        tqdm.write(f"{cfg.model} has no stage II (stage_2/): training the base stage only")
+        if family == "if":  # Stable Diffusion has no SR stage here yet: its base alone is the whole run
+            tqdm.write(f"{cfg.model} has no stage II (stage_2/): training the base stage only")
     return [s for s in ("base", "sr") if s in cfg.stages and (s == "base" or has_sr)]
 
 
@@ -524,8 +526,10 @@ class StageTrainer:
         n = v.embeds.shape[0]
         embeds, negative = v.embeds.to(self.device), v.negative.to(self.device)
         if self.stage == "base":
+            channels = {"channels": v.vae.config.latent_channels} if v.vae is not None else {}
             images = sample_base(unet_fn, self.scheduler, embeds, negative, size=v.size, steps=v.steps,
-                                 guidance_scale=v.guidance, generator=generator, progress=False)
+                                 guidance_scale=v.guidance, generator=generator, progress=False, **channels)
+            images = sd.decode_latents(v.vae, images) if v.vae is not None else images
         else:
             low = F.interpolate(self.rows.subject_cond[:n], size=(v.base_size,) * 2, mode="area")
             images = sample_sr(unet_fn, self.scheduler, v.noising_scheduler, low.to(self.device),
@@ -661,12 +665,13 @@ def check_inputs(cfg: TrainConfig) -> RunInputs:
     out = Path(cfg.output)
     device = process_device(resolve_device(cfg.device))  # under a launcher: the local rank's GPU
     check_stage_dir(Path(cfg.model), "base")
-    if model_family(Path(cfg.model)) == "sd":
+    family = model_family(Path(cfg.model))
+    if family == "sd":
         sd.check_options(cfg)
     sr_dir = find_sr_dir(Path(cfg.model), cfg.sr_model)
     if cfg.sr_model is not None:
         check_stage_dir(sr_dir, "sr")
-    stages = _pick_stages(cfg, sr_dir is not None)
+    stages = _pick_stages(cfg, sr_dir is not None, family)
     inputs = {"--model": cfg.model, "--sr-model": sr_dir if "sr" in stages else None, "--images": cfg.images,
               "--class-images-dir": cfg.class_images_dir}
     check_output_not_input(out, inputs)
@@ -740,10 +745,11 @@ def stage_validation(cfg: TrainConfig, cascade: Cascade, stage: str, embeds: tor
     return Validation(
         embeds=embeds,
         negative=negative,
-        size=cascade.base_size if stage == "base" else cascade.sr_size,
+        size=cascade.base_size // cascade.vae_scale_factor if stage == "base" else cascade.sr_size,
         base_size=cascade.base_size,
         guidance=BASE_GUIDANCE if stage == "base" else SR_GUIDANCE,
         noising_scheduler=cascade.sr_noising_scheduler if stage == "sr" else None,
+        vae=cascade.vae,  # kept through the loop only when validating a Stable Diffusion run
     )
 
 
@@ -868,8 +874,8 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, dist: Dist) -> Path:
             scheduler = cascade.base_scheduler if stage == "base" else cascade.sr_scheduler
             noising = cascade.sr_noising_scheduler if stage == "sr" else None
             rows = stage_data(stage, cascade, inputs.images, class_dir, cfg.flip, bool(cfg.class_images_dir))
-            cascade.vae = None  # Stable Diffusion: the rows are latents now, the VAE is not needed in the loop
             validation = stage_validation(cfg, cascade, stage, validation_embeds, prompts.negative_embeds)
+            cascade.vae = None  # Stable Diffusion: the rows are latents now; only validation grids need the VAE
             trainer = StageTrainer(stage, unet, scheduler, noising, rows, prompts, cfg, inputs.device, out,
                                    completed, validation, dist)
             if latest and latest.get("stage") == stage:
