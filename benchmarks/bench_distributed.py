@@ -30,6 +30,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks.bench_job import CLASS_NOUN, PHOTOS, ROOT, run_process
@@ -75,33 +76,52 @@ def measure_subjects(device: str, *, steps: int, class_images: int, rounds: int,
     warm = tmp / "warm-up"
     run_process(subjects_command("sequential", write_subjects(warm, 1, class_images, device, count=1)), env,
                 tmp / "warm-up.log")  # draws the class images (untimed)
-    walls: dict[str, list[float]] = {impl: [] for impl in IMPLS}
-    loads: list[float] = []
     start_load = load_average()
+
+    def timed(impl: str, r: int) -> float:
+        work = tmp / f"{impl}-{r}"
+        return run_process(subjects_command(impl, write_subjects(work, steps, class_images, device)), env,
+                           work / "run.log")[0]
+
+    walls, loads = alternating("subjects", rounds, timed)
+    return speedup_rows("subjects", walls, loads, start_load, threads, lambda impl, median: {
+        "subjects": SUBJECTS, "model": "default model", "stage": "base", "steps": steps,
+        "class_images": f"{class_images} (cached before the timed runs)",
+        "subjects_per_hour": round(SUBJECTS * 3600 / median, 1)})
+
+
+def alternating(what: str, rounds: int, timed: Callable[[str, int], float]) -> tuple[dict[str, list[float]],
+                                                                                    list[float]]:
+    """Seconds of `timed(impl, round)` for each implementation, alternating, the order flipping every round, and
+    the 1-minute load average before each run."""
+    seconds: dict[str, list[float]] = {impl: [] for impl in IMPLS}
+    loads: list[float] = []
     for r in range(rounds):
         for impl in IMPLS if r % 2 == 0 else reversed(IMPLS):
-            work = tmp / f"{impl}-{r}"
-            path = write_subjects(work, steps, class_images, device)
             loads.append(load_average()["load_1m"])
-            wall, _ = run_process(subjects_command(impl, path), env, work / "run.log")
-            walls[impl].append(wall)
-            print(f"  subjects round {r + 1}/{rounds} {impl}: {wall:.1f} s (load before {loads[-1]:.2f})",
+            seconds[impl].append(timed(impl, r))
+            print(f"  {what} round {r + 1}/{rounds} {impl}: {seconds[impl][-1]:.1f} s (load before {loads[-1]:.2f})",
                   flush=True)
+    return seconds, loads
+
+
+def speedup_rows(what: str, seconds: dict[str, list[float]], loads: list[float], start_load: dict, threads: int,
+                 columns: Callable[[str, float], dict]) -> list[dict]:
+    """One row per implementation: seconds (median, min-max), `columns(impl, median)` and, for torchrun, the
+    speed-up over one process per round, median (min-max)."""
     end_load = load_average()
-    speedup = ratio_spread(walls["sequential"], walls["torchrun"])
+    speedup = ratio_spread(seconds["sequential"], seconds["torchrun"])
     rows = []
     for impl in IMPLS:
-        median = statistics.median(walls[impl])
+        median = statistics.median(seconds[impl])
         rows.append({
-            "what": "subjects", "impl": impl, "processes": SUBJECTS if impl == "torchrun" else 1,
-            "subjects": SUBJECTS, "model": "default model", "stage": "base", "steps": steps,
-            "class_images": f"{class_images} (cached before the timed runs)", "threads": threads,
-            "median_s": round(median, 2), "min_s": round(min(walls[impl]), 2), "max_s": round(max(walls[impl]), 2),
-            "subjects_per_hour": round(SUBJECTS * 3600 / median, 1),
+            "what": what, "impl": impl, "processes": SUBJECTS if impl == "torchrun" else 1, **columns(impl, median),
+            "threads": threads, "median_s": round(median, 2), "min_s": round(min(seconds[impl]), 2),
+            "max_s": round(max(seconds[impl]), 2),
             "speedup": round(speedup[0], 3) if impl == "torchrun" else "",
             "speedup_min": round(speedup[1], 3) if impl == "torchrun" else "",
             "speedup_max": round(speedup[2], 3) if impl == "torchrun" else "",
-            "rounds": rounds, "load_1m": start_load["load_1m"], "load_1m_end": end_load["load_1m"],
+            "rounds": len(seconds[impl]), "load_1m": start_load["load_1m"], "load_1m_end": end_load["load_1m"],
             "load_1m_runs": f"{min(loads):.2f}-{max(loads):.2f}",
         })
     return rows
@@ -119,38 +139,22 @@ def measure_class_images(device: str, *, images: int, batch: int, rounds: int, t
                          threads: int = 1) -> list[dict]:
     """One row per implementation (one process, torchrun) with the class-image phase's seconds, images/s and, for
     torchrun, the speed-up; see the module's docstring."""
-    seconds: dict[str, list[float]] = {impl: [] for impl in IMPLS}
-    loads: list[float] = []
     start_load = load_average()
-    for r in range(rounds):
-        for impl in IMPLS if r % 2 == 0 else reversed(IMPLS):
-            work = tmp / f"{impl}-{r}"
-            env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads),
-                   "MKL_NUM_THREADS": str(threads), "XDG_CACHE_HOME": str(work / "cache")}
-            loads.append(load_average()["load_1m"])
-            work.mkdir(parents=True)
-            run_process(class_images_command(impl, work / "out", images, batch, device), env, work / "run.log")
-            run = json.loads((work / "out" / "dreambooth.json").read_text())
-            seconds[impl].append(run["timings"]["class_images"])
-            print(f"  class images round {r + 1}/{rounds} {impl}: {seconds[impl][-1]:.1f} s, drawn per rank "
-                  f"{run['class_images_drawn']} (load before {loads[-1]:.2f})", flush=True)
-    end_load = load_average()
-    speedup = ratio_spread(seconds["sequential"], seconds["torchrun"])
-    rows = []
-    for impl in IMPLS:
-        median = statistics.median(seconds[impl])
-        rows.append({
-            "what": "class_images", "impl": impl, "processes": SUBJECTS if impl == "torchrun" else 1,
-            "images": images, "batch": batch, "model": "default model", "stage": "base", "threads": threads,
-            "median_s": round(median, 2), "min_s": round(min(seconds[impl]), 2),
-            "max_s": round(max(seconds[impl]), 2), "images_per_s": round(images / median, 3),
-            "speedup": round(speedup[0], 3) if impl == "torchrun" else "",
-            "speedup_min": round(speedup[1], 3) if impl == "torchrun" else "",
-            "speedup_max": round(speedup[2], 3) if impl == "torchrun" else "",
-            "rounds": rounds, "load_1m": start_load["load_1m"], "load_1m_end": end_load["load_1m"],
-            "load_1m_runs": f"{min(loads):.2f}-{max(loads):.2f}",
-        })
-    return rows
+
+    def timed(impl: str, r: int) -> float:
+        work = tmp / f"{impl}-{r}"
+        work.mkdir(parents=True)
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads),
+               "MKL_NUM_THREADS": str(threads), "XDG_CACHE_HOME": str(work / "cache")}
+        run_process(class_images_command(impl, work / "out", images, batch, device), env, work / "run.log")
+        run = json.loads((work / "out" / "dreambooth.json").read_text())
+        print(f"  class images drawn per rank: {run['class_images_drawn']}", flush=True)
+        return run["timings"]["class_images"]
+
+    seconds, loads = alternating("class images", rounds, timed)
+    return speedup_rows("class_images", seconds, loads, start_load, threads, lambda impl, median: {
+        "images": images, "batch": batch, "model": "default model", "stage": "base",
+        "images_per_s": round(images / median, 3)})
 
 
 def run(device: str, *, quick: bool = False, smoke: bool = False, out: Path = RESULTS_DIR / "distributed.csv",
