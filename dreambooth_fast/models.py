@@ -17,16 +17,11 @@ import torch
 
 from . import lora, sd
 from .errors import UserError
+from .weights import has_weights, prefer_safetensors, unloadable
 
 STAGE_2_DIR = "stage_2"
 BASE_PARTS = ("unet", "scheduler", "tokenizer")
 SR_PARTS = ("unet", "scheduler", "image_noising_scheduler")
-WEIGHT_NAMES = (
-    "diffusion_pytorch_model.safetensors",
-    "model.safetensors",
-    "diffusion_pytorch_model.bin",
-    "pytorch_model.bin",
-)
 
 
 @dataclass
@@ -75,10 +70,6 @@ def _read_json(path: Path) -> dict:
         raise UserError(f"{path} is not valid JSON ({err.msg}, line {err.lineno}): restore the file") from None
 
 
-def _has_weights(folder: Path) -> bool:
-    return any((folder / name).is_file() for name in WEIGHT_NAMES) or any(folder.glob("*.safetensors"))
-
-
 def model_family(path: Path) -> str:
     """The model family: sd when `path`'s model_index.json names StableDiffusionPipeline, else if (DeepFloyd IF)."""
     return "sd" if _read_json(Path(path) / "model_index.json").get("_class_name") == sd.SD_PIPELINE else "if"
@@ -107,7 +98,7 @@ def check_stage_dir(path: Path, stage: str) -> None:
         kind = "stage I (IFPipeline)" if stage == "base" else "stage II (IFSuperResolutionPipeline)"
         raise UserError(f"{path} is not an IF {kind} directory: missing {', '.join(missing)}")
     for folder in ["unet"] + (["text_encoder"] if stage == "base" and (path / "text_encoder").is_dir() else []):
-        if not _has_weights(path / folder):
+        if not has_weights(path / folder):
             raise UserError(f"no weight files in {path / folder} (expected *.safetensors): the download is incomplete")
     in_channels = _read_json(path / "unet" / "config.json").get("in_channels")
     if stage == "sr" and in_channels != 6:
@@ -137,31 +128,11 @@ def load_text_encoder(model_dir: str | Path, device: str = "cpu", dtype: torch.d
         raise UserError(f"{folder} is missing: stage I must ship its T5 text encoder")
     try:
         encoder = T5EncoderModel.from_pretrained(
-            folder, local_files_only=True, use_safetensors=_prefer_safetensors(folder), dtype=dtype
+            folder, local_files_only=True, use_safetensors=prefer_safetensors(folder), dtype=dtype
         )
     except (OSError, ValueError, RuntimeError) as err:
-        raise _unloadable(folder, err) from None
+        raise unloadable(folder, err) from None
     return encoder.to(device).eval().requires_grad_(False)
-
-
-def _prefer_safetensors(folder: Path) -> bool:
-    # Pickle-format weights are read only as a last resort, and then through weights_only loading.
-    return any(folder.glob("*.safetensors"))
-
-
-def _unloadable(folder: Path, err: Exception) -> UserError:
-    """One line for weights that cannot be read: a pickle file is read as plain tensors only (never run as
-    code), so one holding anything else is refused; say how to convert it to safetensors."""
-    pickles = sorted(p.name for p in folder.glob("*.bin"))
-    if pickles and not _prefer_safetensors(folder):
-        return UserError(
-            f"{folder / pickles[0]} cannot be loaded: pickle weights are loaded only as plain tensors, never as "
-            "code, and this file holds something else or is damaged; convert it to safetensors on a machine "
-            "where you trust it (torch.load it, then safetensors.torch.save_file the state dict beside it)"
-        )
-    cause = err.__cause__ or err
-    reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:200]
-    return UserError(f"the weights in {folder} cannot be loaded ({reason}): restore or re-download them")
 
 
 def load_unet(stage_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
@@ -170,10 +141,10 @@ def load_unet(stage_dir: str | Path, device: str = "cpu", dtype: torch.dtype = t
     folder = Path(stage_dir) / "unet"
     try:
         unet = UNet2DConditionModel.from_pretrained(
-            folder, local_files_only=True, torch_dtype=dtype, use_safetensors=_prefer_safetensors(folder)
+            folder, local_files_only=True, torch_dtype=dtype, use_safetensors=prefer_safetensors(folder)
         )
     except (OSError, ValueError, RuntimeError) as err:
-        raise _unloadable(folder, err) from None
+        raise unloadable(folder, err) from None
     # A LoRA run's output holds the adapter beside the untouched UNet: apply it, folded into the weights.
     if lora.load_saved_adapter(unet, Path(stage_dir)):
         lora.merge_adapter(unet)
@@ -202,8 +173,10 @@ def load_cascade(
     check_stage_dir(base_dir, "base")
     if model_family(base_dir) == "sd":
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        return sd.load_sd(base_dir, device=device, dtype=dtype, stages=stages, with_text_encoder=with_text_encoder,
-                          with_unets=with_unets)
+        return Cascade(**sd.load_sd_parts(base_dir, device=device, dtype=dtype, with_text_encoder=with_text_encoder),
+                       base_unet=load_unet(base_dir, device, dtype) if "base" in stages and with_unets else None,
+                       sr_unet=None, sr_scheduler=None, sr_noising_scheduler=None, base_dir=base_dir, sr_dir=None,
+                       family="sd")
     sr_dir = find_sr_dir(base_dir, sr_model_dir) if "sr" in stages else None
     if sr_dir is not None:
         check_stage_dir(sr_dir, "sr")

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .weights import has_weights, prefer_safetensors, unloadable
 
 SD_PIPELINE = "StableDiffusionPipeline"
 PARTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
@@ -58,13 +59,12 @@ def unsupported_pipeline(name: str) -> str | None:
 def check_sd_dir(path: Path, index: dict) -> None:
     """Raise a UserError naming what is wrong when `path` (its model_index.json read as `index`) is not a complete
     Stable Diffusion 1.x/2.x directory: a missing part, missing weights, an unknown scheduler, parts that do not fit."""
-    from .models import _has_weights
 
     missing = [p for p in PARTS if not (path / p).is_dir() or index.get(p) in (None, [None, None])]
     if missing:
         raise UserError(f"{path} is not a Stable Diffusion ({SD_PIPELINE}) directory: missing {', '.join(missing)}")
     for folder in ("unet", "vae", "text_encoder"):
-        if not _has_weights(path / folder):
+        if not has_weights(path / folder):
             raise UserError(f"no weight files in {path / folder} (expected *.safetensors): the download is incomplete")
     tok = path / "tokenizer"
     bpe_files = (tok / "vocab.json").is_file() and (tok / "merges.txt").is_file()
@@ -145,15 +145,13 @@ def load_tokenizer(model_dir: str | Path):
 
 
 def _load_part(cls, folder: Path, device: str, dtype: torch.dtype):
-    from .models import _prefer_safetensors, _unloadable
-
     # transformers names the dtype argument `dtype`, diffusers `torch_dtype`.
     dtype_arg = {"dtype" if cls.__module__.startswith("transformers") else "torch_dtype": dtype}
     try:
-        model = cls.from_pretrained(folder, local_files_only=True, use_safetensors=_prefer_safetensors(folder),
+        model = cls.from_pretrained(folder, local_files_only=True, use_safetensors=prefer_safetensors(folder),
                                     **dtype_arg)
     except (OSError, ValueError, RuntimeError) as err:
-        raise _unloadable(folder, err) from None
+        raise unloadable(folder, err) from None
     return model.to(device).eval().requires_grad_(False)
 
 
@@ -167,30 +165,21 @@ def load_scheduler(model_dir: str | Path):
     return scheduler
 
 
-def load_sd(model_dir: Path, *, device: str, dtype: torch.dtype, stages: tuple[str, ...], with_text_encoder: bool,
-            with_unets: bool):
-    """A Stable Diffusion directory as a `models.Cascade` of one (base) stage plus its VAE."""
+def load_sd_parts(model_dir: Path, *, device: str, dtype: torch.dtype, with_text_encoder: bool) -> dict:
+    """The parts of a Stable Diffusion directory models.load_cascade builds its one-stage Cascade from, besides
+    the UNet: tokenizer, text encoder, scheduler, and the VAE with its scale factor."""
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel
 
-    from .models import Cascade, load_unet
-
-    return Cascade(
-        tokenizer=load_tokenizer(model_dir),
-        text_encoder=(_load_part(CLIPTextModel, model_dir / "text_encoder", device, dtype) if with_text_encoder
-                      else None),
-        base_unet=load_unet(model_dir, device, dtype) if "base" in stages and with_unets else None,
-        base_scheduler=load_scheduler(model_dir),
-        sr_unet=None,
-        sr_scheduler=None,
-        sr_noising_scheduler=None,
-        base_dir=model_dir,
-        sr_dir=None,
-        family="sd",
+    return {
+        "tokenizer": load_tokenizer(model_dir),
+        "text_encoder": (_load_part(CLIPTextModel, model_dir / "text_encoder", device, dtype) if with_text_encoder
+                         else None),
+        "base_scheduler": load_scheduler(model_dir),
         # The VAE decodes whatever UNet backend drew the latents (exported ones too: with_unets=False).
-        vae=_load_part(AutoencoderKL, model_dir / "vae", device, dtype),
-        vae_scale_factor=vae_scale_factor(model_dir),
-    )
+        "vae": _load_part(AutoencoderKL, model_dir / "vae", device, dtype),
+        "vae_scale_factor": vae_scale_factor(model_dir),
+    }
 
 
 @torch.no_grad()
