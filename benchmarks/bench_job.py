@@ -208,8 +208,8 @@ def bench_config(config: JobConfig, caches: tuple[str, ...], rounds: int, device
             turn += 1
             for impl in order:
                 work = tmp / f"{config.name}-{cache}-{impl}-{r}"
-                if impl == PREDICTIONS:
-                    cache_dir = work / "cache"  # it draws no class images: no cache to fill
+                if impl == PREDICTIONS:  # it draws no class images: no cache to fill; warm, it shares ours' (fonts)
+                    cache_dir = warm[impl] if cache == "warm" else work / "cache"
                 elif cache == "warm":
                     if impl not in filled:  # fill the cache with an untimed run of the same job
                         run(impl, warm[impl], work.with_name(work.name + "-fill"))
