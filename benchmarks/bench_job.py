@@ -133,8 +133,9 @@ def baseline_command(config: JobConfig, out: Path, class_dir: Path, timings: Pat
     return command + (["--captions"] if config.captions else [])
 
 
-def run_process(command: list[str], env: dict, log: Path) -> tuple[float, float]:
-    """(wall seconds, peak RSS MiB) of one child process; its output goes to `log`."""
+def run_process(command: list[str], env: dict, log: Path) -> tuple[float, float, float]:
+    """(wall seconds, peak RSS MiB, CPU seconds) of one child process; its output goes to `log`. CPU seconds (user +
+    system) do not depend on how much of a shared machine the process got, as its wall time does."""
     start = time.perf_counter()
     with log.open("w") as f:
         proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
@@ -143,18 +144,19 @@ def run_process(command: list[str], env: dict, log: Path) -> tuple[float, float]
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise RuntimeError(f"{shlex.join(command)} failed (exit {proc.returncode}):\n{log.read_text()[-LOG_TAIL:]}")
-    return wall, usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
+    return wall, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime  # ru_maxrss is in KiB on Linux
 
 
 @dataclass
 class Sample:
-    """One run of one job: wall seconds, phase seconds, peak RSS, what its class images were drawn with, the
-    median seconds of its training steps (ours: logs/metrics.csv; None for the baseline, which logs none)."""
+    """One run of one job: wall seconds, phase seconds, peak RSS, what its class images were drawn with, CPU seconds,
+    the median seconds of its training steps (ours: logs/metrics.csv; None for the baseline, which logs none)."""
 
     wall: float
     phases: dict[str, float]
     peak_rss_mib: float
     class_settings: str
+    cpu_s: float
     step_s: float | None = None
 
 
@@ -168,7 +170,7 @@ def phases_of(timings: dict[str, float], wall: float) -> dict[str, float]:
 
 def run_ours(config: JobConfig, work: Path, xdg: Path, env: dict, device: str, prior_mode: str = "images") -> Sample:
     out = work / "ours-out"
-    wall, rss = run_process(ours_command(config, out, device, prior_mode), {**env, "XDG_CACHE_HOME": str(xdg)},
+    wall, rss, cpu = run_process(ours_command(config, out, device, prior_mode), {**env, "XDG_CACHE_HOME": str(xdg)},
                             work / "ours.log")
     run = json.loads((out / "dreambooth.json").read_text())
     settings = "none (the frozen model's predictions are the prior targets)"
@@ -178,14 +180,15 @@ def run_ours(config: JobConfig, work: Path, xdg: Path, env: dict, device: str, p
                              "prompt", "seed", "with_sr") and not (k.startswith("sr_") and not key.get("with_sr")))
     with (out / "logs" / "metrics.csv").open(newline="") as f:
         step_s = statistics.median(float(row["step_time_s"]) for row in csv.DictReader(f))
-    return Sample(wall, phases_of(run["timings"], wall), rss, settings, step_s)
+    return Sample(wall, phases_of(run["timings"], wall), rss, settings, cpu, step_s)
 
 
 def run_baseline(config: JobConfig, work: Path, class_dir: Path, env: dict, device: str) -> Sample:
     out, timings = work / "baseline-out", work / "baseline-timings.json"
-    wall, rss = run_process(baseline_command(config, out, class_dir, timings, device), env, work / "baseline.log")
+    wall, rss, cpu = run_process(baseline_command(config, out, class_dir, timings, device), env,
+                                 work / "baseline.log")
     return Sample(wall, phases_of(json.loads(timings.read_text()), wall), rss,
-                  "IFPipeline defaults: 100 steps, guidance 7, 4 prompts per call")
+                  "IFPipeline defaults: 100 steps, guidance 7, 4 prompts per call", cpu)
 
 
 def bench_config(config: JobConfig, caches: tuple[str, ...], rounds: int, device: str, env: dict,
@@ -252,6 +255,7 @@ def config_rows(config: JobConfig, samples: dict[tuple[str, str], list[Sample]],
             **{f"{phase}_s": round(statistics.median(s.phases[phase] for s in runs), 2) for phase in PHASES},
             "peak_rss_mib": round(statistics.median(s.peak_rss_mib for s in runs), 1),
             "peak_rss_max_mib": round(max(s.peak_rss_mib for s in runs), 1),
+            "cpu_s": round(statistics.median(s.cpu_s for s in runs), 2),
         }
         if impl != BASELINE:
             step = spread([s.step_s for s in runs])
@@ -267,6 +271,9 @@ def config_rows(config: JobConfig, samples: dict[tuple[str, str], list[Sample]],
             base = samples[(cache, BASELINE)]
             ratio = ratio_spread([s.wall for s in base], [s.wall for s in runs])
             row |= {"speedup": round(ratio[0], 3), "speedup_min": round(ratio[1], 3), "speedup_max": round(ratio[2], 3)}
+            cpu_ratio = ratio_spread([s.cpu_s for s in base], [s.cpu_s for s in runs])
+            row |= {"cpu_speedup": round(cpu_ratio[0], 3), "cpu_speedup_min": round(cpu_ratio[1], 3),
+                    "cpu_speedup_max": round(cpu_ratio[2], 3)}
             for phase in ("class_images", "train") if cache == "cold" else ("train",):
                 if all(s.phases[phase] > 0 for s in runs):
                     row[f"{phase}_speedup"] = round(ratio_spread([s.phases[phase] for s in base],

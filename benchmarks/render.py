@@ -135,6 +135,15 @@ def job_config(r: dict) -> str:
     return f"{r['config']}{' (' + r['scaled'].split(':')[0] + ')' if r['scaled'] else ''}{predictions}"
 
 
+def cpu_cell(r: dict, b: dict) -> str:
+    """CPU seconds (user + system) of both jobs and the speed-up they give, where the run recorded them: unlike
+    wall time, they do not depend on how much of a shared machine each process got."""
+    if not r.get("cpu_speedup"):
+        return "-"
+    return (f"{num(r['cpu_s']):.1f} / {num(b['cpu_s']):.1f}: {num(r['cpu_speedup']):.2f}x "
+            f"({num(r['cpu_speedup_min']):.2f}-{num(r['cpu_speedup_max']):.2f})")
+
+
 def step_cell(r: dict) -> str:
     """Our median step ms (min-max over the runs' medians), and for --prior-mode predictions its time against the
     class-image prior step's in the same rounds."""
@@ -159,12 +168,13 @@ def job_section(rows: list[dict]) -> str:
         phase_ratio = [f"{num(r[k]):.2f}x" if r.get(k) and (r["cache"] == "cold" or k == "train_speedup") else "-"
                        for k in ("class_images_speedup", "train_speedup")]
         lines.append([job_config(r), r["cache"], f"{r['class_images']} / {r['steps']}", ms(r, "s"), ms(b, "s"),
-                      speedup(r), faster, " / ".join(phase_ratio),
+                      speedup(r), faster, cpu_cell(r, b), " / ".join(phase_ratio),
                       " / ".join(f"{num(r[p + '_s']):.1f}" for p in JOB_PHASES),
                       " / ".join(f"{num(b[p + '_s']):.1f}" for p in JOB_PHASES), step_cell(r),
                       f"{num(r['peak_rss_mib']):.0f} / {num(b['peak_rss_mib']):.0f}", r["rounds"]])
     text = md_table(["config", "cache", "class images / steps", "ours s (min-max)", "baseline s (min-max)",
-                     "speed-up (min-max)", "whole job", "speed-up class images / train",
+                     "speed-up (min-max)", "whole job", "CPU s ours / baseline: speed-up (min-max)",
+                     "speed-up class images / train",
                      "ours s: startup / load / class images / train / write / pictures", "baseline s (same phases)",
                      "ours step ms (min-max)", "peak RSS MiB ours / baseline", "rounds"], lines)
     pairs = job_pairs(rows)
@@ -176,7 +186,9 @@ def job_section(rows: list[dict]) -> str:
              "baseline time / our time per paired round, median (min-max); \"whole job\" says faster or slower only "
              "when every round agrees. Phases are medians each process timed itself; startup = wall time minus them "
              "(interpreter, imports). Our step: the median step_time_s of logs/metrics.csv per run, median "
-             "(min-max) over the runs. Peak RSS: ru_maxrss of each process (os.wait4), median.\n\n"
+             "(min-max) over the runs. CPU s: user + system seconds of each process (os.wait4), median; the "
+             "speed-up they give does not depend on how much of the shared CPU each process got. Peak RSS: "
+             "ru_maxrss of each process (os.wait4), median.\n\n"
              f"- ours: `dbfast train` at its defaults for the class images ({r['class_settings']}); "
              f"{r['optimizer']}.\n")
     if any(x["impl"] == "dreambooth_fast_predictions" for x in rows):
@@ -328,6 +340,8 @@ def job_summary(rows: list[dict]) -> list[str]:
             phases += (f"{', ' if phases else ''}its step {num(r['step_vs_images']):.2f}x "
                        f"({num(r['step_vs_images_min']):.2f}-{num(r['step_vs_images_max']):.2f}) the time of the "
                        "class-image prior step")
+        if r.get("cpu_speedup"):
+            phases += f"{', ' if phases else ''}in CPU time {num(r['cpu_speedup']):.2f}x"
         images = "no class images (--prior-mode predictions)" if predictions else f"{r['class_images']} class images"
         lines.append(f"**whole job**, {job_config(r)} ({images}, {r['steps']} steps), "
                      f"{r['cache']}: **{speedup(r)}** the diffusers-way job's speed ({num(r['median_s']):.1f} s "

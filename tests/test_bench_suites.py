@@ -171,8 +171,10 @@ def test_job_smoke_runs_both_jobs_cold_and_warm_and_renders(tmp_path):
         assert r["startup_s"] > 0 and r["load_s"] > 0 and r["train_s"] > 0 and r["write_s"] > 0
         # Cold draws the class images; warm finds them (the two class images take seconds, finding them does not).
         assert r["class_images_s"] > runs[("short", "warm", impl)]["class_images_s"] or cache == "warm"
+        assert r["cpu_s"] > 0
         if impl == "dreambooth_fast":
             assert r["speedup_min"] <= r["speedup"] <= r["speedup_max"]
+            assert r["cpu_speedup_min"] <= r["cpu_speedup"] <= r["cpu_speedup_max"]
             assert "base_steps" in r["class_settings"]  # read back from the run's class-image cache key
     assert runs[("short", "cold", "dreambooth_fast")]["class_images_speedup"] > 0
     text = render.render(tmp_path, tmp_path / "BENCHMARKS.md").read_text()
