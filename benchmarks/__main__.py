@@ -1,11 +1,13 @@
 """python -m benchmarks: the benchmark suite against eager PyTorch, on whatever device is present.
 
-    python -m benchmarks [--suite job|kernels|train|prior|generate|all] [--quick] [--device cpu|cuda] [--out DIR]
+    python -m benchmarks [--suite job|kernels|train|prior|generate|distributed|all] [--quick] [--device cpu|cuda]
+                         [--out DIR]
 
 Suites (one module each): job (bench_job: `dbfast train` end to end against a job run the way diffusers' DreamBooth
 script runs it, cold and warm class-image cache), kernels (bench_kernels: the fused ops alone), train (bench_train:
 the whole training step), prior (bench_prior: class images per sampler, speed and judged quality, on the embedded
-toy model), generate (bench_generate: UNet latency and end to end per backend). Each appends its rows to
+toy model), generate (bench_generate: UNet latency and end to end per backend), distributed (bench_distributed: many
+subjects over 2 torchrun processes against one after the other). Each appends its rows to
 DIR/<suite>.csv; every suite run is also logged to DIR/runs.csv (the command, the load average before and after,
 versions). `python -m benchmarks.render` turns the latest results into BENCHMARKS.md and PNG plots. --quick: fewer
 sizes and rounds (the job suite: class images / 5, steps / 10; the other suites in minutes on a 2-core CPU, the job
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import bench_generate, bench_job, bench_kernels, bench_prior, bench_train
+from benchmarks import bench_distributed, bench_generate, bench_job, bench_kernels, bench_prior, bench_train
 from benchmarks.common import (
     RESULTS_DIR,
     add_threads_option,
@@ -35,8 +37,9 @@ from benchmarks.common import (
 )
 from dreambooth_fast.toy.tiny_cascade import build_tiny_cascade
 
-SUITES = ("job", "kernels", "train", "prior", "generate")
-MODULES = {"job": bench_job, "train": bench_train, "prior": bench_prior, "generate": bench_generate}
+SUITES = ("job", "kernels", "train", "prior", "generate", "distributed")
+MODULES = {"job": bench_job, "train": bench_train, "prior": bench_prior, "generate": bench_generate,
+           "distributed": bench_distributed}
 RUN_LOG = "runs.csv"
 
 
@@ -79,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         # One tiny cascade for every suite that runs one (the CPU sizes of train, prior, generate).
-        model_dir = build_tiny_cascade(Path(tmp) / "tiny") if set(suites) - {"kernels", "prior", "job"} else None
+        tiny = set(suites) - {"kernels", "prior", "job", "distributed"}
+        model_dir = build_tiny_cascade(Path(tmp) / "tiny") if tiny else None
         for suite in suites:
             print(f"\n== {suite} ==", flush=True)
             run_suite(suite, args.device, quick=args.quick, smoke=args.smoke, out_dir=args.out, model_dir=model_dir,

@@ -111,8 +111,8 @@ def run(device: str, *, quick: bool = False, smoke: bool = False, out: Path | No
                 k = next(calls)  # each call: its own seed and an empty cache
                 settings = PriorSettings(f"a {CLASS_NOUN}", c.sampler, c.steps, GUIDANCE, 1, SR_GUIDANCE,
                                          SR_NOISE_LEVEL, False, k)
-                folder = generate_class_images(cascade, class_embeds, negative, chunk, settings,
-                                               cache_root=Path(tmp) / c.name / str(k), batch_size=c.batch)
+                folder, _ = generate_class_images(cascade, class_embeds, negative, chunk, settings,
+                                                  cache_root=Path(tmp) / c.name / str(k), batch_size=c.batch)
                 folders[c.name].append(folder)
 
             return Timed(body)

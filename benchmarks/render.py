@@ -19,9 +19,9 @@ from benchmarks.common import RESULTS_DIR
 from dreambooth_fast.fileio import atomic_write, atomic_write_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
-SUITES = ("job", "train", "kernels", "prior", "generate")
+SUITES = ("job", "train", "kernels", "prior", "generate", "distributed")
 TITLES = {"job": "Whole job", "train": "Training step", "kernels": "Fused kernels", "prior": "Class-image generation",
-          "generate": "Generation"}
+          "generate": "Generation", "distributed": "Several processes"}
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -322,8 +322,47 @@ adds and muls of the scale-shift and residuals, their backward sums, and the res
 """
 
 
+def distributed_section(rows: list[dict]) -> str:
+    lines = [[r["what"].replace("_", " "), r["impl"], r["processes"], _distributed_work(r), ms(r, "s"),
+              distributed_rate(r),
+              f"{num(r['speedup']):.2f}x ({num(r['speedup_min']):.2f}-{num(r['speedup_max']):.2f})"
+              if r.get("speedup") else "-", r["load_1m_runs"], r["rounds"]] for r in rows]
+    notes = []
+    images = next((r for r in rows if r["what"] == "class_images"), None)
+    if images:
+        notes.append(f"class images: the class-image phase of `dbfast train` (the embedded default model, \"a heart\", "
+                     f"class guidance 2, {images['images']} images drawn {images['batch']} per batch, from an empty "
+                     f"cache) in one process against torchrun with 2 processes, which split the batches; the phase's "
+                     f"seconds from dreambooth.json (rank 0's: it ends when every image is there); alternating, "
+                     f"{images['threads']} torch thread per process.")
+    subjects = next((r for r in rows if r["what"] == "subjects"), None)
+    if subjects:
+        notes.append(f"subjects: `dbfast train --subjects` with {subjects['subjects']} subjects (the embedded default "
+                     f"model's base stage, examples/subject, class \"heart\", the same options, outputs of their own; "
+                     f"class images: {subjects['class_images']}), one process (one subject after the other) against "
+                     f"torchrun with {subjects['subjects']} processes (one subject per rank), each command a process "
+                     f"tree of its own, alternating, {subjects['threads']} torch thread per process. Wall time from "
+                     "the command's start to its exit (interpreter, torchrun, model load, training, writing).")
+    return (md_table(["what", "how", "processes", "work", "seconds (min-max)", "rate", "speed-up (min-max)",
+                      "load (1 min) before the runs", "rounds"], lines)
+            + "\n\n" + "\n\n".join(notes)
+            + "\n\nSpeed-up = one process's seconds / torchrun's per round, median (min-max). Two processes can only "
+              "be 2x as fast with 2 free cores: read the load column.")
+
+
+def _distributed_work(r: dict) -> str:
+    if r["what"] == "subjects":
+        return f"{r['subjects']} subjects x {r['steps']} steps"
+    return f"{r['images']} class images, {r['batch']} per batch"
+
+
+def distributed_rate(r: dict) -> str:
+    """What a row's work gets done at: subjects/hour or class images/s."""
+    return f"{r['subjects_per_hour']} subjects/h" if r["what"] == "subjects" else f"{r['images_per_s']} images/s"
+
+
 SECTIONS = {"job": job_section, "train": train_section, "kernels": kernels_section, "prior": prior_section,
-            "generate": generate_section}
+            "generate": generate_section, "distributed": distributed_section}
 
 
 # -- one line per finding, for the summary at the top ---------------------------------------------------------
@@ -413,8 +452,14 @@ def generate_summary(rows: list[dict]) -> list[str]:
     return [line + (f"; not measured here: {', '.join(skipped)}" if skipped else "")]
 
 
+def distributed_summary(rows: list[dict]) -> list[str]:
+    return [f"{_distributed_work(r)} on {r['processes']} torchrun processes: {num(r['speedup']):.2f}x "
+            f"({num(r['speedup_min']):.2f}-{num(r['speedup_max']):.2f}) the {distributed_rate(r).split(' ', 1)[1]} of "
+            f"one process, at load {r['load_1m_runs']}" for r in rows if r.get("speedup")]
+
+
 SUMMARIES = {"job": job_summary, "train": train_summary, "kernels": kernels_summary, "prior": prior_summary,
-             "generate": generate_summary}
+             "generate": generate_summary, "distributed": distributed_summary}
 
 
 # -- plots ------------------------------------------------------------------------------------------------
@@ -508,6 +553,14 @@ def plot(suite: str, rows: list[dict], path: Path) -> bool:
                                               num(r["images_per_s_max"])) for r in rows]}, "images/s")
         _bars(axes[1], labels, {"drawn as the class": [(num(r["class_share"] or 0),) * 3 for r in rows]},
               "share of images judged to show the class")
+    elif suite == "distributed":
+        labels = [f"{r['what']}: {r['impl']} ({r['processes']} process{'es' if r['processes'] != '1' else ''})"
+                  for r in rows]
+        _bars(axes[0], labels, {"wall": [_triple(r, "s") for r in rows]}, "seconds (median, min-max)")
+        timed = [r for r in rows if r.get("speedup")]
+        _bars(axes[1], [f"{r['what']}: {r['impl']}" for r in timed],
+              {"speed-up": [(num(r["speedup"]), num(r["speedup_min"]), num(r["speedup_max"])) for r in timed]},
+              "sequential / torchrun (>1: faster)", ratios=True)
     else:
         done = [r for r in rows if r["what"] != "skipped"]
         groups = list(dict.fromkeys(f"{r['what']} {r['stage']}" for r in done))
@@ -533,8 +586,9 @@ INTRO = """# Benchmarks
 
 dreambooth-fast against eager PyTorch: the whole job (`dbfast train` from command to output against a job run the
 way diffusers' DreamBooth script runs it), the fused kernels alone, the whole DreamBooth training step, class-image
-generation, and generation per backend. Generated by `python -m benchmarks.render` from `benchmarks/results/*.csv`
-(every run of `python -m benchmarks` appends there; this page shows the latest run of each suite per device).
+generation, generation per backend, and many subjects over several processes against one after the other.
+Generated by `python -m benchmarks.render` from `benchmarks/results/*.csv` (every run of `python -m benchmarks`
+appends there; this page shows the latest run of each suite per device).
 
 How to read it: the implementations compared are measured in one run, alternating, after warm-up; times are
 medians with min-max; ratios are computed per paired round, median (min-max). A kernel ratio is not a

@@ -17,12 +17,17 @@ from .fileio import atomic_write_dir, atomic_write_json
 LATEST = "latest.json"
 
 
+def checkpoint_dir(root: Path, stage: str, step: int) -> Path:
+    """Where the checkpoint of `stage` at `step` lives."""
+    return root / f"{stage}-{step:06d}"
+
+
 def save_checkpoint(
     root: Path, stage: str, step: int, weights: dict[str, torch.Tensor], state: dict, completed_stages: list[str]
 ) -> Path:
     """Write checkpoint `root/<stage>-<step>/` (weights.safetensors + state.pt), point latest.json at it,
     then delete the older checkpoints of that stage."""
-    name = f"{stage}-{step:06d}"
+    name = checkpoint_dir(root, stage, step).name
 
     def write(tmp: Path) -> None:
         tmp.mkdir(parents=True)

@@ -11,7 +11,8 @@ import click
 from . import __version__
 from .backends import BACKENDS
 from .config import LR_SCHEDULES, PRECISIONS, PRIOR_MODES, REPORT_TO, TrainConfig
-from .errors import UserError
+from .distributed import error_stream, rank_prefix
+from .errors import ReportedByRank0, UserError
 from .samplers import SAMPLERS
 
 
@@ -23,9 +24,11 @@ class _Group(click.Group):
         warnings.showwarning = lambda message, *args, **kwargs: click.echo(f"warning: {message}", err=True)
         try:
             return super().invoke(ctx)
+        except ReportedByRank0:
+            sys.exit(ReportedByRank0.exit_code)
         except UserError as err:
-            click.echo(f"error: {err}", err=True)
-            sys.exit(2)
+            click.echo(f"error: {rank_prefix()}{err}", file=error_stream())
+            sys.exit(err.exit_code)
         except KeyboardInterrupt:
             click.echo("error: interrupted", err=True)
             sys.exit(130)
@@ -34,7 +37,8 @@ class _Group(click.Group):
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="dbfast")
 def main() -> None:
-    """Fast DreamBooth for cascaded text-to-image diffusion models (DeepFloyd IF layout).
+    """Fast DreamBooth for cascaded text-to-image diffusion models (DeepFloyd IF layout; Stable Diffusion 1.x/2.x's
+    base stage too).
 
     \b
     Typical use:
@@ -57,6 +61,19 @@ def default(field: str) -> str:
     return f"  [default: {','.join(value) if isinstance(value, tuple) else value}]"
 
 
+def _without_option(args: list[str], name: str) -> list[str]:
+    """`args` without `name VALUE` / `name=VALUE` (the command line each started process gets)."""
+    kept, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == name:
+            skip = True
+        elif not arg.startswith(f"{name}="):
+            kept.append(arg)
+    return kept
+
+
 def _stages(value: str) -> tuple[str, ...]:
     return tuple(s.strip() for s in value.split(",") if s.strip())
 
@@ -65,7 +82,8 @@ def _stages(value: str) -> tuple[str, ...]:
 @click.option("--images", type=click.Path(), help="Directory of 3-5 photos of the subject (jpg, png, webp).")
 @click.option("--class", "class_noun", help="The subject's class noun, e.g. dog: prompts are 'a [V] dog' and 'a dog'.")
 @click.option("--model", type=click.Path(),
-              help="Cascade directory in DeepFloyd IF's diffusers layout (stage I, optional stage_2/). "
+              help="Cascade directory in DeepFloyd IF's diffusers layout (stage I, optional stage_2/), or a "
+                   "Stable Diffusion 1.x/2.x directory (StableDiffusionPipeline layout; base stage only). "
                    "[default: the embedded toy model, else a tiny random cascade]")
 @click.option("--sr-model", type=click.Path(),
               help="IF stage II directory when it is not MODEL/stage_2 (e.g. IF-II-L-v1.0).")
@@ -157,23 +175,86 @@ def _stages(value: str) -> tuple[str, ...]:
                    "OUTPUT/logs/tensorboard (needs the tensorboard extra)." + default("report_to"))
 @click.option("--seed", type=int, help="Seed of everything random in the run." + default("seed"))
 @click.option("--device", help="auto, cpu, cuda or cuda:N." + default("device"))
-@click.option("--resume", is_flag=True, help="Continue the run in --output from its last checkpoint.")
-@click.option("--overwrite", is_flag=True, help="Replace the run already in --output.")
-def train(config_file: str | None, resume: bool, overwrite: bool, **options) -> None:
+@click.option("--fsdp", is_flag=True, default=None,
+              help="Under torchrun/accelerate launch: shard the UNet, its gradients and Adam's state over the "
+                   "processes (FSDP2) instead of a copy on each (DDP, the default): for a UNet too big for one device.")
+@click.option("--dist-timeout", type=int,
+              help="Under torchrun: seconds a process waits for the others in one exchange before it stops the run."
+                   + default("dist_timeout"))
+@click.option("--nproc-per-node", type=click.IntRange(1),
+              help="Start this many processes on this machine (one per GPU) and run as one distributed run, or as a "
+                   "queue with --subjects: what torchrun --standalone --nproc_per_node N starts, without torchrun's "
+                   "report on failure (the exit code is the first failed process's).")
+@click.option("--resume", is_flag=True,
+              help="Continue the run in --output from its last checkpoint. With --subjects: a finished subject is "
+                   "reported 'done (already)', an unfinished one continues, one without an output starts.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace the run already in --output (with --subjects: every subject's run starts again).")
+@click.option("--subjects", "subjects_file", type=click.Path(),
+              help="Train many subjects: a TOML file of [[subject]] tables (images, class, output, any option "
+                   "above), shared options at its top; relative paths in it are relative to its folder. Options "
+                   "given here are defaults under the file's. Under torchrun the subjects are a queue over the "
+                   "ranks, one per rank at a time. Exit code 3 when some subjects failed (the others go on).")
+@click.option("--summary", type=click.Path(),
+              help="With --subjects: where the summary table is written as JSON  [default: NAME-summary.json "
+                   "beside the subjects file NAME.toml].")
+def train(config_file: str | None, subjects_file: str | None, summary: str | None, nproc_per_node: int | None,
+          resume: bool, overwrite: bool, **options) -> None:
     """Fine-tune a cascade on a subject with DreamBooth: bind a rare-token identifier to the subject with the
-    class-specific prior preservation loss, stage by stage (base, then super-resolution)."""
+    class-specific prior preservation loss, stage by stage (base, then super-resolution).
+
+    \b
+    Many subjects (README, "Many subjects"):
+      dbfast train --subjects subjects.toml
+      torchrun --nproc_per_node 2 -m dreambooth_fast train --subjects subjects.toml
+    """
     from .config import load_toml
+    from .distributed import (
+        init_from_env,
+        launch_here,
+        launched_world_size,
+        process_device,
+        quiet_unless_main,
+        reported_once,
+        shutdown,
+    )
+    from .models import resolve_device
     from .rundir import read_run
     from .toy.default_model import DEFAULT_MODEL
     from .toy.world import SHAPES
     from .train import train as run_training
 
-    values = load_toml(config_file) if config_file else {}
-    if options.get("stages") is not None:
-        options["stages"] = _stages(options["stages"])
-    values.update({k: v for k, v in options.items() if v is not None})
-    cfg = TrainConfig(**values)
-    out = run_training(cfg, resume=resume, overwrite=overwrite)
+    if nproc_per_node and nproc_per_node > 1:
+        if launched_world_size() > 1:
+            raise reported_once(UserError("--nproc-per-node: this process was already started by a launcher "
+                                          "(torchrun, accelerate launch): pass one or the other"))
+        sys.exit(launch_here(nproc_per_node, _without_option(sys.argv[1:], "--nproc-per-node")))
+    try:
+        values = load_toml(config_file) if config_file else {}
+        if options.get("stages") is not None:
+            options["stages"] = _stages(options["stages"])
+        values.update({k: v for k, v in options.items() if v is not None})
+    except UserError as err:
+        raise reported_once(err) from None
+    if subjects_file:  # every rank prints its own subjects' lines (subjects.py prefixes them)
+        from .subjects import train_subjects
+
+        sys.exit(train_subjects(subjects_file, values, resume=resume, overwrite=overwrite, summary=summary))
+    # Under torchrun / accelerate launch: only rank 0 prints (and writes); the processes join once the options
+    # are found good (every rank would find the same mistake: rank 0 says it).
+    quiet_unless_main()
+    try:
+        if summary:
+            raise UserError("--summary is the summary of --subjects: pass both, or neither")
+        cfg = TrainConfig(**values)
+        device = process_device(resolve_device(cfg.validate().device))
+    except UserError as err:
+        raise reported_once(err) from None
+    dist = init_from_env(device, cfg.dist_timeout)
+    try:
+        out = run_training(cfg, resume=resume, overwrite=overwrite, dist=dist)
+    finally:
+        shutdown()
     timings = (read_run(out) or {}).get("timings") or {}
     rank = {"load": 0, "class_images": 1, "write": 3, "pictures": 4}  # the stages' train_* come between
     click.echo("time: " + ", ".join(f"{phase.replace('_', ' ')} {timings[phase]:.1f} s"
@@ -228,7 +309,7 @@ def generate(prompt: str, model: str, sr_model: str | None, num_images: int, sta
 
 @main.command()
 @click.option("--model", "model_dir", required=True, type=click.Path(),
-              help="Cascade directory (DeepFloyd IF stage I layout) whose tokenizer/ to search.")
+              help="Model directory (DeepFloyd IF stage I or Stable Diffusion layout) whose tokenizer/ to search.")
 @click.option("--n", "n_tokens", default=1, show_default=True, type=click.IntRange(1, 3),
               help="How many rare tokens to concatenate into the identifier (the paper: 1-3).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the uniform sampling of rare token ids.")

@@ -18,6 +18,7 @@ from .backends import BACKENDS
 from .errors import UserError
 from .samplers import check_sampler
 
+DIST_TIMEOUT_S = 600  # how long a rank waits for the others in one collective before it stops the run
 # Class images per sampler call; halved where it does not fit. 8, not 16: on the CPU 16 per call was at most ~5%
 # faster (not in every round) and raised the short job's peak RSS by 17-63 MiB above 8's (README, Performance).
 CLASS_IMAGE_BATCH = 8
@@ -77,6 +78,8 @@ class TrainConfig:
     report_to: str = "none"
     seed: int = 0
     device: str = "auto"
+    fsdp: bool = False  # under torchrun: shard the UNet over the ranks (FSDP2) instead of replicating it (DDP)
+    dist_timeout: int = DIST_TIMEOUT_S
 
     def validate(self) -> TrainConfig:
         _check_types(self)
@@ -137,6 +140,14 @@ class TrainConfig:
             _require("bitsandbytes", "--use-8bit-adam", "bnb")
         if self.lora_rank:
             _require("peft", "--lora-rank", "lora")
+        if self.fsdp and self.lora_rank:
+            raise UserError("--fsdp shards full fine-tuning; a LoRA adapter is small enough to replicate: drop --fsdp "
+                            "(a distributed run uses DDP by default)")
+        if self.fsdp and self.use_8bit_adam:
+            raise UserError("--fsdp and --use-8bit-adam do not go together (bitsandbytes' Adam does not take "
+                            "sharded parameters): drop one")
+        if self.dist_timeout < 1:
+            raise UserError(f"--dist-timeout must be at least 1 second, got {self.dist_timeout}")
         if not 0 <= self.sr_noise_level < 1000:
             raise UserError(f"--sr-noise-level must be in [0, 1000), got {self.sr_noise_level}")
         return self
@@ -187,19 +198,31 @@ def field_names() -> set[str]:
 
 def load_toml(path: str | Path) -> dict:
     """Read a TOML file of TrainConfig fields (dashes or underscores); unknown keys are an error."""
+    return options_from_toml(read_toml(path, "--config"), f"--config {path}")
+
+
+def read_toml(path: str | Path, option: str) -> dict:
+    """The TOML file `path` as a dict; a missing or invalid file is one line naming `option`."""
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except FileNotFoundError:
-        raise UserError(f"--config {path} does not exist") from None
+        raise UserError(f"{option} {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{option} {path} cannot be read ({err})") from None
     except tomllib.TOMLDecodeError as err:
-        raise UserError(f"--config {path} is not valid TOML: {err}") from None
+        raise UserError(f"{option} {path} is not valid TOML: {err}") from None
+
+
+def options_from_toml(data: dict, where: str) -> dict:
+    """TrainConfig fields from a TOML table: dashes or underscores, `class` for class_noun, `stages` as a comma
+    string or a list; an unknown key is an error naming `where`."""
     data = {key.replace("-", "_"): value for key, value in data.items()}
     if "class" in data:
         data["class_noun"] = data.pop("class")
     unknown = sorted(set(data) - field_names())
     if unknown:
-        raise UserError(f"--config {path}: unknown option(s) {', '.join(unknown)}")
+        raise UserError(f"{where}: unknown option(s) {', '.join(unknown)}")
     if "stages" in data and isinstance(data["stages"], str):
         data["stages"] = tuple(s.strip() for s in data["stages"].split(","))
     return data

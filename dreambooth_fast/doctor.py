@@ -22,6 +22,23 @@ def _package_version(name: str) -> str:
         return "installed"
 
 
+def distributed_line() -> str:
+    """The launcher's view of this process (under torchrun / accelerate launch), or which backends a launch gets."""
+    import torch.distributed as dist
+
+    from .distributed import launched_rank, launched_world_size
+
+    if not dist.is_available():
+        return "not available in this torch build"
+    backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
+    world_size = launched_world_size()
+    if world_size > 1:
+        return f"launched: rank {launched_rank()} of {world_size}, backend {backend}"
+    backends = ", ".join(name for name, ok in (("gloo", dist.is_gloo_available()), ("nccl", dist.is_nccl_available()))
+                         if ok)
+    return f"not launched ({backends} available): torchrun --nproc_per_node N -m dreambooth_fast train ..."
+
+
 def report(disk_path: str = ".") -> str:
     from .ops import native_cpu_kernels, native_status
 
@@ -41,6 +58,7 @@ def report(disk_path: str = ".") -> str:
         f"transformers    {_package_version('transformers')}",
         f"onnxruntime     {_package_version('onnxruntime')}",
         f"tensorrt        {tensorrt}",
+        f"distributed     {distributed_line()}",
         f"free disk       {free_gib:.1f} GiB at {disk_path}",
     ]
     return "\n".join(lines)

@@ -11,9 +11,10 @@ from .errors import UserError
 from .export.cascade import default_export_dir
 from .identifier import PLACEHOLDER, fill_placeholder
 from .images import enlarged, make_grid, save_png, save_pngs, to_pil
-from .models import find_sr_dir, load_cascade, resolve_device
+from .models import find_sr_dir, load_cascade, model_family, resolve_device
 from .rundir import RUN_FILE, run_identifier
 from .sample import sample_cascade
+from .sd import sd_stages
 from .text import encode_negative, encode_prompts
 
 
@@ -55,6 +56,8 @@ def generate_images(
     unknown = set(stages) - {"base", "sr"}
     if unknown or "base" not in stages:
         raise UserError(f"--stages must be base or base,sr, got {','.join(stages)}")
+    if model_family(model) == "sd":
+        stages = sd_stages(sr_model, sampler)
     if "sr" in stages and find_sr_dir(model, sr_model) is None:
         raise UserError(f"{model} has no stage II (stage_2/): pass --sr-model DIR or --stages base")
     text = expand_prompt(prompt, model)

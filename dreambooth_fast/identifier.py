@@ -10,8 +10,14 @@ punctuation, capitals and other scripts tokenise inconsistently or are awkward t
 back to that same single token where prompts put it (after "a ", i.e. as a word-initial piece), and is not
 a known English word (english_words.txt; "sks" is a rifle). k = 1-3 kept tokens concatenated form [V].
 
-Works on any SentencePiece-based T5 tokenizer through transformers' public API (encode, decode,
-convert_ids_to_tokens), whatever its backend.
+CLIP's byte-level BPE (Stable Diffusion) is ordered differently: 512 byte characters (alone and with the
+end-of-word mark `</w>`), then one id per merge in the order the merges were learnt (frequent pairs first, so
+later ids are rarer), then <|startoftext|> and <|endoftext|>. There the rare range is the same fraction of the
+merges, ids 512 + [round(5/32 M), round(10/32 M)) for M merges (8152-15790 of CLIP's 49408), and a kept token
+is a word-final piece ('xy</w>': the rules above, unchanged, keep exactly those).
+
+Works on any SentencePiece-based T5 tokenizer and on CLIP's tokenizer through transformers' public API (encode,
+decode, convert_ids_to_tokens), whatever its backend.
 """
 
 from __future__ import annotations
@@ -24,11 +30,13 @@ from dataclasses import dataclass
 from importlib import resources
 
 from .errors import UserError
+from .text import is_clip_tokenizer
 
 PAPER_VOCAB_SIZE = 32000
 PAPER_RARE_IDS = (5000, 10000)
 MAX_CHARS = 3
 MAX_TOKENS = 3  # the paper concatenates k = 1-3 rare tokens
+BPE_BYTE_PIECES = 2 * 256  # CLIP's vocabulary starts with the 256 byte characters, alone and with </w>
 _LETTERS = re.compile(r"[a-z]+")
 
 
@@ -51,15 +59,20 @@ def known_words() -> frozenset[str]:
 
 
 def base_vocab_size(tokenizer) -> int:
-    """The SentencePiece model's own piece count: the vocabulary less T5's appended <extra_id_N> sentinels."""
+    """The SentencePiece model's own piece count: the vocabulary less T5's appended <extra_id_N> sentinels; for
+    CLIP's BPE, the number of merges."""
+    if is_clip_tokenizer(tokenizer):
+        return tokenizer.vocab_size - BPE_BYTE_PIECES - len(set(tokenizer.all_special_ids))
     sentinels = [t for t in tokenizer.added_tokens_decoder.values() if str(t).startswith("<extra_id_")]
     return tokenizer.vocab_size - len(sentinels)
 
 
 def rare_id_range(tokenizer) -> range:
-    """The paper's 5000-10000 of 32000, scaled to this vocabulary's size."""
+    """The paper's 5000-10000 of 32000, scaled to this vocabulary's size (for CLIP's BPE: to its merges, after
+    the byte characters)."""
     size = base_vocab_size(tokenizer)
-    low, high = (round(bound * size / PAPER_VOCAB_SIZE) for bound in PAPER_RARE_IDS)
+    first = BPE_BYTE_PIECES if is_clip_tokenizer(tokenizer) else 0
+    low, high = (first + round(bound * size / PAPER_VOCAB_SIZE) for bound in PAPER_RARE_IDS)
     return range(low, high)
 
 
@@ -204,7 +217,12 @@ def candidates_report(tokenizer, *, seed: int = 0, limit: int = 20) -> str:
     rare = rare_id_range(tokenizer)
     judged = find_candidates(tokenizer, seed=seed, include_rejected=True)
     kept = [c for c in judged if c.kept]
-    header = (f"rare range: ids {rare.start}-{rare.stop - 1} of {base_vocab_size(tokenizer)} (the paper's "
+    size = base_vocab_size(tokenizer)
+    of = f"of {size}"
+    if is_clip_tokenizer(tokenizer):
+        first = BPE_BYTE_PIECES
+        of = f"of {tokenizer.vocab_size}, merges {rare.start - first}-{rare.stop - 1 - first} of this BPE's {size}"
+    header = (f"rare range: ids {rare.start}-{rare.stop - 1} {of} (the paper's "
               f"{PAPER_RARE_IDS[0]}-{PAPER_RARE_IDS[1] - 1} of {PAPER_VOCAB_SIZE}, scaled), order of seed {seed}")
     lines = [header,
              f"kept {len(kept)} of {len(judged)}:",

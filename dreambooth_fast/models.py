@@ -2,7 +2,8 @@
 
 A cascade directory is an IF stage I directory (model_index.json, unet/, text_encoder/, tokenizer/,
 scheduler/) that may hold an IF stage II directory in `stage_2/`. Real IF ships the stages as separate
-directories (IF-I-XL-v1.0, IF-II-L-v1.0): pass the second as `sr_model_dir`.
+directories (IF-I-XL-v1.0, IF-II-L-v1.0): pass the second as `sr_model_dir`. A Stable Diffusion directory
+(model_index.json naming StableDiffusionPipeline) is detected here and checked and loaded by sd.py.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import lora
+from . import lora, sd
 from .errors import UserError
 
 STAGE_2_DIR = "stage_2"
@@ -39,10 +40,14 @@ class Cascade:
     sr_noising_scheduler: object | None
     base_dir: Path
     sr_dir: Path | None
+    family: str = "if"  # "sd": a Stable Diffusion model (sd.py), its base UNet on the VAE's latents
+    vae: torch.nn.Module | None = None
+    vae_scale_factor: int = 1  # pixels per latent along a side (1: pixel space)
 
     @property
     def base_size(self) -> int:
-        return int(_read_json(self.base_dir / "unet" / "config.json")["sample_size"])
+        """The base stage's image size in pixels (for Stable Diffusion, its latents are vae_scale_factor smaller)."""
+        return int(_read_json(self.base_dir / "unet" / "config.json")["sample_size"]) * self.vae_scale_factor
 
     @property
     def sr_size(self) -> int | None:
@@ -74,13 +79,28 @@ def _has_weights(folder: Path) -> bool:
     return any((folder / name).is_file() for name in WEIGHT_NAMES) or any(folder.glob("*.safetensors"))
 
 
+def model_family(path: Path) -> str:
+    """The model family: sd when `path`'s model_index.json names StableDiffusionPipeline, else if (DeepFloyd IF)."""
+    return "sd" if _read_json(Path(path) / "model_index.json").get("_class_name") == sd.SD_PIPELINE else "if"
+
+
 def check_stage_dir(path: Path, stage: str) -> None:
-    """Raise a UserError naming what is missing when `path` is not an IF stage directory of that stage."""
+    """Raise a UserError naming what is missing when `path` is not an IF stage directory of that stage (or, for
+    the base stage, a Stable Diffusion directory: sd.check_sd_dir)."""
     if not path.is_dir():
         raise UserError(
             f"model directory {path} does not exist (expected a DeepFloyd IF directory in diffusers layout)"
         )
     index = _read_json(path / "model_index.json")
+    unsupported = sd.unsupported_pipeline(str(index.get("_class_name", "")))
+    if unsupported:
+        raise UserError(f"{path}: {unsupported}")
+    if index.get("_class_name") == sd.SD_PIPELINE:
+        if stage != "base":
+            raise UserError(f"{path} is a Stable Diffusion model, not an IF stage II (IFSuperResolutionPipeline) "
+                            "directory")
+        sd.check_sd_dir(path, index)
+        return
     parts = BASE_PARTS if stage == "base" else SR_PARTS
     missing = [p for p in parts if not (path / p).is_dir() or index.get(p) in (None, [None, None])]
     if missing:
@@ -102,6 +122,8 @@ def find_sr_dir(model_dir: Path, sr_model_dir: str | Path | None) -> Path | None
 
 
 def load_tokenizer(model_dir: str | Path):
+    if model_family(model_dir) == "sd":
+        return sd.load_tokenizer(model_dir)
     from transformers import T5Tokenizer
 
     return T5Tokenizer.from_pretrained(Path(model_dir) / "tokenizer", local_files_only=True)
@@ -178,6 +200,10 @@ def load_cascade(
     for explicitly with `sr_model_dir`."""
     base_dir = Path(model_dir)
     check_stage_dir(base_dir, "base")
+    if model_family(base_dir) == "sd":
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        return sd.load_sd(base_dir, device=device, dtype=dtype, stages=stages, with_text_encoder=with_text_encoder,
+                          with_unets=with_unets)
     sr_dir = find_sr_dir(base_dir, sr_model_dir) if "sr" in stages else None
     if sr_dir is not None:
         check_stage_dir(sr_dir, "sr")

@@ -4,7 +4,9 @@ The cache directory is keyed by what decides the images (the frozen weights, the
 settings, the seed); `key.json` beside the images records those inputs. Each image is drawn from its own
 generator (seeded from the seed and the image's index), so the images do not depend on the batch size or on
 who draws them; they are saved as they are made, batch by batch, so an interrupted run resumes where it
-stopped and gives the same images as an uninterrupted one. Stage I images are kept at the base resolution (`base/`) and,
+stopped and gives the same images as an uninterrupted one. The batches are claimed one by one (an flock per
+batch), so processes that need the same images (the ranks of a distributed run, two runs) share the drawing
+and never draw an image twice. Stage I images are kept at the base resolution (`base/`) and,
 when the SR stage is trained, their upscaling by the frozen SR stage at the SR resolution (`sr/`): the SR
 stage's prior pairs are (class image at base resolution, its frozen-SR upscaling), so it keeps its general
 skill on the class.
@@ -23,7 +25,7 @@ from tqdm.auto import tqdm
 from .config import CLASS_IMAGE_BATCH
 from .errors import UserError
 from .fileio import atomic_write_json, file_lock, sha256_files
-from .images import save_pngs
+from .images import save_png, to_pil
 from .models import Cascade, load_unet, weights_files
 from .sample import UnetFn, sample_cascade, torch_unet_fn
 
@@ -48,12 +50,15 @@ def default_cache_root() -> Path:
 
 def cache_key(cascade: Cascade, settings: PriorSettings) -> dict:
     """Everything that decides the class images. The dtype and the batch size are left out on purpose: they
-    change the images only by rounding, not in distribution."""
+    change the images only by rounding, not in distribution. A Stable Diffusion model's VAE decodes them, so its
+    files are in the key too (and its scheduler's config, which picks the sampler)."""
+    parts = ("vae", "scheduler") if cascade.family == "sd" else ()
     return {
         "base_unet": sha256_files(weights_files(cascade.base_dir)),
         "sr_unet": sha256_files(weights_files(cascade.sr_dir)) if settings.with_sr else None,
         "text_encoder": sha256_files(sorted((cascade.base_dir / "text_encoder").iterdir())),
         **asdict(settings),
+        **{part: sha256_files(sorted((cascade.base_dir / part).iterdir())) for part in parts},
     }
 
 
@@ -62,12 +67,9 @@ def cache_dir_for(key: dict, root: Path) -> Path:
     return root / digest
 
 
-def _done(folder: Path, n: int) -> int:
-    """How many leading images (0000.png, 0001.png, ...) are already there (names as images.save_pngs writes them)."""
-    i = 0
-    while i < n and (folder / f"{i:04d}.png").is_file():
-        i += 1
-    return i
+def _missing(folders: list[Path], indices: range | list[int]) -> list[int]:
+    """The class images of `indices` (each saved as NNNN.png, its index) not yet in every folder."""
+    return [i for i in indices if not all((f / f"{i:04d}.png").is_file() for f in folders)]
 
 
 @torch.no_grad()
@@ -80,68 +82,102 @@ def generate_class_images(
     cache_root: Path | None = None,
     batch_size: int = CLASS_IMAGE_BATCH,
     runners: dict[str, UnetFn] | None = None,
-) -> Path:
-    """Make sure `n` class images exist in the cache and return their directory (base/ and, with SR, sr/).
+    share: tuple[int, int] = (0, 1),
+) -> tuple[Path, int]:
+    """Make sure `n` class images exist in the cache; return their directory (base/ and, with SR, sr/) and how
+    many of them this process drew.
 
-    `class_embeds` and `negative_embeds` are one row each (the class prompt and the empty prompt). Images are
-    drawn `batch_size` at a time; a batch that does not fit in the device's memory is halved. `runners` ("base"
-    and, with SR, "sr": sampler runners of the frozen UNets on any backend) default to the cascade's torch
-    UNets. Two runs that need the same class images take turns: the second waits for the first, then draws only
-    what is still missing (each PNG is also written atomically, so a reader never sees half an image)."""
+    `class_embeds` and `negative_embeds` are one row each (the class prompt and the empty prompt). The images
+    are split into batches of `batch_size` by index (batch k: images k*batch_size ...); a batch that does not
+    fit in the device's memory is halved. Whoever draws a batch holds a claim on it (an flock, released by the
+    OS if the process dies), so processes that need the same class images share the work and never draw an
+    image twice: the ranks of one run (`share` = (rank, world size): rank r starts with the batches k = r mod
+    world size, then helps with the rest), or two runs at once. Then each waits until every batch is there,
+    drawing any batch whose claimant died. `runners` ("base" and, with SR, "sr": sampler runners of the frozen
+    UNets on any backend) default to the cascade's torch UNets. Each PNG is written atomically, so a reader
+    never sees half an image."""
     key = cache_key(cascade, settings)
     folder = cache_dir_for(key, cache_root or default_cache_root())
     folders = [folder / "base"] + ([folder / "sr"] if settings.with_sr else [])
-    if min(_done(f, n) for f in folders) >= n:
-        return folder
-    message = f"waiting for another run drawing the same class images into {folder}"
-    with file_lock(folder / ".lock", wait=True, on_wait=lambda: tqdm.write(message)):
-        _draw_class_images(cascade, class_embeds, negative_embeds, n, settings, key, folder, batch_size, runners)
-    return folder
+    batches = [range(first, min(n, first + batch_size)) for first in range(0, n, batch_size)]
+    rank, world_size = share
+    mine = [b for k, b in enumerate(batches) if k % world_size == rank]
+    order = mine + [b for b in batches if b not in mine]
+    if not _missing(folders, range(n)):
+        return folder, 0
+    draw = _ClassImageDrawer(cascade, class_embeds, negative_embeds, settings, key, folders, runners)
+    said = []
+
+    def on_wait() -> None:  # a run's own ranks wait for each other quietly; a lone run says once why it waits
+        if world_size == 1 and not said:
+            tqdm.write(f"waiting for another process drawing class images into {folder}")
+            said.append(True)
+
+    with tqdm(total=n, initial=n - len(_missing(folders, range(n))), unit="img",
+              desc=f"class images for {settings.prompt!r}") as bar:
+        for wait in (False, True):  # first take every free batch, then wait for those others are drawing
+            for batch in order:
+                if not _missing(folders, batch):
+                    continue
+                claim = folder / ".claims" / f"{batch.start:04d}-{batch.stop:04d}"
+                with file_lock(claim, wait=wait, on_wait=on_wait) as claimed:
+                    if claimed:  # after a wait: nothing is missing, unless the claimant died
+                        draw(_missing(folders, batch))
+                bar.n = n - len(_missing(folders, range(n)))
+                bar.refresh()
+    return folder, draw.drawn
 
 
-def image_generators(seed: int, first: int, count: int) -> list[torch.Generator]:
+def image_generators(seed: int, indices: list[int]) -> list[torch.Generator]:
     """One generator per class image, seeded from the run's seed and the image's index."""
-    return [torch.Generator().manual_seed(seed * 1_000_003 + index) for index in range(first, first + count)]
+    return [torch.Generator().manual_seed(seed * 1_000_003 + index) for index in indices]
 
 
-def _draw_class_images(cascade: Cascade, class_embeds: torch.Tensor, negative_embeds: torch.Tensor, n: int,
-                       settings: PriorSettings, key: dict, folder: Path, batch_size: int,
-                       runners: dict[str, UnetFn] | None) -> None:
-    folders = [folder / "base"] + ([folder / "sr"] if settings.with_sr else [])
-    first = min(_done(f, n) for f in folders)
-    if first >= n:
-        return
-    atomic_write_json(folder / "key.json", key)
-    unet = cascade.base_unet if cascade.base_unet is not None else cascade.sr_unet
-    place = {"device": unet.device, "dtype": unet.dtype}
-    if runners is None:
-        base_unet = cascade.base_unet
-        if base_unet is None:  # an SR-only run: its class images are still stage I's samples, upscaled
-            base_unet = load_unet(cascade.base_dir, str(unet.device), unet.dtype)
-        runners = {"base": torch_unet_fn(base_unet)}
-        if settings.with_sr:
-            runners["sr"] = torch_unet_fn(cascade.sr_unet)
-    stages = ("base", "sr") if settings.with_sr else ("base",)
-    with tqdm(total=n, initial=first, desc=f"class images for {settings.prompt!r}", unit="img") as bar:
-        while first < n:
-            count = min(batch_size, n - first)
+class _ClassImageDrawer:
+    """Draws given class images (by index) with the frozen cascade and writes them; counts what it drew."""
+
+    def __init__(self, cascade: Cascade, class_embeds: torch.Tensor, negative_embeds: torch.Tensor,
+                 settings: PriorSettings, key: dict, folders: list[Path], runners: dict[str, UnetFn] | None):
+        self.cascade, self.settings, self.key, self.folders = cascade, settings, key, folders
+        unet = cascade.base_unet if cascade.base_unet is not None else cascade.sr_unet
+        self.place = {"device": unet.device, "dtype": unet.dtype}
+        self.class_embeds, self.negative_embeds = class_embeds.to(**self.place), negative_embeds.to(**self.place)
+        if runners is None:
+            base_unet = cascade.base_unet
+            if base_unet is None:  # an SR-only run: its class images are still stage I's samples, upscaled
+                base_unet = load_unet(cascade.base_dir, str(unet.device), unet.dtype)
+            runners = {"base": torch_unet_fn(base_unet)}
+            if settings.with_sr:
+                runners["sr"] = torch_unet_fn(cascade.sr_unet)
+        self.runners = runners
+        self.drawn = 0
+        self.batch_size: int | None = None  # set lower after an out-of-memory error
+
+    def __call__(self, indices: list[int]) -> None:
+        s = self.settings
+        if indices and not (self.folders[0].parent / "key.json").is_file():
+            atomic_write_json(self.folders[0].parent / "key.json", self.key)
+        while indices:
+            count = min(len(indices), self.batch_size or len(indices))
+            part = indices[:count]
             try:
-                images = sample_cascade(cascade, runners, class_embeds.to(**place).expand(count, -1, -1),
-                                        negative_embeds.to(**place), stages=stages, base_steps=settings.base_steps,
-                                        base_guidance=settings.guidance_scale, sr_steps=settings.sr_steps,
-                                        sr_guidance=settings.sr_guidance_scale, noise_level=settings.sr_noise_level,
-                                        sampler=settings.sampler,
-                                        generator=image_generators(settings.seed, first, count), progress=False)
+                images = sample_cascade(self.cascade, self.runners, self.class_embeds.expand(count, -1, -1),
+                                        self.negative_embeds, stages=("base", "sr") if s.with_sr else ("base",),
+                                        base_steps=s.base_steps, base_guidance=s.guidance_scale,
+                                        sr_steps=s.sr_steps, sr_guidance=s.sr_guidance_scale,
+                                        noise_level=s.sr_noise_level, sampler=s.sampler,
+                                        generator=image_generators(s.seed, part), progress=False)
             except torch.OutOfMemoryError:
                 if count == 1:
                     raise UserError("one class image does not fit in the device's memory: pass --precision bf16, "
                                     "or --prior-mode predictions (no class images)") from None
-                batch_size = count // 2
-                tqdm.write(f"class images: a batch of {count} does not fit in memory; drawing {batch_size} at a time")
+                self.batch_size = count // 2
+                tqdm.write(f"class images: a batch of {count} does not fit in memory; drawing {self.batch_size} "
+                           "at a time")
                 continue
-            if settings.with_sr:
-                save_pngs(images["sr"], folder / "sr", prefix="", start=first)
-            # The base image is written last: an image counts as done once base/ has it.
-            save_pngs(images["base"], folder / "base", prefix="", start=first)
-            first += count
-            bar.update(count)
+            # The base image is written last: an image counts as done once every folder has it.
+            for stage in ("sr", "base") if s.with_sr else ("base",):
+                for index, pil in zip(part, to_pil(images[stage])):
+                    save_png(pil, self.folders[0].parent / stage / f"{index:04d}.png")
+            indices = indices[count:]
+            self.drawn += count

@@ -29,7 +29,7 @@ RUN_ARTIFACTS = (RUN_FILE, CHECKPOINTS, VALIDATION, LOGS, LOCK_FILE)
 # Options that may change between a run and its --resume (they do not change what is learnt).
 RESUMABLE_CHANGES = {
     "steps", "sr_steps", "checkpoint_every", "validation_prompt", "validation_every", "device", "report_to",
-    "class_batch_size", "class_backend", "class_export_dir",
+    "class_batch_size", "class_backend", "class_export_dir", "dist_timeout",
 }
 
 
@@ -93,7 +93,7 @@ def check_not_finished(latest: dict | None, out: Path, stages: list[str]) -> Non
         )
 
 
-def _overlaps(a: Path, b: Path) -> bool:
+def overlaps(a: Path, b: Path) -> bool:
     """True when one of the two directories is the other or lies inside it (after resolving links)."""
     a, b = a.resolve(), b.resolve()
     return a == b or a in b.parents or b in a.parents
@@ -103,7 +103,7 @@ def check_output_not_input(output: Path, inputs: dict[str, str | Path | None]) -
     """Refuse an --output that is an input directory, inside one, or holds one: --overwrite would delete the
     input, and copying a model into itself never ends. `inputs` maps an option name to its directory."""
     for option, folder in inputs.items():
-        if folder is not None and Path(folder).exists() and _overlaps(output, Path(folder)):
+        if folder is not None and Path(folder).exists() and overlaps(output, Path(folder)):
             raise UserError(
                 f"--output {output} overlaps {option} {folder}: a run never writes into or around its inputs; "
                 "choose a new --output (to train a finished run further, pass it as --model)"

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from .errors import UserError
 from .ops import add_noise
 from .samplers import sampler_schedule
+from .sd import decode_latents
 from .text import encode_negative, encode_prompts
 
 UnetFn = Callable[..., torch.Tensor]
@@ -92,7 +93,7 @@ def _denoise(unet_fn: UnetFn, scheduler, x: torch.Tensor, prompt_embeds: torch.T
             uncond, cond = pred.chunk(2)
             eps = uncond[:, :channels] + guidance_scale * (cond[:, :channels] - uncond[:, :channels])
             pred = torch.cat([eps, cond[:, channels:]], dim=1)
-        if scheduler.config.variance_type not in ("learned", "learned_range"):
+        if scheduler.config.get("variance_type") not in ("learned", "learned_range"):
             pred = pred[:, :channels]
         x = scheduler.step(pred, t, x, **step_kwargs, return_dict=False)[0]
     return x
@@ -102,15 +103,17 @@ def _denoise(unet_fn: UnetFn, scheduler, x: torch.Tensor, prompt_embeds: torch.T
 def sample_base(unet_fn: UnetFn, scheduler, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor | None, *,
                 size: int | tuple[int, int], steps: int = BASE_STEPS, guidance_scale: float = BASE_GUIDANCE,
                 timesteps: list[int] | None = None, generator: Generator = None,
-                progress: bool = True) -> torch.Tensor:
+                progress: bool = True, channels: int = CHANNELS) -> torch.Tensor:
     """IF stage I: images (batch, 3, H, W) in [-1, 1], one per row of `prompt_embeds`.
 
     `negative_embeds` (batch or 1 rows) is the unconditional embedding; unused when guidance_scale <= 1.
-    `timesteps`, when given, replaces `steps` (as the pipelines' `timesteps` argument does).
+    `timesteps`, when given, replaces `steps` (as the pipelines' `timesteps` argument does). With `channels`
+    (Stable Diffusion's latent channels) and a latent `size`, the same loop is StableDiffusionPipeline's: it
+    returns latents, not images.
     """
     device, dtype = prompt_embeds.device, prompt_embeds.dtype
     _set_timesteps(scheduler, steps, timesteps, device)
-    x = randn_tensor((prompt_embeds.shape[0], CHANNELS, *_hw(size)), generator=generator, device=device, dtype=dtype)
+    x = randn_tensor((prompt_embeds.shape[0], channels, *_hw(size)), generator=generator, device=device, dtype=dtype)
     x = x * scheduler.init_noise_sigma
     return _denoise(unet_fn, scheduler, x, prompt_embeds, negative_embeds, guidance_scale, generator, progress, "base")
 
@@ -169,9 +172,16 @@ def sample_cascade(cascade, runners: dict[str, UnetFn], cond: torch.Tensor, unco
     out: dict[str, torch.Tensor] = {}
     to = place.get("base", {})
     scheduler, timesteps = sampler_schedule(cascade.base_scheduler, sampler)
-    out["base"] = sample_base(runners["base"], scheduler, cond.to(**to), uncond.to(**to), size=cascade.base_size,
-                              steps=base_steps, guidance_scale=base_guidance, timesteps=timesteps,
-                              generator=generator, progress=progress)
+    # Stable Diffusion: the base stage draws latents (the UNet's channels at 1/vae_scale_factor the size), then
+    # the VAE decodes them.
+    latent = cascade.family == "sd"
+    channels = cascade.vae.config.latent_channels if latent else CHANNELS
+    out["base"] = sample_base(runners["base"], scheduler, cond.to(**to), uncond.to(**to),
+                              size=cascade.base_size // cascade.vae_scale_factor, steps=base_steps,
+                              guidance_scale=base_guidance, timesteps=timesteps, generator=generator,
+                              progress=progress, channels=channels)
+    if latent:
+        out["base"] = decode_latents(cascade.vae, out["base"])
     if "sr" in stages:
         to = place.get("sr", {})
         scheduler, timesteps = sampler_schedule(cascade.sr_scheduler, sampler)

@@ -1,4 +1,5 @@
-"""Prompt embeddings exactly as diffusers' `IFPipeline.encode_prompt` computes them (with clean_caption=False).
+"""Prompt embeddings exactly as diffusers' `IFPipeline.encode_prompt` computes them (with clean_caption=False),
+and for a CLIP tokenizer (Stable Diffusion) as `StableDiffusionPipeline.encode_prompt` does (`encode_clip`).
 
 That means: each prompt lower-cased and stripped (diffusers does this even without caption cleaning, so an
 identifier must survive lower-casing), tokenised with padding to `max_length` (77, what IF's T5 was trained
@@ -22,7 +23,10 @@ def preprocess_prompt(prompt: str) -> str:
 
 @torch.no_grad()
 def encode_prompts(tokenizer, text_encoder, prompts: list[str], max_length: int = MAX_LENGTH) -> torch.Tensor:
-    """T5 embeddings of `prompts`, shape (len(prompts), max_length, dim); warns when a prompt is truncated."""
+    """T5 embeddings of `prompts`, shape (len(prompts), max_length, dim); warns when a prompt is truncated.
+    A CLIP tokenizer's prompts go to `encode_clip` (its own length: the tokenizer's model_max_length)."""
+    if is_clip_tokenizer(tokenizer):
+        return encode_clip(tokenizer, text_encoder, prompts)
     texts = [preprocess_prompt(p) for p in prompts]
     inputs = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True,
                        add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
@@ -33,6 +37,30 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str], max_length: int 
                           stacklevel=2)
     device = text_encoder.device
     embeds = text_encoder(inputs.input_ids.to(device), attention_mask=inputs.attention_mask.to(device))[0]
+    return embeds.to(dtype=text_encoder.dtype)
+
+
+def is_clip_tokenizer(tokenizer) -> bool:
+    """Whether `tokenizer` is CLIP's BPE tokenizer (Stable Diffusion) rather than a T5 SentencePiece one."""
+    return type(tokenizer).__name__.startswith("CLIPTokenizer")
+
+
+@torch.no_grad()
+def encode_clip(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
+    """CLIP embeddings as StableDiffusionPipeline computes them: the prompt as given (CLIP's tokenizer lower-cases
+    it), padded to the tokenizer's model_max_length (77) and truncated, the attention mask passed only where the
+    encoder's config asks for it (use_attention_mask), the last hidden state. Warns when a prompt is truncated.
+    A tokenizer saved without model_max_length (transformers then says 1e30) is held to the encoder's positions."""
+    max_length = min(tokenizer.model_max_length, text_encoder.config.max_position_embeddings)
+    inputs = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+    for text, ids in zip(prompts, tokenizer(prompts).input_ids):
+        if len(ids) > max_length:
+            removed = tokenizer.decode(ids[max_length - 1:-1])
+            warnings.warn(f"prompt {text!r} is longer than {max_length} tokens; this part was cut: {removed!r}",
+                          stacklevel=3)
+    device = text_encoder.device
+    mask = inputs.attention_mask.to(device) if getattr(text_encoder.config, "use_attention_mask", False) else None
+    embeds = text_encoder(inputs.input_ids.to(device), attention_mask=mask)[0]
     return embeds.to(dtype=text_encoder.dtype)
 
 

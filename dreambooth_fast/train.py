@@ -14,23 +14,42 @@ the end plots.py draws the loss plot and the validation sheets.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import platform
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from . import __version__, data, identifier, lora, ops
+from . import __version__, data, identifier, lora, ops, sd
 from .backends import TORCH_BACKENDS, unet_runner
-from .checkpoint import load_checkpoint, mark_stage_done, read_latest, save_checkpoint
+from .checkpoint import checkpoint_dir, load_checkpoint, mark_stage_done, read_latest, save_checkpoint
 from .compiled import compile_unet
 from .config import TrainConfig
-from .errors import UserError
+from .distributed import (
+    SINGLE,
+    Dist,
+    full_state,
+    full_tensor,
+    gather,
+    is_lost_rank,
+    load_full_state,
+    local_tensor,
+    lost_rank,
+    mean_over_ranks,
+    process_device,
+    rank0_first,
+    shard_unet,
+    stop_on_sigterm,
+)
+from .errors import Interrupted, UserError
 from .fileio import atomic_write_dir, atomic_write_json, existing_ancestor, link_or_copy_tree
 from .fused_norm import fuse_resnet_norms
 from .images import enlarged, make_grid, save_png, to_pil
@@ -44,6 +63,7 @@ from .models import (
     load_cascade,
     load_tokenizer,
     load_unet,
+    model_family,
     resolve_device,
     weights_files,
 )
@@ -99,17 +119,19 @@ class Validation:
     noising_scheduler: object | None  # stage II's augmentation schedule
     steps: int = VALIDATION_STEPS
     noise_level: int = SR_NOISE_LEVEL
+    vae: object | None = None  # Stable Diffusion: `size` is the latents', which this VAE decodes
 
 
 def _stage_dir(out: Path, stage: str) -> Path:
     return out if stage == "base" else out / STAGE_2_DIR
 
 
-def _pick_stages(cfg: TrainConfig, has_sr: bool) -> list[str]:
+def _pick_stages(cfg: TrainConfig, has_sr: bool, family: str = "if") -> list[str]:
     if "sr" in cfg.stages and not has_sr:
         if cfg.stages == ("sr",):
             raise UserError(f"--stages sr: {cfg.model} has no stage II (stage_2/); pass --sr-model DIR")
-        tqdm.write(f"{cfg.model} has no stage II (stage_2/): training the base stage only")
+        if family == "if":  # Stable Diffusion has no SR stage here yet: its base alone is the whole run
+            tqdm.write(f"{cfg.model} has no stage II (stage_2/): training the base stage only")
     return [s for s in ("base", "sr") if s in cfg.stages and (s == "base" or has_sr)]
 
 
@@ -158,7 +180,8 @@ def stage_data(
     base_size = cascade.base_size
     if stage == "base":
         prior = _load_class_images(class_dir, "base", base_size) if class_dir else None
-        return StageData(data.prepare(images, base_size, flip=flip), None, prior, None)
+        rows = StageData(data.prepare(images, base_size, flip=flip), None, prior, None)
+        return sd.latent_rows(cascade.vae, rows) if cascade.family == "sd" else rows  # SD trains on VAE latents
     sr_size = cascade.sr_size
     subject = data.prepare(images, sr_size, flip=flip)
     subject_cond = _upscaled(data.prepare(images, base_size, flip=flip), sr_size)
@@ -183,6 +206,15 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
         return 1.0
     progress = (step - warmup) / max(1, total - warmup)
     return max(0.0, 1.0 - progress) if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def rank_rows(batch_size: int, dist: Dist, parts: int) -> torch.Tensor:
+    """This rank's rows of a global batch made of `parts` blocks (subject rows, then prior rows) of
+    batch_size x world_size rows each: rank r takes rows r*batch_size ... of every block. With DDP averaging the
+    gradients, the ranks together take the step one process would take on the whole global batch."""
+    block = batch_size * dist.world_size
+    first = dist.rank * batch_size
+    return torch.cat([torch.arange(p * block + first, p * block + first + batch_size) for p in range(parts)])
 
 
 def _optimizer(params: list, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
@@ -210,8 +242,10 @@ class StageTrainer:
         out: Path,
         completed: list[str],
         validation: Validation | None,
+        dist: Dist = SINGLE,
     ):
         self.stage, self.unet, self.cfg, self.device, self.out = stage, unet, cfg, device, out
+        self.dist = dist
         self.rows, self.prompts, self.completed, self.validation = rows, prompts, completed, validation
         self.scheduler = scheduler
         self.alphas_cumprod = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
@@ -240,8 +274,17 @@ class StageTrainer:
             self.params = lora.add_lora(unet, cfg.lora_rank)
         else:
             unet.requires_grad_(True)
+            if cfg.fsdp:  # each rank keeps its shard of the weights (and of the frozen copy); params are DTensors
+                shard_unet(unet, AUTOCAST[cfg.precision])
+                if self.frozen is not None:
+                    shard_unet(self.frozen, AUTOCAST[cfg.precision])
             self.params = list(unet.parameters())
         unet.train()
+        # What the step calls: the UNet itself (one process, or sharded by FSDP), or DDP's wrapper, which
+        # averages the gradients over the ranks during the backward pass.
+        self.model = unet
+        if dist.is_distributed and not cfg.fsdp:
+            self.model = DistributedDataParallel(unet, device_ids=[device.index] if device.type == "cuda" else None)
         self.optimizer = _optimizer(self.params, cfg, cfg.learning_rate)
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(step, self.total_steps, cfg.lr_warmup_steps, cfg.lr_schedule)
@@ -258,7 +301,9 @@ class StageTrainer:
     def check_finite(self) -> None:
         """Never write weights that are not all finite. The loss of each step is checked before its update, so
         weights that are not finite now went so in the last update: name that step."""
-        bad = sum(int((~torch.isfinite(p)).sum()) for p in self.params)
+        bad = sum(int((~torch.isfinite(local_tensor(p.detach()))).sum()) for p in self.params)
+        if self.cfg.fsdp:  # each rank holds a shard
+            bad = sum(gather(self.dist, bad))
         if bad:
             raise UserError(
                 f"stage {self.stage}: {bad} weights are not finite after step {self.step}; nothing was written "
@@ -270,11 +315,16 @@ class StageTrainer:
         return sum(p.numel() * p.element_size() for p in self.params)
 
     def save(self) -> None:
+        """Write a checkpoint (every rank calls it; rank 0 writes: with --fsdp the others send their shards)."""
         self.check_finite()
+        weights, optimizer_state = full_state(self.unet, self.optimizer) if self.cfg.fsdp else (None, None)
+        if not self.dist.is_main:
+            self.last_checkpoint = str(checkpoint_dir(self.out / CHECKPOINTS, self.stage, self.step))
+            return
         state = {
             "step": self.step,
             "skipped": self.skipped,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer_state if self.cfg.fsdp else self.optimizer.state_dict(),
             "lr_schedule": self.lr_schedule.state_dict(),
             "scaler": self.scaler.state_dict(),
             "generator": self.generator.get_state(),
@@ -283,19 +333,22 @@ class StageTrainer:
         # It needs the weights and Adam's two moments, written beside the previous checkpoint before it goes.
         with stop_on_full_disk(f"the {self.stage} checkpoint at step {self.step}", self.out,
                                3 * self.trainable_bytes(), self.last_checkpoint):
-            path = save_checkpoint(self.out / CHECKPOINTS, self.stage, self.step, self.trainable_state(), state,
-                                   self.completed)
+            path = save_checkpoint(self.out / CHECKPOINTS, self.stage, self.step,
+                                   weights if self.cfg.fsdp else self.trainable_state(), state, self.completed)
         self.last_checkpoint = str(path)
 
     def restore(self, root: Path, latest: dict) -> None:
         """Continue from the checkpoint `latest` (checkpoint.read_latest) names under `root`."""
-        weights, state = load_checkpoint(root, latest)
+        weights, state = load_checkpoint(root, latest)  # every rank reads it
         self.last_checkpoint = str(root / latest["dir"])
-        if self.cfg.lora_rank:
+        if self.cfg.fsdp:
+            load_full_state(self.unet, self.optimizer, weights, state["optimizer"])
+        elif self.cfg.lora_rank:
             lora.load_adapter_state(self.unet, weights)
         else:
             self.unet.load_state_dict(weights)
-        load_optimizer_state(self.optimizer, state["optimizer"])
+        if not self.cfg.fsdp:
+            load_optimizer_state(self.optimizer, state["optimizer"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         self.scaler.load_state_dict(state["scaler"])
         self.generator.set_state(state["generator"])
@@ -303,8 +356,9 @@ class StageTrainer:
 
     # -- one step ---------------------------------------------------------------------------------------
     def _batch(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, int]:
-        """x0 (subject rows then prior rows), SR conditioning, text embeddings, number of subject rows."""
-        g, bs, rows = self.generator, self.cfg.batch_size, self.rows
+        """x0 (subject rows then prior rows), SR conditioning, text embeddings, number of subject rows: of the
+        global batch (every rank's rows), drawn alike on every rank from the same generator."""
+        g, bs, rows = self.generator, self.cfg.batch_size * self.dist.world_size, self.rows
         pick = torch.randint(len(rows.subject), (bs,), generator=g)
         x0, cond = [rows.subject[pick]], [rows.subject_cond[pick]] if rows.subject_cond is not None else None
         # Row i of the subject (i + N: its mirror with --flip) has prompt i, or the one prompt for all.
@@ -315,8 +369,7 @@ class StageTrainer:
             if cond is not None:
                 cond.append(rows.prior_cond[pick])
             embeds.append(self.prompts.class_embeds.expand(bs, -1, -1))
-        cond_t = torch.cat(cond).to(self.device) if cond is not None else None
-        return torch.cat(x0).to(self.device), cond_t, torch.cat(embeds).to(self.device), bs
+        return torch.cat(x0), torch.cat(cond) if cond is not None else None, torch.cat(embeds), bs
 
     @torch.no_grad()
     def frozen_prediction(self, model_input: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor,
@@ -336,16 +389,22 @@ class StageTrainer:
 
     def loss(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The loss of one micro-batch and its two parts [subject, prior] (ops.dreambooth_loss_with_parts)."""
-        x0, cond, embeds, n_instance = self._batch()
-        g, n = self.generator, x0.shape[0]
-        timesteps = torch.randint(0, len(self.alphas_cumprod), (n,), generator=g).to(self.device)
-        noise = torch.randn(x0.shape, generator=g).to(self.device)
+        x0, cond, embeds, n_global = self._batch()
+        g = self.generator
+        timesteps = torch.randint(0, len(self.alphas_cumprod), (x0.shape[0],), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        aug_noise = torch.randn(cond.shape, generator=g) if cond is not None else None
+        rows = [x0, cond, embeds, timesteps, noise, aug_noise]
+        if self.dist.is_distributed:  # this rank's share of the global batch
+            mine = rank_rows(self.cfg.batch_size, self.dist, parts=x0.shape[0] // n_global)
+            rows = [t[mine] if t is not None else None for t in rows]
+        x0, cond, embeds, timesteps, noise, aug_noise = (t.to(self.device) if t is not None else None for t in rows)
+        n, n_instance = x0.shape[0], self.cfg.batch_size
         x_t, target = ops.add_noise(x0, noise, timesteps, self.alphas_cumprod, self.prediction_type)
         class_labels = None
         if cond is not None:
             # Noise-conditioning augmentation of the low-res image, at the level given as the class label.
             class_labels = torch.full((n,), self.cfg.sr_noise_level, dtype=torch.long, device=self.device)
-            aug_noise = torch.randn(cond.shape, generator=g).to(self.device)
             noisy_cond, _ = ops.add_noise(cond, aug_noise, class_labels, self.noising_ac, "epsilon")
             x_t = torch.cat([x_t, noisy_cond], dim=1)
         dtype = AUTOCAST[self.cfg.precision]
@@ -359,7 +418,7 @@ class StageTrainer:
                 target = torch.cat([target, prior_target.to(target.dtype)])
                 embeds = torch.cat([embeds, class_embeds])
                 class_labels = None if class_labels is None else torch.cat([class_labels, class_labels])
-            out = self.unet(x_t, timesteps, encoder_hidden_states=embeds, class_labels=class_labels).sample
+            out = self.model(x_t, timesteps, encoder_hidden_states=embeds, class_labels=class_labels).sample
         pred = out[:, : target.shape[1]]  # the epsilon half; the other half is the learned variance
         if pred.dtype != target.dtype:
             pred = pred.float()
@@ -375,17 +434,20 @@ class StageTrainer:
     def optimizer_step(self) -> StepMetrics:
         start = time.perf_counter()
         total = subject = prior = 0.0  # averaged over the micro-batches
-        for _ in range(self.cfg.gradient_accumulation):
-            loss, parts = self.loss()
-            value = loss.item()
-            if not math.isfinite(value) and not self.scaler.is_enabled():
-                raise UserError(
-                    f"stage {self.stage}, step {self.step + 1}: the loss is {value}; try a lower "
-                    f"--learning-rate, --precision fp32, or --max-grad-norm 1"
-                )
-            self.scaler.scale(loss / self.cfg.gradient_accumulation).backward()
+        for micro in range(self.cfg.gradient_accumulation):
+            last = micro == self.cfg.gradient_accumulation - 1
+            with self._gradient_sync(last):
+                loss, parts = self.loss()
+                # The losses averaged over the ranks: every rank logs, and stops on, the same values.
+                value, subject_part, prior_part = mean_over_ranks(
+                    self.dist, torch.cat([loss.detach().reshape(1), parts.detach()]).float().cpu()).tolist()
+                if not math.isfinite(value) and not self.scaler.is_enabled():
+                    raise UserError(
+                        f"stage {self.stage}, step {self.step + 1}: the loss is {value}; try a lower "
+                        f"--learning-rate, --precision fp32, or --max-grad-norm 1"
+                    )
+                self.scaler.scale(loss / self.cfg.gradient_accumulation).backward()
             total += value / self.cfg.gradient_accumulation
-            subject_part, prior_part = parts.tolist()
             subject += subject_part / self.cfg.gradient_accumulation
             prior += prior_part / self.cfg.gradient_accumulation
         self.scaler.unscale_(self.optimizer)
@@ -401,30 +463,47 @@ class StageTrainer:
         self.step += 1
         # Read the norm once the whole step is queued: on a GPU, reading it earlier would wait for the backward
         # pass before the optimizer's kernels are launched.
-        grad_norm = float(grad_norm)
+        grad_norm = float(full_tensor(grad_norm))
         return StepMetrics(self.stage, self.step, total, subject, prior, lr, grad_norm, time.perf_counter() - start,
                            self.skipped)
+
+    def _gradient_sync(self, sync: bool) -> contextlib.AbstractContextManager:
+        """Gradients are averaged over the ranks only in the last micro-batch of an update (accumulation)."""
+        if self.cfg.fsdp:
+            self.unet.set_requires_gradient_sync(sync)
+        elif isinstance(self.model, DistributedDataParallel) and not sync:
+            return self.model.no_sync()
+        return contextlib.nullcontext()
 
     # -- the loop ---------------------------------------------------------------------------------------
     def run(self) -> float:
         loss = float("nan")
         # The metrics log keeps the rows of the finished stages and of this one up to the step it resumes from.
-        log = open_metrics_log(self.out / LOGS, self.cfg.report_to, self.completed, self.stage, self.step)
-        with tqdm(total=self.total_steps, initial=self.step, desc=f"train {self.stage}", unit="step") as bar, log:
+        # Rank 0 writes it (the losses it logs are the means over the ranks).
+        log = (open_metrics_log(self.out / LOGS, self.cfg.report_to, self.completed, self.stage, self.step)
+               if self.dist.is_main else None)
+        with (tqdm(total=self.total_steps, initial=self.step, desc=f"train {self.stage}", unit="step") as bar,
+              log or contextlib.nullcontext()):
             try:
                 while self.step < self.total_steps:
                     metrics = self.optimizer_step()
-                    log.write(metrics)
+                    if log:
+                        log.write(metrics)
                     loss = metrics.loss
                     bar.update(1)
                     bar.set_postfix(self._postfix(metrics))
                     if self.step % self.cfg.checkpoint_every == 0 and self.step < self.total_steps:
                         self.save()
-                    if self.validation and self.cfg.validation_every and self.step % self.cfg.validation_every == 0:
+                    # With FSDP every rank takes part in the sampling (each holds a shard); else rank 0 draws alone.
+                    if (self.validation and self.cfg.validation_every and self.step % self.cfg.validation_every == 0
+                            and (self.dist.is_main or self.cfg.fsdp)):
                         self.validate()
             except KeyboardInterrupt:
+                if self.dist.is_distributed:  # the other ranks stop too: take the last checkpoint
+                    raise Interrupted(
+                        f"interrupted at {self.stage} step {self.step}; {resume_hint(self.out)}") from None
                 self.save()
-                raise UserError(
+                raise Interrupted(
                     f"interrupted at {self.stage} step {self.step}: checkpoint saved, continue with --resume"
                 ) from None
         if self.skipped:
@@ -438,7 +517,7 @@ class StageTrainer:
         return postfix | ({"skipped": self.skipped} if self.skipped else {})
 
     @torch.no_grad()
-    def validate(self) -> Path:
+    def validate(self) -> Path | None:
         """A grid of validation samples: the base stage draws the validation prompt; the SR stage upscales
         the subject's own low-res images (what it must get right)."""
         self.unet.eval()
@@ -448,31 +527,53 @@ class StageTrainer:
         n = v.embeds.shape[0]
         embeds, negative = v.embeds.to(self.device), v.negative.to(self.device)
         if self.stage == "base":
+            channels = {"channels": v.vae.config.latent_channels} if v.vae is not None else {}
             images = sample_base(unet_fn, self.scheduler, embeds, negative, size=v.size, steps=v.steps,
-                                 guidance_scale=v.guidance, generator=generator, progress=False)
+                                 guidance_scale=v.guidance, generator=generator, progress=False, **channels)
+            images = sd.decode_latents(v.vae, images) if v.vae is not None else images
         else:
             low = F.interpolate(self.rows.subject_cond[:n], size=(v.base_size,) * 2, mode="area")
             images = sample_sr(unet_fn, self.scheduler, v.noising_scheduler, low.to(self.device),
                                embeds[: len(low)], negative, size=v.size, steps=v.steps, guidance_scale=v.guidance,
                                noise_level=v.noise_level, generator=generator, progress=False)
         self.unet.train()
+        if not self.dist.is_main:
+            return None
         path = self.out / VALIDATION / f"{self.stage}-step-{self.step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         return save_png(enlarged(make_grid(to_pil(images), cols=len(images))), path)
 
 
 def write_output_stage(out: Path, stage: str, trainer: StageTrainer, cfg: TrainConfig) -> None:
-    """Put the tuned stage into the output layout: merged or full weights in unet/, or the LoRA adapter."""
+    """Put the tuned stage into the output layout: merged or full weights in unet/, or the LoRA adapter. Every
+    rank calls it; rank 0 writes (with --fsdp, from the weights the ranks gather to it)."""
     trainer.check_finite()
+    weights = full_state(trainer.unet)[0] if cfg.fsdp else None
+    if not trainer.dist.is_main:
+        return
     stage_dir = _stage_dir(out, stage)
     with stop_on_full_disk(f"the tuned {stage} UNet", out, trainer.trainable_bytes(), trainer.last_checkpoint):
         if cfg.lora_rank and not cfg.merge_lora:
             lora.save_adapter(trainer.unet, stage_dir)
             return
-        unet = lora.merge_adapter(trainer.unet) if cfg.lora_rank else trainer.unet
-        atomic_write_dir(stage_dir / "unet", lambda tmp: unet.save_pretrained(tmp, safe_serialization=True))
+        if weights is not None:
+            atomic_write_dir(stage_dir / "unet", lambda tmp: save_unet_weights(weights, stage_dir / "unet", tmp))
+        else:
+            unet = lora.merge_adapter(trainer.unet) if cfg.lora_rank else trainer.unet
+            atomic_write_dir(stage_dir / "unet", lambda tmp: unet.save_pretrained(tmp, safe_serialization=True))
     # An adapter copied from the input model is folded into these weights now: it must not apply twice.
     (stage_dir / lora.LORA_WEIGHTS).unlink(missing_ok=True)
+
+
+def save_unet_weights(weights: dict[str, torch.Tensor], source: Path, folder: Path) -> None:
+    """A UNet folder in diffusers' layout from a state dict: the config of `source` (training does not change
+    it) and the weights as diffusion_pytorch_model.safetensors, as save_pretrained writes them."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    shutil.copyfile(source / "config.json", folder / "config.json")
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / "diffusion_pytorch_model.safetensors"),
+              metadata={"format": "pt"})
 
 
 def _versions() -> dict:
@@ -506,13 +607,14 @@ def class_image_runners(cfg: TrainConfig, cascade: Cascade, stages: list[str], d
 
 def prepare_class_images(
     cfg: TrainConfig, cascade: Cascade, prompts: Prompts, stages: list[str], device: torch.device,
-    runners: dict | None = None,
-) -> Path | None:
-    """The class images' directory: the user's, or the frozen cascade's (generated now or found in the cache)."""
+    runners: dict | None = None, dist: Dist = SINGLE,
+) -> tuple[Path | None, int]:
+    """The class images' directory (the user's, or the frozen cascade's: generated now or found in the cache) and
+    how many of them this process drew (the ranks of a distributed run share the drawing)."""
     if cfg.class_images_dir and cfg.prior_preservation:
-        return Path(cfg.class_images_dir)
+        return Path(cfg.class_images_dir), 0
     if not cfg.draws_class_images():
-        return None
+        return None, 0
     settings = PriorSettings(
         prompts.class_,
         cfg.class_sampler,
@@ -534,9 +636,9 @@ def prepare_class_images(
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             return generate_class_images(cascade, prompts.class_embeds, prompts.negative_embeds,
                                          cfg.num_class_images, settings, batch_size=cfg.class_batch_size,
-                                         runners=runners)
+                                         runners=runners, share=(dist.rank, dist.world_size))
     except KeyboardInterrupt:
-        raise UserError(
+        raise Interrupted(
             "interrupted while generating class images: the ones made are kept, continue with --resume"
         ) from None
 
@@ -562,12 +664,15 @@ def check_inputs(cfg: TrainConfig) -> RunInputs:
     for line in default_model_notes(cfg.model, cfg.class_noun):
         tqdm.write(line)
     out = Path(cfg.output)
-    device = resolve_device(cfg.device)
+    device = process_device(resolve_device(cfg.device))  # under a launcher: the local rank's GPU
     check_stage_dir(Path(cfg.model), "base")
+    family = model_family(Path(cfg.model))
+    if family == "sd":
+        sd.check_options(cfg)
     sr_dir = find_sr_dir(Path(cfg.model), cfg.sr_model)
     if cfg.sr_model is not None:
         check_stage_dir(sr_dir, "sr")
-    stages = _pick_stages(cfg, sr_dir is not None)
+    stages = _pick_stages(cfg, sr_dir is not None, family)
     inputs = {"--model": cfg.model, "--sr-model": sr_dir if "sr" in stages else None, "--images": cfg.images,
               "--class-images-dir": cfg.class_images_dir}
     check_output_not_input(out, inputs)
@@ -604,7 +709,8 @@ def estimated_write_bytes(cfg: TrainConfig, inputs: RunInputs, cascade: Cascade)
     return total
 
 
-def start_run(cfg: TrainConfig, inputs: RunInputs, prompts: Prompts, saved_run: dict | None, overwrite: bool) -> dict:
+def start_run(cfg: TrainConfig, inputs: RunInputs, prompts: Prompts, saved_run: dict | None, overwrite: bool,
+              dist: Dist = SINGLE) -> dict:
     """Lay out the output directory (the input model's layout, hard-linked) and write its run file: from then on
     the directory is a run that --resume continues."""
     out = inputs.out
@@ -625,6 +731,7 @@ def start_run(cfg: TrainConfig, inputs: RunInputs, prompts: Prompts, saved_run: 
         "source_model": str(cfg.model),
         "source_sr_model": str(inputs.sr_dir) if inputs.sr_dir else None,
         "stages": inputs.stages,
+        "distributed": distributed_record(cfg, dist),
         "final_loss": saved_run.get("final_loss", {}) if saved_run else {},
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
@@ -639,10 +746,11 @@ def stage_validation(cfg: TrainConfig, cascade: Cascade, stage: str, embeds: tor
     return Validation(
         embeds=embeds,
         negative=negative,
-        size=cascade.base_size if stage == "base" else cascade.sr_size,
+        size=cascade.base_size // cascade.vae_scale_factor if stage == "base" else cascade.sr_size,
         base_size=cascade.base_size,
         guidance=BASE_GUIDANCE if stage == "base" else SR_GUIDANCE,
         noising_scheduler=cascade.sr_noising_scheduler if stage == "sr" else None,
+        vae=cascade.vae,  # kept through the loop only when validating a Stable Diffusion run
     )
 
 
@@ -653,21 +761,77 @@ def _lap(timings: dict[str, float], phase: str, since: float) -> float:
     return now
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
+def open_output(stack: contextlib.ExitStack, cfg: TrainConfig, inputs: RunInputs, resume: bool, overwrite: bool,
+                dist: Dist) -> tuple[dict | None, dict | None]:
+    """Rank 0 takes the output's lock (held until `stack` closes) and checks the directory; every rank reads the
+    run and the checkpoint it continues (a new run starts from an empty directory: None, None)."""
+    out = inputs.out
+    if dist.is_main:
+        stack.enter_context(output_lock(out))
+        check_output_dir(out, resume, overwrite)
+    saved_run = read_run(out) if resume else None
+    latest = read_latest(out / CHECKPOINTS) if resume else None
+    if saved_run:
+        check_resume_config(cfg, saved_run["config"])
+        saved = (saved_run.get("distributed") or {}).get("world_size", 1)
+        if saved != dist.world_size:
+            how = "without a launcher" if saved == 1 else f"on {saved} processes (torchrun --nproc_per_node ...)"
+            raise UserError(f"--resume: the run trained on {saved} process(es), this is {dist.world_size}: another "
+                            f"number changes the global batch and the random draws; resume it {how}")
+        check_not_finished(latest, out, inputs.stages)
+    return saved_run, latest
+
+
+def distributed_record(cfg: TrainConfig, dist: Dist) -> dict:
+    """How the run is spread over processes (dreambooth.json's "distributed"); the global batch counts the
+    subject rows of one update (each comes with a prior row under prior preservation)."""
+    return {
+        "world_size": dist.world_size,
+        "backend": dist.backend,
+        "sharding": "fsdp" if cfg.fsdp else "ddp" if dist.is_distributed else "none",
+        "batch_per_process": cfg.batch_size,
+        "gradient_accumulation": cfg.gradient_accumulation,
+        "global_batch": cfg.batch_size * dist.world_size * cfg.gradient_accumulation,
+    }
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, dist: Dist = SINGLE) -> Path:
     """Run DreamBooth as `cfg` says; return the output directory: check the inputs, prepare the output, then
     train stage by stage. dreambooth.json's "timings" holds the seconds of this call's phases: load (checks,
-    model, prompts), class_images, train_<stage>, write (the tuned UNets), pictures (loss plot, sheets)."""
-    clock, timings = time.perf_counter(), {}
-    inputs = check_inputs(cfg)
-    out, stages = inputs.out, inputs.stages
-    with output_lock(out):
-        check_output_dir(out, resume, overwrite)
-        saved_run = read_run(out) if resume else None
-        latest = read_latest(out / CHECKPOINTS) if resume else None  # a new run starts from an empty directory
-        if saved_run:
-            check_resume_config(cfg, saved_run["config"])
-            check_not_finished(latest, out, stages)
+    model, prompts), class_images, train_<stage>, write (the tuned UNets), pictures (loss plot, sheets).
 
+    `dist`: this process's place in a run over several (distributed.init_from_env). Every rank loads the model,
+    draws its share of the class images and trains on its rows of each global batch (DDP, or FSDP2 with --fsdp);
+    rank 0 alone checks and writes the output directory. A rank that loses the others stops with one line."""
+    with stop_on_sigterm(dist, lambda: resume_hint(Path(cfg.output))):
+        try:
+            return _train(cfg, resume, overwrite, dist)
+        except RuntimeError as err:
+            if dist.is_distributed and is_lost_rank(err):
+                raise lost_rank(err, resume_hint(Path(cfg.output))) from None
+            raise
+
+
+def resume_hint(out: Path) -> str:
+    """Where a stopped run of several processes continues from (read from its latest.json)."""
+    try:
+        latest = read_latest(out / CHECKPOINTS)
+    except UserError:
+        latest = None
+    where = (f"the last checkpoint is {latest['stage']} step {latest['step']}" if latest and latest.get("dir")
+             else "no checkpoint of the current stage yet")
+    return f"{where}; continue with --resume (with the same number of processes)"
+
+
+def _train(cfg: TrainConfig, resume: bool, overwrite: bool, dist: Dist) -> Path:
+    clock, timings = time.perf_counter(), {}
+    if cfg.fsdp and not dist.is_distributed:
+        raise UserError("--fsdp shards the UNet over the processes of a distributed run: start it with torchrun "
+                        "--nproc_per_node N -m dreambooth_fast train ... (see README, 'More than one GPU')")
+    inputs = rank0_first(dist, lambda: check_inputs(cfg))
+    out, stages = inputs.out, inputs.stages
+    with contextlib.ExitStack() as stack:
+        saved_run, latest = rank0_first(dist, lambda: open_output(stack, cfg, inputs, resume, overwrite, dist))
         cascade = load_cascade(cfg.model, cfg.sr_model, device=str(inputs.device), stages=tuple(stages))
         for stage in stages:
             data.check_sizes(inputs.images, cascade.base_size if stage == "base" else cascade.sr_size)
@@ -685,14 +849,22 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
             tqdm.write(f"warning: {warning}")
 
         runners = class_image_runners(cfg, cascade, stages, inputs.device)
-        run = start_run(cfg, inputs, prompts, saved_run, overwrite)
+        run = start_run(cfg, inputs, prompts, saved_run, overwrite, dist) if dist.is_main else {}
+        if dist.is_distributed:
+            d = run["distributed"] if dist.is_main else distributed_record(cfg, dist)
+            tqdm.write(f"distributed: {dist.world_size} processes ({dist.backend}, {d['sharding'].upper()}); global "
+                       f"batch {d['global_batch']} = {cfg.batch_size} per process x {dist.world_size} processes x "
+                       f"{cfg.gradient_accumulation} accumulation steps")
         clock = _lap(timings, "load", clock)
-        class_dir = prepare_class_images(cfg, cascade, prompts, stages, inputs.device, runners)
+        class_dir, drawn = prepare_class_images(cfg, cascade, prompts, stages, inputs.device, runners, dist)
+        drawn_by_rank = gather(dist, drawn)
         del runners
         clock = _lap(timings, "class_images", clock)
-        run["class_images"] = str(class_dir) if class_dir else None
-        run["timings"] = timings
-        atomic_write_json(out / RUN_FILE, run)
+        if dist.is_main:
+            run["class_images"] = str(class_dir) if class_dir else None
+            run["class_images_drawn"] = drawn_by_rank  # by each rank, in this call
+            run["timings"] = timings
+            atomic_write_json(out / RUN_FILE, run)
 
         completed = list(latest["completed_stages"]) if latest else []
         for stage in stages:
@@ -704,23 +876,27 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
             noising = cascade.sr_noising_scheduler if stage == "sr" else None
             rows = stage_data(stage, cascade, inputs.images, class_dir, cfg.flip, bool(cfg.class_images_dir))
             validation = stage_validation(cfg, cascade, stage, validation_embeds, prompts.negative_embeds)
+            cascade.vae = None  # Stable Diffusion: the rows are latents now; only validation grids need the VAE
             trainer = StageTrainer(stage, unet, scheduler, noising, rows, prompts, cfg, inputs.device, out,
-                                   completed, validation)
+                                   completed, validation, dist)
             if latest and latest.get("stage") == stage:
                 trainer.restore(out / CHECKPOINTS, latest)
-            run["final_loss"][stage] = trainer.run()
+            final_loss = trainer.run()
             clock = _lap(timings, f"train_{stage}", clock)
-            run.setdefault("skipped_steps", {})[stage] = trainer.skipped  # fp16 overflows
             write_output_stage(out, stage, trainer, cfg)
             completed.append(stage)
-            mark_stage_done(out / CHECKPOINTS, completed)
-            run["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-            atomic_write_json(out / RUN_FILE, run)
+            if dist.is_main:
+                run["final_loss"][stage] = final_loss
+                run.setdefault("skipped_steps", {})[stage] = trainer.skipped  # fp16 overflows
+                mark_stage_done(out / CHECKPOINTS, completed)
+                run["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+                atomic_write_json(out / RUN_FILE, run)
             del trainer, unet
             clock = _lap(timings, "write", clock)
-        release_freed_memory()  # else the loss plot's matplotlib import adds ~22 MiB to the run's peak (memory.py)
-        for line in write_run_pictures(out, stages):
-            tqdm.write(line)
-        _lap(timings, "pictures", clock)
-        atomic_write_json(out / RUN_FILE, run)
+        if dist.is_main:
+            release_freed_memory()  # else the loss plot's matplotlib import adds ~22 MiB to the run's peak (memory.py)
+            for line in write_run_pictures(out, stages):
+                tqdm.write(line)
+            _lap(timings, "pictures", clock)
+            atomic_write_json(out / RUN_FILE, run)
     return out

@@ -4,6 +4,7 @@ import pytest
 from PIL import Image
 
 from dreambooth_fast.toy.tiny_cascade import build_tiny_cascade
+from dreambooth_fast.toy.tiny_sd import build_tiny_sd
 
 SHARED_PHOTOS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dreambooth-dog"
 
@@ -12,6 +13,12 @@ SHARED_PHOTOS = Path(__file__).resolve().parents[1].parent / "shared" / "data" /
 def tiny_cascade(tmp_path_factory) -> Path:
     """A tiny random IF cascade (stage I at the path, stage II in stage_2/), built once per test session."""
     return build_tiny_cascade(tmp_path_factory.mktemp("tiny") / "cascade")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory) -> Path:
+    """A tiny random Stable Diffusion 1.x-style model: PNDM, epsilon prediction, 32 px images, 8 px latents."""
+    return build_tiny_sd(tmp_path_factory.mktemp("sd") / "sd15")
 
 
 @pytest.fixture

@@ -44,3 +44,26 @@ def assert_refused(result, *words: str, out: Path | None = None) -> None:
         assert word in message, message
     if out is not None:
         assert not out.exists()
+
+
+def interrupted_then_resumed(model, images, tmp_path: Path, monkeypatch, options: list[str], stop_after: int) -> None:
+    """Train `options` straight, then again with Ctrl-C after step `stop_after` (refused with one line naming
+    --resume) and --resume: the two give the same weights, bit for bit."""
+    from dreambooth_fast.train import StageTrainer
+
+    straight, out = tmp_path / "straight", tmp_path / "run"
+    assert train(model, images, straight, *options).exit_code == 0
+    step = StageTrainer.optimizer_step
+
+    def interrupted(self):
+        if self.step == stop_after:
+            raise KeyboardInterrupt  # what Ctrl-C raises in the training loop
+        return step(self)
+
+    monkeypatch.setattr(StageTrainer, "optimizer_step", interrupted)
+    assert_refused(train(model, images, out, *options), f"interrupted at base step {stop_after}", "--resume")
+    monkeypatch.setattr(StageTrainer, "optimizer_step", step)
+    result = train(model, images, out, *options, "--resume")
+    assert result.exit_code == 0, result.output
+    tuned, reference = unet_weights(out), unet_weights(straight)
+    assert all(torch.equal(v, reference[k]) for k, v in tuned.items())

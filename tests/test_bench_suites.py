@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import bench_generate, bench_job, bench_kernels, bench_prior, bench_train, render
+from benchmarks import bench_distributed, bench_generate, bench_job, bench_kernels, bench_prior, bench_train, render
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,8 +115,10 @@ def test_render_writes_a_table_and_a_plot_per_suite(results, tmp_path):
     assert text.count("### cpu") == 4 and "Command: `test`" in text
     assert read_rows(results / "train.csv")[0]["device_name"] in text
     assert any(verdict in text for verdict in ("| faster |", "| slower |", "| no measurable difference |"))
-    assert "No results yet: run `python -m benchmarks --suite job`" in text  # its smoke run is the slow test below
-    for suite in set(render.SUITES) - {"job"}:
+    # The job and distributed suites' smoke runs are the slow tests below.
+    assert "No results yet: run `python -m benchmarks --suite job`" in text
+    assert "No results yet: run `python -m benchmarks --suite distributed`" in text
+    for suite in set(render.SUITES) - {"job", "distributed"}:
         assert (results / f"{suite}-cpu.png").stat().st_size > 0
 
 
@@ -227,3 +229,24 @@ def test_step_profile_groups_every_op_of_a_step_and_renders(tiny_cascade, tmp_pa
     assert ops.get("aten::convolution_backward", "conv") == "conv"
     text = render.render(tmp_path, tmp_path / "BENCHMARKS.md").read_text()
     assert "## Step profile" in text and "tiny base" in text and "| optimizer |" in text
+
+
+@pytest.mark.slow
+def test_distributed_smoke_runs_class_images_and_two_subjects_both_ways_and_renders(tmp_path):
+    """The class-image phase and `dbfast train --subjects` with 2 subjects, in one process and on 2 torchrun ranks:
+    a few minutes."""
+    rows = bench_distributed.run("cpu", smoke=True, out=tmp_path / "distributed.csv", command="test")
+    assert len(read_rows(tmp_path / "distributed.csv")) == len(rows) == 4
+    check_run_fields(rows)
+    assert [(r["what"], r["impl"], r["processes"]) for r in rows] == [
+        ("class_images", "sequential", 1), ("class_images", "torchrun", 2),
+        ("subjects", "sequential", 1), ("subjects", "torchrun", 2)]
+    for r in rows:
+        assert r["threads"] == 1 and r["rounds"] == 1 and r["min_s"] <= r["median_s"] <= r["max_s"]
+    for sequential, torchrun in (rows[:2], rows[2:]):
+        assert torchrun["speedup"] == round(sequential["median_s"] / torchrun["median_s"], 3)
+    assert rows[0]["images_per_s"] == round(2 / rows[0]["median_s"], 3)
+    text = render.render(tmp_path, tmp_path / "BENCHMARKS.md").read_text()
+    assert "## Several processes" in text and "| subjects | torchrun | 2 |" in text
+    assert "| class images | torchrun | 2 | 2 class images, 1 per batch |" in text
+    assert (tmp_path / "distributed-cpu.png").stat().st_size > 0

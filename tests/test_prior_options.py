@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from runs import assert_refused, dbfast, train, unet_weights
+from runs import assert_refused, dbfast, interrupted_then_resumed, train
 
 from dreambooth_fast import prior
 from dreambooth_fast.errors import UserError
@@ -104,7 +104,7 @@ def _settings(sampler="ddpm", steps=2):
 
 def test_the_sampler_is_part_of_the_class_image_cache_key(cascade, embeds, tmp_path):
     cond, uncond = embeds
-    folders = {s: prior.generate_class_images(cascade, cond[:1], uncond, 2, _settings(s), tmp_path) for s in
+    folders = {s: prior.generate_class_images(cascade, cond[:1], uncond, 2, _settings(s), tmp_path)[0] for s in
                ("ddpm", "dpm++")}
     assert folders["ddpm"] != folders["dpm++"]
     for sampler, folder in folders.items():
@@ -114,8 +114,8 @@ def test_the_sampler_is_part_of_the_class_image_cache_key(cascade, embeds, tmp_p
 
 def test_class_images_do_not_depend_on_the_batch_size(cascade, embeds, tmp_path):
     cond, uncond = embeds
-    one = prior.generate_class_images(cascade, cond[:1], uncond, 3, _settings(), tmp_path / "a", batch_size=1)
-    three = prior.generate_class_images(cascade, cond[:1], uncond, 3, _settings(), tmp_path / "b", batch_size=3)
+    one, _ = prior.generate_class_images(cascade, cond[:1], uncond, 3, _settings(), tmp_path / "a", batch_size=1)
+    three, _ = prior.generate_class_images(cascade, cond[:1], uncond, 3, _settings(), tmp_path / "b", batch_size=3)
     assert one.name == three.name  # the same cache key
     for i in range(3):
         a, b = (np.asarray(Image.open(f / "base" / f"{i:04d}.png"), dtype=int) for f in (one, three))
@@ -185,26 +185,9 @@ def test_prior_predictions_draw_no_class_images_and_start_at_zero_prior_loss(
 
 def test_prior_predictions_resume_bit_exactly(tiny_cascade, subject_dir, tmp_path, monkeypatch):
     """The frozen model is the loaded model, not the checkpoint's weights: a resumed run trains as if unbroken."""
-    from dreambooth_fast.train import StageTrainer
-
-    common = ["--stages", "base", "--prior-mode", "predictions", "--steps", "4", "--checkpoint-every", "100",
-              "--lr", "1e-3"]
-    straight = tmp_path / "straight"
-    assert train(tiny_cascade, subject_dir, straight, *common).exit_code == 0
-    step = StageTrainer.optimizer_step
-
-    def interrupted_at_step_3(self):
-        if self.step == 2:
-            raise KeyboardInterrupt
-        return step(self)
-
-    out = tmp_path / "run"
-    monkeypatch.setattr(StageTrainer, "optimizer_step", interrupted_at_step_3)
-    assert_refused(train(tiny_cascade, subject_dir, out, *common), "interrupted at base step 2", "--resume")
-    monkeypatch.setattr(StageTrainer, "optimizer_step", step)
-    assert train(tiny_cascade, subject_dir, out, *common, "--resume").exit_code == 0
-    tuned, reference = unet_weights(out), unet_weights(straight)
-    assert all(torch.equal(v, reference[k]) for k, v in tuned.items())
+    options = ["--stages", "base", "--prior-mode", "predictions", "--steps", "4", "--checkpoint-every", "100",
+               "--lr", "1e-3"]
+    interrupted_then_resumed(tiny_cascade, subject_dir, tmp_path, monkeypatch, options, stop_after=2)
 
 
 @pytest.mark.parametrize("options, words", [

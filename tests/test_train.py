@@ -381,20 +381,18 @@ def test_ctrl_c_while_making_class_images_keeps_them_and_resume_continues(
 ):
     from dreambooth_fast import prior
 
-    save = prior.save_pngs
-    calls = []
+    save = prior.save_png
 
-    def interrupted_after_the_first_batch(images, folder, prefix, start=0):
-        if start > 0:
+    def interrupted_after_the_first_batch(image, path):
+        if int(path.stem) >= 2:  # the second batch of 2
             raise KeyboardInterrupt
-        calls.append(start)
-        return save(images, folder, prefix, start)
+        return save(image, path)
 
     out = tmp_path / "run"
     options = ["--num-class-images", "6", "--class-batch-size", "2", "--stages", "base", "--steps", "1"]
-    monkeypatch.setattr(prior, "save_pngs", interrupted_after_the_first_batch)
+    monkeypatch.setattr(prior, "save_png", interrupted_after_the_first_batch)
     assert_refused(train(tiny_cascade, subject_dir, out, *options), "class images", "--resume")
-    monkeypatch.setattr(prior, "save_pngs", save)
+    monkeypatch.setattr(prior, "save_png", save)
     result = train(tiny_cascade, subject_dir, out, *options, "--resume")
     assert result.exit_code == 0, result.output
     class_dir = Path(json.loads((out / "dreambooth.json").read_text())["class_images"])

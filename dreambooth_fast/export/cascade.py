@@ -4,7 +4,7 @@ Output layout (default MODEL/export):
   base/unet.fp32.onnx          [+ unet.fp32.onnx.data past 2 GiB]  and  unet.fp32.onnx.json (manifest)
   base/unet.fp16.onnx          exported from the fp16 UNet; TensorRT builds its fp16 engine from it
   base/unet.fp16.engine        and  unet.fp16.engine.json (manifest with the cache key)
-  sr/...                       the same for stage II
+  sr/...                       the same for stage II (IF only: a Stable Diffusion model exports its base UNet)
   timing.cache                 TensorRT's timing cache, shared by the stages
 ONNX precisions written: fp32 with --onnx (runs anywhere; the onnx backend's default) and the engine precision
 with --trt (fp16 unless --precision says otherwise); --onnx --precision fp16 writes both. Anything already
@@ -23,7 +23,7 @@ import torch
 
 from .. import __version__
 from ..errors import UserError
-from ..models import load_unet
+from ..models import load_unet, model_family
 from ..sample import torch_unet_fn
 from .manifest import (
     engine_action,
@@ -44,6 +44,7 @@ from .onnx_export import (
     export_unet_onnx,
     onnx_file_name,
     require_onnx,
+    stage_text_length,
     unet_spec,
 )
 from .parity import TOLERANCES, ParityResult, check_engine_parity, check_parity, reference_cases
@@ -53,6 +54,7 @@ from .profiles import (
     BatchSizes,
     parity_batch_sizes,
     parse_batch_sizes,
+    profile_shapes,
     unet_batch_sizes,
 )
 from .runners import OnnxRunner, TensorRTRunner
@@ -137,7 +139,7 @@ def _export_stage(stage: str, stage_dir: Path, stage_out: Path, *, precisions: l
         return {"onnx": onnx_manifests, "engine": _existing(engine_path) if engine_path else None}
 
     unet = load_unet(stage_dir).eval()
-    spec = unet_spec(unet)
+    spec = unet_spec(unet, stage_text_length(stage_dir))
     cases = reference_cases(torch_unet_fn(unet), spec, parity_batch_sizes(unet_batches))
     for p in todo:
         if p == "fp16":
@@ -179,8 +181,9 @@ def _export_onnx(unet, spec: UNetSpec, stage: str, stage_dir: Path, path: Path, 
         results = check_parity(cases, OnnxRunner(files[0]), tolerance, f"{stage} {precision} ONNX export of {path}")
         _log_parity(log, stage, f"ONNX {precision} (ONNX Runtime, CPU)", results)
         manifest = {
-            "kind": "onnx", "stage": stage, "source": str(stage_dir.resolve()), "file": path.name,
-            "files": [f.name for f in files], "external_data": len(files) > 1, "onnx_sha256": sha256_files(files),
+            "kind": "onnx", "stage": stage, "family": model_family(stage_dir), "source": str(stage_dir.resolve()),
+            "file": path.name, "files": [f.name for f in files], "external_data": len(files) > 1,
+            "onnx_sha256": sha256_files(files),
             "precision": precision, "opset": opset, "weights": weights, "weights_sha256": weights["sha256"],
             "inputs": _input_shapes(spec), "output": OUTPUT_NAME,
             "parity": [r.as_dict() for r in results], "tolerance": asdict(tolerance),
@@ -208,10 +211,8 @@ def _build_engine(stage: str, spec: UNetSpec, engine_path: Path, onnx_path: Path
             action = "build"
     if action == "build":
         log(f"{stage}: building {engine_path} ({'; '.join(reasons)}); this takes minutes")
-        sizes = (unet_batches.min, unet_batches.opt, unet_batches.max)
-        shapes = {name: tuple(spec.shapes(b)[name] for b in sizes) for name in spec.input_names}
-        build_engine(trt, onnx_path, engine_path, shapes=shapes, precision=fields["precision"],
-                     timing_cache=timing_cache, refittable=fields["refittable"], log=log)
+        build_engine(trt, onnx_path, engine_path, shapes=profile_shapes(spec, unet_batches),
+                     precision=fields["precision"], timing_cache=timing_cache, refittable=fields["refittable"], log=log)
     try:
         results, graph_results = check_engine_parity(
             cases, lambda cuda_graphs: TensorRTRunner(engine_path, cuda_graphs=cuda_graphs),
@@ -222,7 +223,8 @@ def _build_engine(stage: str, spec: UNetSpec, engine_path: Path, onnx_path: Path
     _log_parity(log, stage, f"TensorRT {fields['precision']}", results)
     log(f"{stage}: TensorRT CUDA graph replay vs plain launches: " + "; ".join(map(str, graph_results)))
     manifest = {
-        **fields, "kind": "tensorrt-engine", "stage": stage, "source": onnx_manifest["source"],
+        **fields, "kind": "tensorrt-engine", "stage": stage, "family": onnx_manifest.get("family", "if"),
+        "source": onnx_manifest["source"],
         "file": engine_path.name, "onnx": onnx_path.name, "onnx_sha256": onnx_manifest["onnx_sha256"],
         "weights": weights, "cache_key": engine_cache_key(fields), "inputs": _input_shapes(spec), "output": OUTPUT_NAME,
         "parity": [r.as_dict() for r in results], "graph_parity": [r.as_dict() for r in graph_results],

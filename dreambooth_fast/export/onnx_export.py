@@ -10,15 +10,19 @@ added-KV processor IF uses) export unchanged.
 Graph interface (the same for ONNX Runtime and TensorRT):
   sample                [batch, C, H, W]       model dtype (fp32 or fp16)
   timestep              [batch]                float32 (the UNet embeds it in float32 either way)
-  encoder_hidden_states [batch, 77, D]         model dtype; T5 embeddings of the prompt
+  encoder_hidden_states [batch, 77, D]         model dtype; T5 (IF) or CLIP (Stable Diffusion) prompt embeddings
   class_labels          [batch]                float32; stage II only: the noise-augmentation level
-  out_sample            [batch, 6, H, W]       model dtype; epsilon and the learned-range variance
+  out_sample            [batch, C, H, W]       model dtype; IF: epsilon and the learned-range variance (6 channels);
+                                               Stable Diffusion: epsilon or v on the latents (4 channels)
+A Stable Diffusion UNet is the same interface on latents: C = the VAE's latent channels, H = W = the latent size
+(SD 1.5: 4 x 64 x 64; SD 2.1: 4 x 96 x 96), text length the tokenizer's (77), D the CLIP width (768 or 1024).
 
 The text encoder is not exported; prompt embeddings are the exported graphs' input tensors instead. T5 runs
 once per prompt while each UNet runs once per denoising step (IF: 100 + 50 steps, twice the batch under
 guidance), so the UNets are where the time goes; T5-XXL is 4.7B parameters (a second multi-GB export and
 engine) and is known to overflow in fp16. `dbfast generate` encodes the prompts once per call in PyTorch and
 frees the encoder before sampling; a server can keep the embedding tensors of its prompts and never load T5.
+Stable Diffusion's VAE decoder stays in PyTorch for the same reason: it runs once per image, after the last step.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..models import check_stage_dir, find_sr_dir
+from ..models import check_stage_dir, find_sr_dir, model_family
+from ..sd import prompt_length
 
 DEFAULT_OPSET = 18
 EXTERNAL_DATA_THRESHOLD = 2**31  # protobuf cannot hold a model of 2 GiB or more in one file
@@ -51,10 +56,15 @@ def require_onnx() -> None:
 
 def cascade_stages(model_dir: str | Path, sr_model_dir: str | Path | None = None) -> list[tuple[str, Path]]:
     """The stage directories of a cascade: ("base", model_dir) and ("sr", sr_model_dir or model_dir/stage_2)
-    when there is one; each checked to be an IF stage directory."""
+    when there is one; each checked to be an IF stage directory. A Stable Diffusion model has its base alone."""
     base_dir = Path(model_dir)
     check_stage_dir(base_dir, "base")
     stages = [("base", base_dir)]
+    if model_family(base_dir) == "sd":
+        if sr_model_dir is not None:
+            raise UserError("--sr-model: the Stable Diffusion x4 upscaler is not supported as a stage yet; export "
+                            "the base model alone")
+        return stages
     sr_dir = find_sr_dir(base_dir, sr_model_dir)
     if sr_dir is not None:
         check_stage_dir(sr_dir, "sr")
@@ -99,6 +109,11 @@ class UNetSpec:
         if self.has_class_labels:
             inputs["class_labels"] = levels.flip(0)
         return inputs
+
+
+def stage_text_length(stage_dir: str | Path) -> int:
+    """The prompt length a stage's UNet is fed: IF's 77 tokens, or what the Stable Diffusion tokenizer pads to."""
+    return prompt_length(stage_dir) if model_family(Path(stage_dir)) == "sd" else TEXT_LENGTH
 
 
 def unet_spec(unet, text_length: int = TEXT_LENGTH) -> UNetSpec:

@@ -12,8 +12,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import UserError
+
+if TYPE_CHECKING:
+    from .onnx_export import UNetSpec
 
 DEFAULT_BATCH_SIZES = "1:4:8"  # generate makes 4 images a call by default, eval 8
 PRECISIONS = ("fp16", "fp32")
@@ -51,6 +55,14 @@ def parse_batch_sizes(text: str, option: str = "--batch-sizes") -> BatchSizes:
 def unet_batch_sizes(prompt: BatchSizes) -> BatchSizes:
     """The UNet batch profile for a prompt batch profile: guidance doubles OPT and MAX; MIN stays for no guidance."""
     return BatchSizes(prompt.min, 2 * prompt.opt, 2 * prompt.max)
+
+
+def profile_shapes(spec: UNetSpec, unet: BatchSizes) -> dict[str, tuple[tuple[int, ...], ...]]:
+    """TensorRT's optimisation profile: {input name: (min shape, opt shape, max shape)} of a UNet's graph inputs
+    (`spec` is read from the UNet's config, so IF's and Stable Diffusion's alike) over the UNet batch profile;
+    only the batch axis varies."""
+    sizes = (unet.min, unet.opt, unet.max)
+    return {name: tuple(spec.shapes(b)[name] for b in sizes) for name in spec.input_names}
 
 
 def parity_batch_sizes(unet: BatchSizes) -> tuple[int, int]:

@@ -1,0 +1,215 @@
+"""Stable Diffusion 1.x/2.x (the paper's latent setting) in diffusers' layout: check, load, and the VAE steps.
+
+A Stable Diffusion directory is what `StableDiffusionPipeline.save_pretrained` writes: model_index.json naming
+StableDiffusionPipeline, vae/ (AutoencoderKL), text_encoder/ (CLIPTextModel), tokenizer/ (CLIPTokenizer, BPE),
+unet/ (UNet2DConditionModel on latents) and scheduler/ (the pipeline's sampler: PNDM for SD 1.x, DDIM or Euler
+for SD 2.x, epsilon or v prediction). It is the base stage of a `models.Cascade` with `family="sd"` and its VAE.
+
+Training runs on latents: the subject photos and class images are encoded once, before the loop, to the VAE
+posterior's *mean* times the VAE's `scaling_factor` (diffusers' train_dreambooth.py draws a posterior sample
+every step instead; the SD VAE's posterior standard deviation is small next to the latents, and the mean lets
+the VAE be freed before training and keeps a resumed run bit-exact). Class images are drawn in latent space by
+the model's own scheduler and decoded by the VAE. The output is the same layout with the tuned unet/ (or the
+LoRA adapter beside it), so `StableDiffusionPipeline.from_pretrained(output)` loads it.
+
+The UNet exports through export/ like an IF stage (the VAE decoder stays in PyTorch: it runs once per image).
+Not yet (issue 19): the x4 upscaler as SR stage, text-encoder fine-tuning, SDXL.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+SD_PIPELINE = "StableDiffusionPipeline"
+PARTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # what ops.add_noise serves
+VAE_BATCH = 8  # images per VAE call: bounds the encoder's activation memory at SD's 512 px
+
+
+def _config(path: Path) -> dict:
+    """A component's config file, or one line saying the directory is not a Stable Diffusion layout."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing: the model directory is not in Stable Diffusion's diffusers layout"
+                        ) from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is not valid JSON ({err.msg}, line {err.lineno}): restore the file") from None
+
+
+def unsupported_pipeline(name: str) -> str | None:
+    """Why a Stable Diffusion pipeline other than SD 1.x/2.x's text-to-image one cannot be used yet (None: it can)."""
+    if name == SD_PIPELINE or not name.startswith("StableDiffusion"):
+        return None
+    if name.startswith("StableDiffusionXL"):
+        return f"{name} (SDXL) is not supported yet; Stable Diffusion 1.x/2.x ({SD_PIPELINE}) is"
+    if name == "StableDiffusionUpscalePipeline":
+        return (f"{name} is the x4 upscaler, which is not supported as a stage yet; pass a {SD_PIPELINE} "
+                "directory as --model")
+    return f"{name} is not supported; pass a Stable Diffusion 1.x/2.x text-to-image directory ({SD_PIPELINE})"
+
+
+def check_sd_dir(path: Path, index: dict) -> None:
+    """Raise a UserError naming what is wrong when `path` (its model_index.json read as `index`) is not a complete
+    Stable Diffusion 1.x/2.x directory: a missing part, missing weights, an unknown scheduler, parts that do not fit."""
+    from .models import _has_weights
+
+    missing = [p for p in PARTS if not (path / p).is_dir() or index.get(p) in (None, [None, None])]
+    if missing:
+        raise UserError(f"{path} is not a Stable Diffusion ({SD_PIPELINE}) directory: missing {', '.join(missing)}")
+    for folder in ("unet", "vae", "text_encoder"):
+        if not _has_weights(path / folder):
+            raise UserError(f"no weight files in {path / folder} (expected *.safetensors): the download is incomplete")
+    tok = path / "tokenizer"
+    bpe_files = (tok / "vocab.json").is_file() and (tok / "merges.txt").is_file()
+    if not (tok / "tokenizer.json").is_file() and not bpe_files:
+        raise UserError(f"{tok} has no CLIP BPE vocabulary (vocab.json and merges.txt, or tokenizer.json): restore it")
+    unet = _config(path / "unet" / "config.json")
+    vae = _config(path / "vae" / "config.json")
+    text = _config(path / "text_encoder" / "config.json")
+    if unet.get("in_channels") != vae.get("latent_channels", 4):
+        raise UserError(f"{path}/unet takes {unet.get('in_channels')} input channels but the VAE makes "
+                        f"{vae.get('latent_channels', 4)} latent channels: the parts are from different models")
+    if unet.get("cross_attention_dim") != text.get("hidden_size"):
+        raise UserError(f"{path}/unet attends to {unet.get('cross_attention_dim')}-wide text embeddings but the "
+                        f"text encoder makes {text.get('hidden_size')}: the parts are from different models")
+    scheduler = _config(path / "scheduler" / "scheduler_config.json")
+    _scheduler_class(path, scheduler)
+    prediction = scheduler.get("prediction_type", "epsilon")
+    if prediction not in PREDICTION_TYPES:
+        raise UserError(f"{path}/scheduler predicts {prediction!r}; training serves {', '.join(PREDICTION_TYPES)}")
+
+
+def _scheduler_class(path: Path, config: dict):
+    import diffusers
+
+    name = config.get("_class_name", "")
+    cls = getattr(diffusers, name, None) if name.endswith("Scheduler") else None
+    if cls is None:
+        raise UserError(f"{path}/scheduler names {name!r}, not a diffusers scheduler: restore scheduler_config.json")
+    return cls
+
+
+def check_options(cfg) -> None:
+    """The training options that do not apply to a Stable Diffusion model yet, refused before anything is written."""
+    if cfg.sr_model is not None:
+        raise UserError("--sr-model: the Stable Diffusion x4 upscaler as SR stage is not supported yet; train the "
+                        "base stage (--stages base)")
+    if tuple(cfg.stages) == ("sr",):
+        raise UserError(f"--stages sr: {cfg.model} is a Stable Diffusion model, and its SR stage (the x4 upscaler) "
+                        "is not supported yet; train the base stage (--stages base)")
+    check_sampler(cfg.class_sampler, "--class-sampler")
+
+
+def check_sampler(sampler: str, option: str) -> None:
+    """DeepFloyd IF's timestep presets are IF's alone: Stable Diffusion samples with its own scheduler or dpm++."""
+    from .samplers import IF_PRESETS
+
+    if sampler in IF_PRESETS:
+        raise UserError(f"{option} {sampler}: a DeepFloyd IF timestep preset; for Stable Diffusion use ddpm (the "
+                        "model's own scheduler) or dpm++")
+
+
+def sd_stages(sr_model, sampler: str) -> tuple[str, ...]:
+    """The stages `dbfast generate` runs on a Stable Diffusion model: the base (on any backend) and the VAE decode
+    (in PyTorch); no SR stage yet."""
+    check_sampler(sampler, "--sampler")
+    if sr_model is not None:
+        raise UserError("--sr-model: the Stable Diffusion x4 upscaler is not supported yet; generate with the base "
+                        "model alone")
+    return ("base",)
+
+
+def vae_scale_factor(model_dir: Path) -> int:
+    """Pixels per latent along a side: 2 ** (VAE levels - 1), as StableDiffusionPipeline computes it."""
+    return 2 ** (len(_config(Path(model_dir) / "vae" / "config.json")["block_out_channels"]) - 1)
+
+
+def prompt_length(model_dir: str | Path) -> int:
+    """The token count of an encoded prompt, as text.encode_clip pads it: the tokenizer's model_max_length, held to
+    the text encoder's positions (77 for SD 1.x/2.x)."""
+    positions = _config(Path(model_dir) / "text_encoder" / "config.json")["max_position_embeddings"]
+    return min(load_tokenizer(model_dir).model_max_length, positions)
+
+
+def load_tokenizer(model_dir: str | Path):
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(Path(model_dir) / "tokenizer", local_files_only=True)
+
+
+def _load_part(cls, folder: Path, device: str, dtype: torch.dtype):
+    from .models import _prefer_safetensors, _unloadable
+
+    # transformers names the dtype argument `dtype`, diffusers `torch_dtype`.
+    dtype_arg = {"dtype" if cls.__module__.startswith("transformers") else "torch_dtype": dtype}
+    try:
+        model = cls.from_pretrained(folder, local_files_only=True, use_safetensors=_prefer_safetensors(folder),
+                                    **dtype_arg)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise _unloadable(folder, err) from None
+    return model.to(device).eval().requires_grad_(False)
+
+
+def load_scheduler(model_dir: str | Path):
+    """The pipeline's own scheduler (it also holds the training noise schedule: alphas_cumprod, prediction_type)."""
+    folder = Path(model_dir) / "scheduler"
+    cls = _scheduler_class(Path(model_dir), _config(folder / "scheduler_config.json"))
+    scheduler = cls.from_pretrained(Path(model_dir), subfolder="scheduler", local_files_only=True)
+    if not hasattr(scheduler, "alphas_cumprod"):
+        raise UserError(f"{folder}: {cls.__name__} has no DDPM noise schedule (alphas_cumprod) to train with")
+    return scheduler
+
+
+def load_sd(model_dir: Path, *, device: str, dtype: torch.dtype, stages: tuple[str, ...], with_text_encoder: bool,
+            with_unets: bool):
+    """A Stable Diffusion directory as a `models.Cascade` of one (base) stage plus its VAE."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel
+
+    from .models import Cascade, load_unet
+
+    return Cascade(
+        tokenizer=load_tokenizer(model_dir),
+        text_encoder=(_load_part(CLIPTextModel, model_dir / "text_encoder", device, dtype) if with_text_encoder
+                      else None),
+        base_unet=load_unet(model_dir, device, dtype) if "base" in stages and with_unets else None,
+        base_scheduler=load_scheduler(model_dir),
+        sr_unet=None,
+        sr_scheduler=None,
+        sr_noising_scheduler=None,
+        base_dir=model_dir,
+        sr_dir=None,
+        family="sd",
+        # The VAE decodes whatever UNet backend drew the latents (exported ones too: with_unets=False).
+        vae=_load_part(AutoencoderKL, model_dir / "vae", device, dtype),
+        vae_scale_factor=vae_scale_factor(model_dir),
+    )
+
+
+@torch.no_grad()
+def encode_latents(vae, images: torch.Tensor) -> torch.Tensor:
+    """Images (N, 3, H, W) in [-1, 1] -> the VAE posterior's mean times its scaling_factor, (N, C, H/f, W/f),
+    float32 on the CPU (the training rows; the trainer moves its batches to the device)."""
+    place = {"device": vae.device, "dtype": vae.dtype}
+    means = [vae.encode(chunk.to(**place)).latent_dist.mean for chunk in images.split(VAE_BATCH)]
+    return (torch.cat(means) * vae.config.scaling_factor).float().cpu()
+
+
+@torch.no_grad()
+def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Latents as the UNet makes them -> images (N, 3, H, W) in [-1, 1], as StableDiffusionPipeline decodes."""
+    latents = latents.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor
+    return torch.cat([vae.decode(chunk).sample for chunk in latents.split(VAE_BATCH)]).clamp(-1, 1)
+
+
+def latent_rows(vae, rows):
+    """A stage's training rows (train.StageData) with the subject and prior images encoded to latents."""
+    prior = encode_latents(vae, rows.prior) if rows.prior is not None else None
+    return dataclasses.replace(rows, subject=encode_latents(vae, rows.subject), prior=prior)
