@@ -26,7 +26,15 @@ from pathlib import Path
 import torch
 
 from benchmarks import bench_distributed, bench_generate, bench_job, bench_kernels, bench_prior, bench_train
-from benchmarks.common import RESULTS_DIR, append_rows, default_device, load_average, run_info
+from benchmarks.common import (
+    RESULTS_DIR,
+    add_threads_option,
+    append_rows,
+    default_device,
+    load_average,
+    run_info,
+    set_threads,
+)
 from dreambooth_fast.toy.tiny_cascade import build_tiny_cascade
 
 SUITES = ("job", "kernels", "train", "prior", "generate", "distributed")
@@ -64,14 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="the tiniest sizes, one round: proves it runs (CI)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=default_device())
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder (default benchmarks/results)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    add_threads_option(parser)
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available to this torch")
-    if args.threads is not None:
-        if args.threads < 1:
-            parser.error("--threads must be at least 1")
-        torch.set_num_threads(args.threads)
+    set_threads(parser, args.threads)
     command = shlex.join(["python", "-m", "benchmarks", *argv])
     suites = SUITES if args.suite == "all" else (args.suite,)
     start = time.perf_counter()

@@ -13,13 +13,16 @@ row per step, the same steps, learning rate and schedule, the same number of tor
   (stage I: 100 steps, guidance 7, 4 prompts per call: the script has no option for either), the eager step of
   benchmarks/diffusers_step.py, per-parameter AdamW (weight decay 1e-2, as the script), a checkpoint every 500
   steps (the script's default), `pipeline.save_pretrained` at the end. See that module for every detail.
+- predictions (with --prior-modes images,predictions): ours again with `--prior-mode predictions`, a third job in
+  the same rounds: no class images (cold or warm alike), the frozen model's prediction as the prior target; its
+  step (one more forward pass of the frozen UNet) is compared with the class-image prior step's, per round.
 - cold: XDG_CACHE_HOME (ours) and the class folder (baseline) empty; warm: both filled by an earlier run of the
   same job (the first cold round fills them; with warm alone an untimed run does).
 
 Per run: wall time from process start to exit (the parent's clock), the phases each process times itself (ours:
 dreambooth.json "timings"; baseline: its --timings file): class images, load (models, prompts, optimizer), train,
 write (the output), pictures (ours only: its loss plot); startup = wall - those (interpreter, imports,
-argument parsing).
+argument parsing); ours: the median of its steps' times (logs/metrics.csv).
 Peak RSS: ru_maxrss of the child from os.wait4. Per configuration and cache state: medians over the rounds with
 min-max; speed-up = baseline time / our time per round (paired), median (min-max).
 
@@ -30,11 +33,13 @@ rounds; --smoke: 2 class images, 2 steps, short only, one round.
 
     python -m benchmarks --suite job [--quick] [--threads N]
     python -m benchmarks.bench_job [--configs short,paper,demo] [--cache cold,warm] [--rounds N] [--quick]
+                                   [--prior-modes images,predictions] [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import shlex
@@ -48,7 +53,16 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import RESULTS_DIR, append_rows, format_table, load_average, ratio_spread, run_info
+from benchmarks.common import (
+    RESULTS_DIR,
+    add_threads_option,
+    append_rows,
+    format_table,
+    load_average,
+    ratio_spread,
+    run_info,
+    set_threads,
+)
 from dreambooth_fast.config import TrainConfig
 from dreambooth_fast.toy.default_model import DEFAULT_MODEL
 
@@ -56,6 +70,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ROOT / "examples" / "subject"
 CLASS_NOUN = "heart"
 OURS, BASELINE = "dreambooth_fast", "diffusers_way"
+PREDICTIONS = "dreambooth_fast_predictions"  # ours with --prior-mode predictions (--prior-modes images,predictions)
+PRIOR_MODES = {"images": OURS, "predictions": PREDICTIONS}
 CACHES = ("cold", "warm")
 PHASES = ("startup", "load", "class_images", "train", "write", "pictures")
 QUICK_DIVISORS = (5, 10)  # --quick: class images / 5, steps / 10
@@ -92,7 +108,7 @@ def scaled(config: JobConfig, *, quick: bool, smoke: bool) -> JobConfig:
     return config
 
 
-def ours_command(config: JobConfig, out: Path, device: str) -> list[str]:
+def ours_command(config: JobConfig, out: Path, device: str, prior_mode: str = "images") -> list[str]:
     command = [sys.executable, "-m", "dreambooth_fast", "train", "--images", str(PHOTOS), "--class", CLASS_NOUN,
                "--output", str(out), "--stages", "base", "--num-class-images", str(config.class_images),
                "--steps", str(config.steps), "--batch-size", "1", "--seed", "0", "--precision", "fp32",
@@ -101,6 +117,8 @@ def ours_command(config: JobConfig, out: Path, device: str) -> list[str]:
         command += ["--min-snr-gamma", str(config.min_snr_gamma)]
     if config.class_guidance_scale is not None:
         command += ["--class-guidance-scale", str(config.class_guidance_scale)]
+    if prior_mode != "images":
+        command += ["--prior-mode", prior_mode]
     return command + (["--captions"] if config.captions else [])
 
 
@@ -115,8 +133,9 @@ def baseline_command(config: JobConfig, out: Path, class_dir: Path, timings: Pat
     return command + (["--captions"] if config.captions else [])
 
 
-def run_process(command: list[str], env: dict, log: Path) -> tuple[float, float]:
-    """(wall seconds, peak RSS MiB) of one child process; its output goes to `log`."""
+def run_process(command: list[str], env: dict, log: Path) -> tuple[float, float, float]:
+    """(wall seconds, peak RSS MiB, CPU seconds) of one child process; its output goes to `log`. CPU seconds (user +
+    system) do not depend on how much of a shared machine the process got, as its wall time does."""
     start = time.perf_counter()
     with log.open("w") as f:
         proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
@@ -125,17 +144,20 @@ def run_process(command: list[str], env: dict, log: Path) -> tuple[float, float]
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise RuntimeError(f"{shlex.join(command)} failed (exit {proc.returncode}):\n{log.read_text()[-LOG_TAIL:]}")
-    return wall, usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
+    return wall, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime  # ru_maxrss is in KiB on Linux
 
 
 @dataclass
 class Sample:
-    """One run of one job: wall seconds, phase seconds, peak RSS, what its class images were drawn with."""
+    """One run of one job: wall seconds, phase seconds, peak RSS, what its class images were drawn with, CPU seconds,
+    the median seconds of its training steps (ours: logs/metrics.csv; None for the baseline, which logs none)."""
 
     wall: float
     phases: dict[str, float]
     peak_rss_mib: float
     class_settings: str
+    cpu_s: float
+    step_s: float | None = None
 
 
 def phases_of(timings: dict[str, float], wall: float) -> dict[str, float]:
@@ -146,45 +168,52 @@ def phases_of(timings: dict[str, float], wall: float) -> dict[str, float]:
     return {"startup": wall - sum(phases.values()), **phases}
 
 
-def run_ours(config: JobConfig, work: Path, xdg: Path, env: dict, device: str) -> Sample:
+def run_ours(config: JobConfig, work: Path, xdg: Path, env: dict, device: str, prior_mode: str = "images") -> Sample:
     out = work / "ours-out"
-    wall, rss = run_process(ours_command(config, out, device), {**env, "XDG_CACHE_HOME": str(xdg)},
+    wall, rss, cpu = run_process(ours_command(config, out, device, prior_mode), {**env, "XDG_CACHE_HOME": str(xdg)},
                             work / "ours.log")
     run = json.loads((out / "dreambooth.json").read_text())
-    key = json.loads((Path(run["class_images"]) / "key.json").read_text())
-    settings = "; ".join(f"{k} {v}" for k, v in key.items() if k not in ("base_unet", "sr_unet", "text_encoder",
-                         "prompt", "seed", "with_sr") and not (k.startswith("sr_") and not key.get("with_sr")))
-    return Sample(wall, phases_of(run["timings"], wall), rss, settings)
+    settings = "none (the frozen model's predictions are the prior targets)"
+    if run["class_images"]:
+        key = json.loads((Path(run["class_images"]) / "key.json").read_text())
+        settings = "; ".join(f"{k} {v}" for k, v in key.items() if k not in ("base_unet", "sr_unet", "text_encoder",
+                             "prompt", "seed", "with_sr") and not (k.startswith("sr_") and not key.get("with_sr")))
+    with (out / "logs" / "metrics.csv").open(newline="") as f:
+        step_s = statistics.median(float(row["step_time_s"]) for row in csv.DictReader(f))
+    return Sample(wall, phases_of(run["timings"], wall), rss, settings, cpu, step_s)
 
 
 def run_baseline(config: JobConfig, work: Path, class_dir: Path, env: dict, device: str) -> Sample:
     out, timings = work / "baseline-out", work / "baseline-timings.json"
-    wall, rss = run_process(baseline_command(config, out, class_dir, timings, device), env, work / "baseline.log")
+    wall, rss, cpu = run_process(baseline_command(config, out, class_dir, timings, device), env,
+                                 work / "baseline.log")
     return Sample(wall, phases_of(json.loads(timings.read_text()), wall), rss,
-                  "IFPipeline defaults: 100 steps, guidance 7, 4 prompts per call")
+                  "IFPipeline defaults: 100 steps, guidance 7, 4 prompts per call", cpu)
 
 
 def bench_config(config: JobConfig, caches: tuple[str, ...], rounds: int, device: str, env: dict,
-                 tmp: Path) -> dict[tuple[str, str], list[Sample]]:
-    """{(cache, impl): one Sample per round}; ours and the baseline alternate, the order flipping every run."""
-    warm = {OURS: tmp / "warm-xdg", BASELINE: tmp / "warm-class-images"}
+                 tmp: Path, impls: tuple[str, ...] = (OURS, BASELINE)) -> dict[tuple[str, str], list[Sample]]:
+    """{(cache, impl): one Sample per round}; the jobs alternate, the order rotating every run."""
+    warm = {OURS: tmp / "warm-xdg", PREDICTIONS: tmp / "warm-xdg", BASELINE: tmp / "warm-class-images"}
     filled: set[str] = set()
-    samples: dict[tuple[str, str], list[Sample]] = {(c, i): [] for c in caches for i in (OURS, BASELINE)}
-    flip = 0
+    samples: dict[tuple[str, str], list[Sample]] = {(c, i): [] for c in caches for i in impls}
+    turn = 0
 
     def run(impl: str, cache_dir: Path, work: Path) -> Sample:
         work.mkdir(parents=True)
-        if impl == OURS:
-            return run_ours(config, work, cache_dir, env, device)
-        return run_baseline(config, work, cache_dir, env, device)
+        if impl == BASELINE:
+            return run_baseline(config, work, cache_dir, env, device)
+        return run_ours(config, work, cache_dir, env, device, "predictions" if impl == PREDICTIONS else "images")
 
     for r in range(rounds):
         for cache in caches:
-            impls = (OURS, BASELINE) if flip % 2 == 0 else (BASELINE, OURS)
-            flip += 1
-            for impl in impls:
+            order = impls[turn % len(impls):] + impls[:turn % len(impls)]
+            turn += 1
+            for impl in order:
                 work = tmp / f"{config.name}-{cache}-{impl}-{r}"
-                if cache == "warm":
+                if impl == PREDICTIONS:  # it draws no class images: no cache to fill; warm, it shares ours' (fonts)
+                    cache_dir = warm[impl] if cache == "warm" else work / "cache"
+                elif cache == "warm":
                     if impl not in filled:  # fill the cache with an untimed run of the same job
                         run(impl, warm[impl], work.with_name(work.name + "-fill"))
                         filled.add(impl)
@@ -219,17 +248,32 @@ def config_rows(config: JobConfig, samples: dict[tuple[str, str], list[Sample]],
             "min_snr_gamma": config.min_snr_gamma if config.min_snr_gamma is not None else "",
             "captions": config.captions, "stages": "base", "dtype": "fp32", "model": "default",
             "class_settings": runs[0].class_settings,
-            "optimizer": "Adam as dbfast chooses it" if impl == OURS else "AdamW per parameter, weight decay 1e-2",
+            "prior_mode": "predictions" if impl == PREDICTIONS else "images",
+            "optimizer": "AdamW per parameter, weight decay 1e-2" if impl == BASELINE else "Adam as dbfast chooses it",
             "rounds": len(runs), "median_s": round(wall[0], 2), "min_s": round(wall[1], 2), "max_s": round(wall[2], 2),
             "samples_s": ";".join(f"{s.wall:.2f}" for s in runs),
             **{f"{phase}_s": round(statistics.median(s.phases[phase] for s in runs), 2) for phase in PHASES},
             "peak_rss_mib": round(statistics.median(s.peak_rss_mib for s in runs), 1),
             "peak_rss_max_mib": round(max(s.peak_rss_mib for s in runs), 1),
+            "cpu_s": round(statistics.median(s.cpu_s for s in runs), 2),
         }
-        if impl == OURS:
+        if impl != BASELINE:
+            step = spread([s.step_s for s in runs])
+            row |= {"step_ms": round(1e3 * step[0], 1), "step_min_ms": round(1e3 * step[1], 1),
+                    "step_max_ms": round(1e3 * step[2], 1)}
+        if impl == PREDICTIONS and (cache, OURS) in samples:
+            ours = samples[(cache, OURS)]
+            # What the frozen forward costs: this step's time over the class-image prior step's, per paired round.
+            step_ratio = ratio_spread([s.step_s for s in runs], [s.step_s for s in ours])
+            row |= {"step_vs_images": round(step_ratio[0], 3), "step_vs_images_min": round(step_ratio[1], 3),
+                    "step_vs_images_max": round(step_ratio[2], 3)}
+        if impl != BASELINE:
             base = samples[(cache, BASELINE)]
             ratio = ratio_spread([s.wall for s in base], [s.wall for s in runs])
             row |= {"speedup": round(ratio[0], 3), "speedup_min": round(ratio[1], 3), "speedup_max": round(ratio[2], 3)}
+            cpu_ratio = ratio_spread([s.cpu_s for s in base], [s.cpu_s for s in runs])
+            row |= {"cpu_speedup": round(cpu_ratio[0], 3), "cpu_speedup_min": round(cpu_ratio[1], 3),
+                    "cpu_speedup_max": round(cpu_ratio[2], 3)}
             for phase in ("class_images", "train") if cache == "cold" else ("train",):
                 if all(s.phases[phase] > 0 for s in runs):
                     row[f"{phase}_speedup"] = round(ratio_spread([s.phases[phase] for s in base],
@@ -240,9 +284,11 @@ def config_rows(config: JobConfig, samples: dict[tuple[str, str], list[Sample]],
 
 def run(device: str, *, quick: bool = False, smoke: bool = False, out: Path | None = None,
         model_dir: Path | None = None, command: str = "", configs: tuple[str, ...] | None = None,
-        caches: tuple[str, ...] = CACHES, rounds: int | None = None) -> list[dict]:
+        caches: tuple[str, ...] = CACHES, rounds: int | None = None,
+        prior_modes: tuple[str, ...] = ("images",)) -> list[dict]:
     """Runs the whole-job benchmark, appends its rows to `out` (default benchmarks/results/job.csv), prints a table
-    and returns the rows. `model_dir` is unused (both jobs train the embedded default model)."""
+    and returns the rows. `model_dir` is unused (both jobs train the embedded default model). `prior_modes`: ours
+    with class images ("images") and/or with --prior-mode predictions, each a job of its own beside the baseline."""
     out = Path(out) if out is not None else RESULTS_DIR / "job.csv"
     configs = configs or (("short",) if smoke else tuple(CONFIGS))
     rounds = rounds or (1 if smoke else 2 if quick else 3)
@@ -255,7 +301,8 @@ def run(device: str, *, quick: bool = False, smoke: bool = False, out: Path | No
         config = scaled(CONFIGS[name], quick=quick, smoke=smoke)
         load_before = load_average()
         with tempfile.TemporaryDirectory(prefix="bench-job-") as tmp:
-            samples = bench_config(config, caches, rounds, device, env, Path(tmp))
+            samples = bench_config(config, caches, rounds, device, env, Path(tmp),
+                                   (*(PRIOR_MODES[m] for m in prior_modes), BASELINE))
         load_after = load_average()
         common = {**info, "command": command, **load_before,
                   **{f"{key}_end": value for key, value in load_after.items()}}
@@ -274,22 +321,25 @@ def phase_cells(r: dict) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    """One line per configuration and cache state: both totals, the speed-up, the phases, peak RSS."""
+    """One line per configuration, cache state and prior mode of ours: both totals, the speed-up, the phases, our
+    median step, peak RSS."""
     by_key = {(r["config"], r["cache"], r["impl"]): r for r in rows}
     lines = []
     for (name, cache, impl), r in by_key.items():
-        if impl != OURS:
+        if impl == BASELINE:
             continue
         b = by_key[(name, cache, BASELINE)]
-        lines.append([name + (" (scaled)" if r["scaled"] else ""), cache, f"{r['class_images']} / {r['steps']}",
+        label = name + (" (scaled)" if r["scaled"] else "") + (" predictions" if impl == PREDICTIONS else "")
+        lines.append([label, cache, f"{r['class_images']} / {r['steps']}",
                       f"{r['median_s']:.1f} ({r['min_s']:.1f}-{r['max_s']:.1f})",
                       f"{b['median_s']:.1f} ({b['min_s']:.1f}-{b['max_s']:.1f})",
                       f"{r['speedup']:.2f}x ({r['speedup_min']:.2f}-{r['speedup_max']:.2f})",
                       phase_cells(r), phase_cells(b),
+                      f"{r['step_ms']:.0f} ({r['step_min_ms']:.0f}-{r['step_max_ms']:.0f})",
                       f"{r['peak_rss_mib']:.0f} / {b['peak_rss_mib']:.0f}"])
     header = ["config", "cache", "class images / steps", "ours s (min-max)", "baseline s (min-max)",
               "speed-up (min-max)", "ours startup/load/class/train/write/pictures", "baseline (same phases)",
-              "peak RSS MiB ours / baseline"]
+              "ours step ms (min-max)", "peak RSS MiB ours / baseline"]
     return format_table(header, lines)
 
 
@@ -299,10 +349,13 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma list of {', '.join(CONFIGS)} (default: all; --smoke: short)")
     parser.add_argument("--cache", default=",".join(CACHES), help="comma list of cold, warm")
     parser.add_argument("--rounds", type=int, default=None, help="default: 3 (--quick 2, --smoke 1)")
+    parser.add_argument("--prior-modes", default="images",
+                        help="comma list of images, predictions: ours with class images and/or with --prior-mode "
+                             "predictions, each a job beside the baseline (default: images)")
     parser.add_argument("--quick", action="store_true", help="class images / 5, steps / 10, 2 rounds")
     parser.add_argument("--smoke", action="store_true", help="2 class images, 2 steps, one round")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads of both jobs (default: torch's)")
+    add_threads_option(parser, help="torch threads of both jobs (default: torch's)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "job.csv")
     args = parser.parse_args(argv)
     configs = tuple(c.strip() for c in (args.configs or ",".join(CONFIGS)).split(",") if c.strip())
@@ -312,14 +365,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--configs takes a comma list of {', '.join(CONFIGS)}")
     if not caches or set(caches) - set(CACHES):
         parser.error("--cache takes a comma list of cold, warm")
+    prior_modes = tuple(m.strip() for m in args.prior_modes.split(",") if m.strip())
+    if not prior_modes or set(prior_modes) - set(PRIOR_MODES):
+        parser.error("--prior-modes takes a comma list of images, predictions")
     if args.rounds is not None and args.rounds < 1:
         parser.error("--rounds must be at least 1")
-    if args.threads is not None:
-        if args.threads < 1:
-            parser.error("--threads must be at least 1")
-        torch.set_num_threads(args.threads)
+    set_threads(parser, args.threads)
     run(args.device, quick=args.quick, smoke=args.smoke, out=args.out, configs=configs, caches=caches,
-        rounds=args.rounds, command=shlex.join(["python", "-m", "benchmarks.bench_job", *(argv or sys.argv[1:])]))
+        rounds=args.rounds, prior_modes=prior_modes,
+        command=shlex.join(["python", "-m", "benchmarks.bench_job", *(argv or sys.argv[1:])]))
     return 0
 
 

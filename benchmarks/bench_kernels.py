@@ -35,6 +35,7 @@ from benchmarks.common import (
     RESULTS_DIR,
     Stats,
     Timed,
+    add_threads_option,
     append_rows,
     copy_bandwidth,
     default_device,
@@ -42,6 +43,7 @@ from benchmarks.common import (
     load_average,
     measure,
     run_info,
+    set_threads,
 )
 from dreambooth_fast import ops, reference
 
@@ -283,17 +285,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a few sizes, 5 rounds")
     parser.add_argument("--smoke", action="store_true", help="the tiniest size, one call each: proves it runs (CI)")
     parser.add_argument("--repeats", type=int, default=None, help="alternating timed rounds per measurement")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    add_threads_option(parser)
     parser.add_argument("--out", type=Path, default=None, help="CSV to append to (default: results/kernels.csv)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available to this torch")
     if args.repeats is not None and args.repeats < 1:
         parser.error("--repeats must be at least 1")
-    if args.threads is not None:
-        if args.threads < 1:
-            parser.error("--threads must be at least 1")
-        torch.set_num_threads(args.threads)
+    set_threads(parser, args.threads)
     run(args.device, quick=args.quick, smoke=args.smoke, repeats=args.repeats, out=args.out)
     return 0
 

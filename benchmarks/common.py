@@ -7,6 +7,7 @@ versions, commit and date, and is appended to a CSV under benchmarks/results/.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime
 import math
@@ -49,6 +50,20 @@ class Stats:
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_threads_option(parser: argparse.ArgumentParser, help: str = "torch CPU threads (default: torch's)") -> None:
+    parser.add_argument("--threads", type=int, default=None, help=help)
+
+
+def set_threads(parser: argparse.ArgumentParser, threads: int | None) -> None:
+    """Checks --threads and gives torch that many CPU threads (None: torch's default). On a shared machine use 1:
+    torch's OpenMP workers spin against each other and the other jobs (README, Performance)."""
+    if threads is None:
+        return
+    if threads < 1:
+        parser.error("--threads must be at least 1")
+    torch.set_num_threads(threads)
 
 
 def device_name(device: str) -> str:

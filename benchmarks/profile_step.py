@@ -33,7 +33,16 @@ from benchmarks.bench_train import (
     published_unet_config,
     stage_schedulers,
 )
-from benchmarks.common import RESULTS_DIR, append_rows, default_device, format_table, load_average, run_info
+from benchmarks.common import (
+    RESULTS_DIR,
+    add_threads_option,
+    append_rows,
+    default_device,
+    format_table,
+    load_average,
+    run_info,
+    set_threads,
+)
 from dreambooth_fast.models import STAGE_2_DIR, load_unet
 from dreambooth_fast.toy.default_model import DEFAULT_MODEL
 from dreambooth_fast.toy.if_layout import if_unet_config
@@ -183,16 +192,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=1, help="subject rows per step (as many prior rows follow)")
     parser.add_argument("--steps", type=int, default=3, help="steps profiled (after 2 warm-up steps)")
     parser.add_argument("--eager", action="store_true", help="profile the diffusers-style eager step instead")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    add_threads_option(parser)
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder (default benchmarks/results)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available to this torch")
-    for name in ("batch", "steps", "threads"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
+    for name in ("batch", "steps"):
+        if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    set_threads(parser, args.threads)
     run(args.config, args.stage, args.device, batch=args.batch, steps=args.steps, eager=args.eager,
         out=args.out / "profile.csv", command=shlex.join(["python", "-m", "benchmarks.profile_step", *argv]))
     return 0

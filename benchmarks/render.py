@@ -123,14 +123,37 @@ JOB_PHASES = ("startup", "load", "class_images", "train", "write", "pictures")
 
 
 def job_pairs(rows: list[dict]) -> list[tuple[dict, dict]]:
-    """(ours, baseline) rows per configuration and cache state."""
+    """(ours, baseline) rows per configuration and cache state; ours with class images, and with --prior-mode
+    predictions where that was measured."""
     by_key = {(r["config"], r["scaled"], r["cache"], r["impl"]): r for r in rows}
     return [(r, by_key[(r["config"], r["scaled"], r["cache"], "diffusers_way")]) for r in rows
-            if r["impl"] == "dreambooth_fast"]
+            if r["impl"] in ("dreambooth_fast", "dreambooth_fast_predictions")]
 
 
 def job_config(r: dict) -> str:
-    return f"{r['config']}{' (' + r['scaled'].split(':')[0] + ')' if r['scaled'] else ''}"
+    predictions = " predictions" if r["impl"] == "dreambooth_fast_predictions" else ""
+    return f"{r['config']}{' (' + r['scaled'].split(':')[0] + ')' if r['scaled'] else ''}{predictions}"
+
+
+def cpu_cell(r: dict, b: dict) -> str:
+    """CPU seconds (user + system) of both jobs and the speed-up they give, where the run recorded them: unlike
+    wall time, they do not depend on how much of a shared machine each process got."""
+    if not r.get("cpu_speedup"):
+        return "-"
+    return (f"{num(r['cpu_s']):.1f} / {num(b['cpu_s']):.1f}: {num(r['cpu_speedup']):.2f}x "
+            f"({num(r['cpu_speedup_min']):.2f}-{num(r['cpu_speedup_max']):.2f})")
+
+
+def step_cell(r: dict) -> str:
+    """Our median step ms (min-max over the runs' medians), and for --prior-mode predictions its time against the
+    class-image prior step's in the same rounds."""
+    if not r.get("step_ms"):
+        return "-"
+    cell = f"{num(r['step_ms']):.0f} ({num(r['step_min_ms']):.0f}-{num(r['step_max_ms']):.0f})"
+    if r.get("step_vs_images"):
+        cell += (f"; {num(r['step_vs_images']):.2f}x ({num(r['step_vs_images_min']):.2f}-"
+                 f"{num(r['step_vs_images_max']):.2f}) the class-image step's time")
+    return cell
 
 
 def speedup(r: dict) -> str:
@@ -145,25 +168,34 @@ def job_section(rows: list[dict]) -> str:
         phase_ratio = [f"{num(r[k]):.2f}x" if r.get(k) and (r["cache"] == "cold" or k == "train_speedup") else "-"
                        for k in ("class_images_speedup", "train_speedup")]
         lines.append([job_config(r), r["cache"], f"{r['class_images']} / {r['steps']}", ms(r, "s"), ms(b, "s"),
-                      speedup(r), faster, " / ".join(phase_ratio),
+                      speedup(r), faster, cpu_cell(r, b), " / ".join(phase_ratio),
                       " / ".join(f"{num(r[p + '_s']):.1f}" for p in JOB_PHASES),
-                      " / ".join(f"{num(b[p + '_s']):.1f}" for p in JOB_PHASES),
+                      " / ".join(f"{num(b[p + '_s']):.1f}" for p in JOB_PHASES), step_cell(r),
                       f"{num(r['peak_rss_mib']):.0f} / {num(b['peak_rss_mib']):.0f}", r["rounds"]])
     text = md_table(["config", "cache", "class images / steps", "ours s (min-max)", "baseline s (min-max)",
-                     "speed-up (min-max)", "whole job", "speed-up class images / train",
+                     "speed-up (min-max)", "whole job", "CPU s ours / baseline: speed-up (min-max)",
+                     "speed-up class images / train",
                      "ours s: startup / load / class images / train / write / pictures", "baseline s (same phases)",
-                     "peak RSS MiB ours / baseline", "rounds"], lines)
-    r, b = job_pairs(rows)[0]
+                     "ours step ms (min-max)", "peak RSS MiB ours / baseline", "rounds"], lines)
+    pairs = job_pairs(rows)
+    r, b = next((pair for pair in pairs if pair[0]["impl"] == "dreambooth_fast"), pairs[0])
     scaled = sorted({x["scaled"] for x in rows if x["scaled"]})
     text += ("\n\nBoth jobs train the embedded default model's base stage (`--stages base`) on examples/subject, class "
              f"\"heart\", {r['dtype']}, seed 0, {r['subject_rows']} subject + {r['prior_rows']} prior row per step, "
              "each a process of its own, alternating; cold = empty class-image cache, warm = filled. Speed-up = "
              "baseline time / our time per paired round, median (min-max); \"whole job\" says faster or slower only "
              "when every round agrees. Phases are medians each process timed itself; startup = wall time minus them "
-             "(interpreter, imports). Peak RSS: ru_maxrss of each process (os.wait4), median.\n\n"
+             "(interpreter, imports). Our step: the median step_time_s of logs/metrics.csv per run, median "
+             "(min-max) over the runs. CPU s: user + system seconds of each process (os.wait4), median; the "
+             "speed-up they give does not depend on how much of the shared CPU each process got. Peak RSS: "
+             "ru_maxrss of each process (os.wait4), median.\n\n"
              f"- ours: `dbfast train` at its defaults for the class images ({r['class_settings']}); "
-             f"{r['optimizer']}.\n"
-             f"- baseline (benchmarks/baseline_job.py, the way diffusers' train_dreambooth.py runs): class images with "
+             f"{r['optimizer']}.\n")
+    if any(x["impl"] == "dreambooth_fast_predictions" for x in rows):
+        text += ("- predictions: the same `dbfast train` with `--prior-mode predictions`: no class images; the prior "
+                 "rows are the subject rows' noisy inputs with the class prompt, their target the frozen model's "
+                 "prediction (one more forward pass, of a frozen copy of the UNet, per step).\n")
+    text += (f"- baseline (benchmarks/baseline_job.py, the way diffusers' train_dreambooth.py runs): class images with "
              f"{b['class_settings']}; eager UNet, `DDPMScheduler.add_noise`, chunked F.mse_loss; {b['optimizer']}; a "
              "checkpoint every 500 steps; `pipeline.save_pretrained`.\n")
     options = sorted({f"{x['config']}: lr {x['learning_rate']} {x['lr_schedule']}"
@@ -342,7 +374,15 @@ def job_summary(rows: list[dict]) -> list[str]:
         phases = ", ".join(f"{name} {num(r[k]):.2f}x" for name, k in (("class images", "class_images_speedup"),
                                                                       ("training", "train_speedup"))
                           if r.get(k) and (r["cache"] == "cold" or k == "train_speedup"))
-        lines.append(f"**whole job**, {job_config(r)} ({r['class_images']} class images, {r['steps']} steps), "
+        predictions = r["impl"] == "dreambooth_fast_predictions"
+        if predictions and r.get("step_vs_images"):
+            phases += (f"{', ' if phases else ''}its step {num(r['step_vs_images']):.2f}x "
+                       f"({num(r['step_vs_images_min']):.2f}-{num(r['step_vs_images_max']):.2f}) the time of the "
+                       "class-image prior step")
+        if r.get("cpu_speedup"):
+            phases += f"{', ' if phases else ''}in CPU time {num(r['cpu_speedup']):.2f}x"
+        images = "no class images (--prior-mode predictions)" if predictions else f"{r['class_images']} class images"
+        lines.append(f"**whole job**, {job_config(r)} ({images}, {r['steps']} steps), "
                      f"{r['cache']}: **{speedup(r)}** the diffusers-way job's speed ({num(r['median_s']):.1f} s "
                      f"against {num(b['median_s']):.1f} s{'; ' + phases if phases else ''}); peak RSS "
                      f"{num(r['peak_rss_mib']):.0f} against {num(b['peak_rss_mib']):.0f} MiB")

@@ -144,30 +144,44 @@ def test_job_commands_share_every_setting_and_leave_our_class_image_defaults_alo
     assert "--captions" in ours and "--captions" in base and ours[ours.index("--stages") + 1] == "base"
     # Our class images are drawn at whatever dbfast's defaults are when the benchmark runs.
     assert not [arg for arg in ours if arg.startswith(("--class-sample", "--sr-sample"))]
+    assert "--prior-mode" not in ours
+    predictions = bench_job.ours_command(config, tmp_path / "ours", "cpu", "predictions")
+    assert predictions == [*ours[:-1], "--prior-mode", "predictions", "--captions"]
 
 
 @pytest.mark.slow
 def test_job_smoke_runs_both_jobs_cold_and_warm_and_renders(tmp_path):
-    """Four processes (ours and the diffusers-way job, cold and warm), a couple of minutes on the shared CPU."""
+    """Six processes (ours with class images and with --prior-mode predictions, the diffusers-way job; cold and
+    warm), a few minutes on the shared CPU."""
     with one_thread():
-        rows = bench_job.run("cpu", smoke=True, out=tmp_path / "job.csv", command="test")
-    assert len(read_rows(tmp_path / "job.csv")) == len(rows) == 4
+        rows = bench_job.run("cpu", smoke=True, out=tmp_path / "job.csv", command="test",
+                             prior_modes=("images", "predictions"))
+    assert len(read_rows(tmp_path / "job.csv")) == len(rows) == 6
     check_run_fields(rows)
     runs = {(r["config"], r["cache"], r["impl"]): r for r in rows}
     assert set(runs) == {("short", cache, impl) for cache in ("cold", "warm")
-                         for impl in ("dreambooth_fast", "diffusers_way")}
+                         for impl in ("dreambooth_fast", "dreambooth_fast_predictions", "diffusers_way")}
+    for cache in ("cold", "warm"):
+        predicted = runs.pop(("short", cache, "dreambooth_fast_predictions"))  # checked here, the rest below
+        ours = runs[("short", cache, "dreambooth_fast")]
+        assert predicted["prior_mode"] == "predictions" and predicted["class_settings"].startswith("none")
+        assert predicted["class_images_s"] < 0.5 and predicted["step_ms"] > 0 and ours["step_ms"] > 0
+        assert predicted["step_vs_images_min"] <= predicted["step_vs_images"] <= predicted["step_vs_images_max"]
     for (_, cache, impl), r in runs.items():
         assert r["scaled"].startswith("smoke") and r["rounds"] == 1 and r["threads"] == 1
         assert r["min_s"] <= r["median_s"] <= r["max_s"] and r["peak_rss_mib"] > 0
         assert r["startup_s"] > 0 and r["load_s"] > 0 and r["train_s"] > 0 and r["write_s"] > 0
         # Cold draws the class images; warm finds them (the two class images take seconds, finding them does not).
         assert r["class_images_s"] > runs[("short", "warm", impl)]["class_images_s"] or cache == "warm"
+        assert r["cpu_s"] > 0
         if impl == "dreambooth_fast":
             assert r["speedup_min"] <= r["speedup"] <= r["speedup_max"]
+            assert r["cpu_speedup_min"] <= r["cpu_speedup"] <= r["cpu_speedup_max"]
             assert "base_steps" in r["class_settings"]  # read back from the run's class-image cache key
     assert runs[("short", "cold", "dreambooth_fast")]["class_images_speedup"] > 0
     text = render.render(tmp_path, tmp_path / "BENCHMARKS.md").read_text()
     assert "## Whole job" in text and "**whole job**, short (smoke)" in text and "| short (smoke) | warm |" in text
+    assert "| short (smoke) predictions | warm |" in text and "the time of the class-image prior step" in text
     assert (tmp_path / "job-cpu.png").stat().st_size > 0
 
 
