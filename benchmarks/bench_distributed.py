@@ -3,8 +3,8 @@
 measure_class_images: the class-image phase of `dbfast train` (the embedded default model, "a heart", class guidance
 2, N images drawn B per batch; --steps 1) in one process and under torchrun with 2 processes, which split the
 batches between them (prior.py's per-batch claims), each run from an empty class-image cache, alternating, 1 torch
-thread per process. Timed: the "class_images" phase the run records in dreambooth.json (rank 0's: it ends when
-every image is there, its own and the other rank's); images/s = N / that; speed-up per round, median (min-max).
+thread per process. Timed: the "class_images" phase the run records in dreambooth.json (under torchrun from the
+first rank's start of the phase to the last rank's end); images/s = N / that; speed-up per round, median (min-max).
 
 measure_subjects: 2 subjects trained by `dbfast train --subjects` in one process (one after the other) and under
 torchrun with 2 processes (a queue: one subject per rank), each command a process tree of its own, alternating, the
@@ -41,6 +41,7 @@ from dreambooth_fast.toy.default_model import DEFAULT_MODEL
 SUBJECTS = 2
 IMPLS = ("sequential", "torchrun")
 SIZES = {"full": (300, 20, 3), "quick": (100, 20, 2), "smoke": (2, 2, 1)}  # steps, class images, rounds
+MEASUREMENTS = ("class_images", "subjects")
 CLASS_IMAGE_SIZES = {"full": (64, 4, 3), "quick": (32, 4, 2), "smoke": (2, 1, 1)}  # images, per batch, rounds
 
 
@@ -159,9 +160,9 @@ def measure_class_images(device: str, *, images: int, batch: int, rounds: int, t
 
 def run(device: str, *, quick: bool = False, smoke: bool = False, out: Path = RESULTS_DIR / "distributed.csv",
         model_dir: Path | None = None, command: str = "", rounds: int | None = None,
-        steps: int | None = None) -> list[dict]:
-    """The suite: a list of measurements (measure_subjects), rows appended to `out`. `model_dir` is not used: the
-    subjects train the embedded default model."""
+        steps: int | None = None, measurements: tuple[str, ...] = MEASUREMENTS) -> list[dict]:
+    """The suite: the `measurements` (class_images, subjects), rows appended to `out`. `model_dir` is not used:
+    both run the embedded default model."""
     size_steps, class_images, size_rounds = SIZES["smoke" if smoke else "quick" if quick else "full"]
     if device.startswith("cuda"):
         import torch
@@ -173,10 +174,12 @@ def run(device: str, *, quick: bool = False, smoke: bool = False, out: Path = RE
     images, batch, image_rounds = CLASS_IMAGE_SIZES["smoke" if smoke else "quick" if quick else "full"]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        rows += measure_class_images(device, images=images, batch=batch, rounds=rounds or image_rounds,
-                                     tmp=Path(tmp) / "class-images")
-        rows += measure_subjects(device, steps=steps or size_steps, class_images=class_images,
-                                 rounds=rounds or size_rounds, tmp=Path(tmp) / "subjects")
+        if "class_images" in measurements:
+            rows += measure_class_images(device, images=images, batch=batch, rounds=rounds or image_rounds,
+                                         tmp=Path(tmp) / "class-images")
+        if "subjects" in measurements:
+                rows += measure_subjects(device, steps=steps or size_steps, class_images=class_images,
+                                     rounds=rounds or size_rounds, tmp=Path(tmp) / "subjects")
     rows = [{**info, **row} for row in rows]  # the processes' thread count, not this one's
     append_rows(out, rows)
     print(format_table(["what", "impl", "processes", "median s", "min-max s", "rate", "speed-up"],
@@ -193,12 +196,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, help="alternating rounds (default: 3, --quick 2)")
     parser.add_argument("--steps", type=int, help="training steps per subject (default: 300, --quick 100)")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", choices=MEASUREMENTS, help="one measurement (default: both)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "distributed.csv")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     run(args.device, quick=args.quick, out=args.out, command=shlex.join(["python", "-m", "benchmarks.bench_distributed",
-                                                                        *argv]), rounds=args.rounds, steps=args.steps)
+                                                                        *argv]), rounds=args.rounds, steps=args.steps,
+        measurements=(args.only,) if args.only else MEASUREMENTS)
     print(f"{time.perf_counter() - started:.0f} s; results in {args.out}")
     return 0
 

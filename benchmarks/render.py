@@ -41,14 +41,16 @@ def latest_runs(rows: list[dict]) -> dict[str, list[dict]]:
     return latest
 
 
-def latest_job_runs(rows: list[dict]) -> dict[str, list[dict]]:
-    """{device type: the rows of the latest run of each job configuration at each scale and cache state}: one
-    command may measure one configuration or cache state (a full run takes hours), so each keeps its latest
-    figures."""
+# Suites whose commands may measure one part at a time (a full job run takes hours): each part keeps its latest run.
+PART_KEYS = {"job": ("config", "scaled", "cache"), "distributed": ("what",)}
+
+
+def latest_part_runs(rows: list[dict], keys: tuple[str, ...]) -> dict[str, list[dict]]:
+    """{device type: the rows of the latest run of each part (rows alike in `keys`)}."""
     latest: dict[str, list[dict]] = {}
     for device in sorted({r["device"] for r in rows}):
-        for key in dict.fromkeys((r["config"], r["scaled"], r["cache"]) for r in rows if r["device"] == device):
-            same = [r for r in rows if r["device"] == device and (r["config"], r["scaled"], r["cache"]) == key]
+        for key in dict.fromkeys(tuple(r[k] for k in keys) for r in rows if r["device"] == device):
+            same = [r for r in rows if r["device"] == device and tuple(r[k] for k in keys) == key]
             date = max(r["date"] for r in same)
             latest.setdefault(device, []).extend(r for r in same if r["date"] == date)
     return latest
@@ -333,7 +335,7 @@ def distributed_section(rows: list[dict]) -> str:
         notes.append(f"class images: the class-image phase of `dbfast train` (the embedded default model, \"a heart\", "
                      f"class guidance 2, {images['images']} images drawn {images['batch']} per batch, from an empty "
                      f"cache) in one process against torchrun with 2 processes, which split the batches; the phase's "
-                     f"seconds from dreambooth.json (rank 0's: it ends when every image is there); alternating, "
+                     f"seconds from dreambooth.json (from the first rank's start to the last one's end); alternating, "
                      f"{images['threads']} torch thread per process.")
     subjects = next((r for r in rows if r["what"] == "subjects"), None)
     if subjects:
@@ -607,7 +609,8 @@ def render(results: Path, out: Path) -> Path:
         if not rows:
             sections.append(f"No results yet: run `python -m benchmarks --suite {suite}`.\n")
             continue
-        for device, latest in (latest_job_runs(rows) if suite == "job" else latest_runs(rows)).items():
+        for device, latest in (latest_part_runs(rows, PART_KEYS[suite]) if suite in PART_KEYS
+                               else latest_runs(rows)).items():
             summary += [f"- {device}: {line}" for line in SUMMARIES[suite](latest)]
             png = results / f"{suite}-{device}.png"
             sections.append(f"### {device}\n")

@@ -856,13 +856,16 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, dist: Dist) -> Path:
                        f"batch {d['global_batch']} = {cfg.batch_size} per process x {dist.world_size} processes x "
                        f"{cfg.gradient_accumulation} accumulation steps")
         clock = _lap(timings, "load", clock)
+        started = time.time()
         class_dir, drawn = prepare_class_images(cfg, cascade, prompts, stages, inputs.device, runners, dist)
-        drawn_by_rank = gather(dist, drawn)
+        spans = gather(dist, (started, time.time(), drawn))  # each rank's (start, end, images drawn)
         del runners
         clock = _lap(timings, "class_images", clock)
+        if dist.is_distributed:  # the phase runs from the first rank's start to the last rank's end
+            timings["class_images"] = round(max(end for _, end, _ in spans) - min(start for start, _, _ in spans), 3)
         if dist.is_main:
             run["class_images"] = str(class_dir) if class_dir else None
-            run["class_images_drawn"] = drawn_by_rank  # by each rank, in this call
+            run["class_images_drawn"] = [count for _, _, count in spans]  # by each rank, in this call
             run["timings"] = timings
             atomic_write_json(out / RUN_FILE, run)
 
