@@ -138,7 +138,11 @@ def run_process(command: list[str], env: dict, log: Path) -> tuple[float, float,
     system) do not depend on how much of a shared machine the process got, as its wall time does."""
     start = time.perf_counter()
     with log.open("w") as f:
-        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+        # A session of its own: with the kernel's autogroup scheduling (sched_autogroup_enabled, on here) the CPU
+        # is shared between sessions first; torchrun starts its processes in sessions of their own, so a child
+        # left in ours would share one session's share with whatever else runs in it.
+        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)
         _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
