@@ -5,6 +5,9 @@ measure_class_images: the class-image phase of `dbfast train` (the embedded defa
 batches between them (prior.py's per-batch claims), each run from an empty class-image cache, alternating, 1 torch
 thread per process. Timed: the "class_images" phase the run records in dreambooth.json (under torchrun from the
 first rank's start of the phase to the last rank's end); images/s = N / that; speed-up per round, median (min-max).
+Also the CPU seconds of the phase per rank (dreambooth.json "class_images_cpu_s"): on free cores, one per process,
+the phase would take its busiest rank's CPU time, so cpu_speedup = one process's CPU seconds / the busiest rank's
+is the speed-up 2 free cores give (duplicated work and waiting for a claim included), measurable on a loaded machine.
 
 measure_subjects: 2 subjects trained by `dbfast train --subjects` in one process (one after the other) and under
 torchrun with 2 processes (a queue: one subject per rank), each command a process tree of its own, alternating, the
@@ -149,13 +152,22 @@ def measure_class_images(device: str, *, images: int, batch: int, rounds: int, t
                "MKL_NUM_THREADS": str(threads), "XDG_CACHE_HOME": str(work / "cache")}
         run_process(class_images_command(impl, work / "out", images, batch, device), env, work / "run.log")
         run = json.loads((work / "out" / "dreambooth.json").read_text())
-        print(f"  class images drawn per rank: {run['class_images_drawn']}", flush=True)
+        print(f"  class images drawn per rank: {run['class_images_drawn']}, CPU s {run['class_images_cpu_s']}",
+              flush=True)
+        busiest[impl].append(max(run["class_images_cpu_s"]))
         return run["timings"]["class_images"]
 
+    busiest: dict[str, list[float]] = {impl: [] for impl in IMPLS}  # the busiest rank's CPU seconds, per round
     seconds, loads = alternating("class images", rounds, timed)
+    cpu_speedup = ratio_spread(busiest["sequential"], busiest["torchrun"])
     return speedup_rows("class_images", seconds, loads, start_load, threads, lambda impl, median: {
         "images": images, "batch": batch, "model": "default model", "stage": "base",
-        "images_per_s": round(images / median, 3)})
+        "images_per_s": round(images / median, 3), "busiest_cpu_s": round(statistics.median(busiest[impl]), 2),
+        # On free cores (one each) the phase takes its busiest rank's CPU time: one process's CPU seconds over
+        # that is the speed-up those cores would give, whatever share of a loaded machine the runs got.
+        "cpu_speedup": round(cpu_speedup[0], 3) if impl == "torchrun" else "",
+        "cpu_speedup_min": round(cpu_speedup[1], 3) if impl == "torchrun" else "",
+        "cpu_speedup_max": round(cpu_speedup[2], 3) if impl == "torchrun" else ""})
 
 
 def run(device: str, *, quick: bool = False, smoke: bool = False, out: Path = RESULTS_DIR / "distributed.csv",

@@ -336,7 +336,10 @@ def distributed_section(rows: list[dict]) -> str:
                      f"class guidance 2, {images['images']} images drawn {images['batch']} per batch, from an empty "
                      f"cache) in one process against torchrun with 2 processes, which split the batches; the phase's "
                      f"seconds from dreambooth.json (from the first rank's start to the last one's end); alternating, "
-                     f"{images['threads']} torch thread per process.")
+                     f"{images['threads']} torch thread per process. On free cores (one per process) the phase takes "
+                     "its busiest rank's CPU seconds: one process's CPU seconds over those (the summary's \"on free "
+                     "cores\" figure) is the speed-up 2 free cores give, whatever share of a loaded machine the "
+                     "runs got.")
     subjects = next((r for r in rows if r["what"] == "subjects"), None)
     if subjects:
         notes.append(f"subjects: `dbfast train --subjects` with {subjects['subjects']} subjects (the embedded default "
@@ -457,7 +460,10 @@ def generate_summary(rows: list[dict]) -> list[str]:
 def distributed_summary(rows: list[dict]) -> list[str]:
     return [f"{_distributed_work(r)} on {r['processes']} torchrun processes: {num(r['speedup']):.2f}x "
             f"({num(r['speedup_min']):.2f}-{num(r['speedup_max']):.2f}) the {distributed_rate(r).split(' ', 1)[1]} of "
-            f"one process, at load {r['load_1m_runs']}" for r in rows if r.get("speedup")]
+            f"one process, at load {r['load_1m_runs']}"
+            + (f"; {num(r['cpu_speedup']):.2f}x ({num(r['cpu_speedup_min']):.2f}-{num(r['cpu_speedup_max']):.2f}) on "
+               "free cores, from the busiest rank's CPU seconds" if r.get("cpu_speedup") else "")
+            for r in rows if r.get("speedup")]
 
 
 SUMMARIES = {"job": job_summary, "train": train_summary, "kernels": kernels_summary, "prior": prior_summary,

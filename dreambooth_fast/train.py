@@ -856,16 +856,18 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, dist: Dist) -> Path:
                        f"batch {d['global_batch']} = {cfg.batch_size} per process x {dist.world_size} processes x "
                        f"{cfg.gradient_accumulation} accumulation steps")
         clock = _lap(timings, "load", clock)
-        started = time.time()
+        started, cpu_started = time.time(), time.process_time()
         class_dir, drawn = prepare_class_images(cfg, cascade, prompts, stages, inputs.device, runners, dist)
-        spans = gather(dist, (started, time.time(), drawn))  # each rank's (start, end, images drawn)
+        # Each rank's (start, end, images drawn, CPU seconds) of the phase.
+        spans = gather(dist, (started, time.time(), drawn, time.process_time() - cpu_started))
         del runners
         clock = _lap(timings, "class_images", clock)
         if dist.is_distributed:  # the phase runs from the first rank's start to the last rank's end
-            timings["class_images"] = round(max(end for _, end, _ in spans) - min(start for start, _, _ in spans), 3)
+            timings["class_images"] = round(max(s[1] for s in spans) - min(s[0] for s in spans), 3)
         if dist.is_main:
             run["class_images"] = str(class_dir) if class_dir else None
-            run["class_images_drawn"] = [count for _, _, count in spans]  # by each rank, in this call
+            run["class_images_drawn"] = [s[2] for s in spans]  # by each rank, in this call
+            run["class_images_cpu_s"] = [round(s[3], 3) for s in spans]
             run["timings"] = timings
             atomic_write_json(out / RUN_FILE, run)
 

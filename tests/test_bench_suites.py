@@ -246,6 +246,7 @@ def test_distributed_smoke_runs_class_images_and_two_subjects_both_ways_and_rend
     for sequential, torchrun in (rows[:2], rows[2:]):  # one round: its ratio (of the seconds before rounding)
         assert torchrun["speedup"] == pytest.approx(sequential["median_s"] / torchrun["median_s"], rel=0.01)
     assert rows[0]["images_per_s"] == round(2 / rows[0]["median_s"], 3)
+    assert rows[1]["cpu_speedup"] == pytest.approx(rows[0]["busiest_cpu_s"] / rows[1]["busiest_cpu_s"], rel=0.01)
     text = render.render(tmp_path, tmp_path / "BENCHMARKS.md").read_text()
     assert "## Several processes" in text and "| subjects | torchrun | 2 |" in text
     assert "| class images | torchrun | 2 | 2 class images, 1 per batch |" in text

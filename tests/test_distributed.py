@@ -105,6 +105,7 @@ def test_two_ranks_train_what_one_process_trains_on_the_same_global_batch(tiny_c
     assert run["distributed"] | {} == {"world_size": 2, "backend": "gloo", "sharding": "ddp", "batch_per_process": 1,
                                        "gradient_accumulation": 1, "global_batch": 2}
     assert sum(run["class_images_drawn"]) == 4 and len(run["class_images_drawn"]) == 2
+    assert len(run["class_images_cpu_s"]) == 2 and min(run["class_images_cpu_s"]) > 0
     folders = [Path(json.loads((tmp_path / r / "dreambooth.json").read_text())["class_images"]) / "base"
                for r in ("one", "two")]
     assert sorted(p.name for p in folders[1].glob("*.png")) == [f"{i:04d}.png" for i in range(4)]
