@@ -113,10 +113,16 @@ def header_lines(rows: list[dict], run: dict) -> list[str]:
     loads = [num(x[k]) for x in rows for k in ("load_1m", "load_1m_end") if x.get(k)] or \
         [num(run[k]) for k in ("load_1m_start", "load_1m_end") if run.get(k)]
     load = f"{min(loads):.2f}-{max(loads):.2f}" if loads else "not recorded"
-    command = r.get("command") or run.get("command") or "not recorded"
-    return [f"Device: **{r['device_name']}** ({r['device']}, torch threads: {r['threads']}); {versions}; commit "
-            f"`{r['commit']}`; {r['date']}; load average (1 min) during the run: {load}.",
-            f"Command: `{command}`"]
+    # A suite whose parts were measured by separate commands (PART_KEYS) names each command with its commit and date.
+    runs = list(dict.fromkeys((x.get("command") or run.get("command") or "not recorded", x["commit"], x["date"])
+                              for x in rows))
+    if len(runs) == 1:
+        return [f"Device: **{r['device_name']}** ({r['device']}, torch threads: {r['threads']}); {versions}; commit "
+                f"`{r['commit']}`; {r['date']}; load average (1 min) during the run: {load}.",
+                f"Command: `{runs[0][0]}`"]
+    return [f"Device: **{r['device_name']}** ({r['device']}, torch threads: {r['threads']}); {versions}; load "
+            f"average (1 min) during the runs: {load}.",
+            "Commands: " + "; ".join(f"`{command}` (commit `{commit}`, {date})" for command, commit, date in runs)]
 
 
 # -- per-suite tables -------------------------------------------------------------------------------------
