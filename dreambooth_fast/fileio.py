@@ -74,16 +74,48 @@ def link_or_copy_tree(src: str | Path, dst: str | Path, skip: tuple[str, ...] = 
             shutil.copy2(item, target)
 
 
-def sha256_files(paths: list[Path]) -> str:
+def sha256_files(paths: list[Path], memo: Path | None = None) -> str:
     """One sha256 over the names and contents of `paths`, in order (whole files: a fine-tune can leave any
-    part of a weights file unchanged, so no sampling)."""
+    part of a weights file unchanged, so no sampling). With `memo` (a JSON file), a digest computed before for
+    the same files, none changed since (same inode, size, mtime and ctime, as git tells a changed file), is read
+    from it instead of reading the files again: IF-I-XL's weights are ~40 GB."""
+    stamp = _stat_stamp(paths) if memo is not None else ""
+    known = _read_memo(memo) if memo is not None else {}
+    if stamp in known:
+        return known[stamp]
     digest = hashlib.sha256()
     for path in paths:
         digest.update(path.name.encode() + b"\0")
         with open(path, "rb") as f:
             while chunk := f.read(1 << 24):
                 digest.update(chunk)
+    if memo is not None:
+        # Last writer wins between two runs: a lost entry only means hashing again. The oldest entries go.
+        known = _read_memo(memo)
+        known.pop(stamp, None)
+        known[stamp] = digest.hexdigest()
+        with contextlib.suppress(OSError):
+            kept = json.dumps(dict(list(known.items())[-MEMO_ENTRIES:]), indent=0)  # oldest first, not sorted
+            atomic_write(memo, lambda tmp: tmp.write_text(kept + "\n"))
     return digest.hexdigest()
+
+
+MEMO_ENTRIES = 256
+
+
+def _stat_stamp(paths: list[Path]) -> str:
+    # Taken before hashing: a file written during the hashing gets a new ctime, so its stamp never matches again.
+    stats = [(str(Path(p).resolve()), s.st_dev, s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns)
+             for p, s in ((p, os.stat(p)) for p in paths)]
+    return hashlib.sha256(repr(stats).encode()).hexdigest()
+
+
+def _read_memo(memo: Path) -> dict[str, str]:
+    try:
+        known = json.loads(Path(memo).read_text())
+    except (OSError, ValueError):  # none yet, or damaged: hash again
+        return {}
+    return known if isinstance(known, dict) else {}
 
 
 @contextlib.contextmanager

@@ -43,22 +43,30 @@ class PriorSettings:
     seed: int
 
 
+DIGEST_MEMO = "weight-digests.json"  # in the cache root: the model files' digests by their stat (fileio.sha256_files)
+
+
 def default_cache_root() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "dreambooth-fast" / "class-images"
 
 
-def cache_key(cascade: Cascade, settings: PriorSettings) -> dict:
+def cache_key(cascade: Cascade, settings: PriorSettings, memo: Path | None = None) -> dict:
     """Everything that decides the class images. The dtype and the batch size are left out on purpose: they
     change the images only by rounding, not in distribution. A Stable Diffusion model's VAE decodes them, so its
-    files are in the key too (and its scheduler's config, which picks the sampler)."""
+    files are in the key too (and its scheduler's config, which picks the sampler). `memo`: where the weights'
+    digests are remembered between runs (fileio.sha256_files)."""
     parts = ("vae", "scheduler") if cascade.family == "sd" else ()
+
+    def digest(paths: list[Path]) -> str:
+        return sha256_files(paths, memo)
+
     return {
-        "base_unet": sha256_files(weights_files(cascade.base_dir)),
-        "sr_unet": sha256_files(weights_files(cascade.sr_dir)) if settings.with_sr else None,
-        "text_encoder": sha256_files(sorted((cascade.base_dir / "text_encoder").iterdir())),
+        "base_unet": digest(weights_files(cascade.base_dir)),
+        "sr_unet": digest(weights_files(cascade.sr_dir)) if settings.with_sr else None,
+        "text_encoder": digest(sorted((cascade.base_dir / "text_encoder").iterdir())),
         **asdict(settings),
-        **{part: sha256_files(sorted((cascade.base_dir / part).iterdir())) for part in parts},
+        **{part: digest(sorted((cascade.base_dir / part).iterdir())) for part in parts},
     }
 
 
@@ -96,8 +104,9 @@ def generate_class_images(
     drawing any batch whose claimant died. `runners` ("base" and, with SR, "sr": sampler runners of the frozen
     UNets on any backend) default to the cascade's torch UNets. Each PNG is written atomically, so a reader
     never sees half an image."""
-    key = cache_key(cascade, settings)
-    folder = cache_dir_for(key, cache_root or default_cache_root())
+    root = cache_root or default_cache_root()
+    key = cache_key(cascade, settings, memo=root / DIGEST_MEMO)
+    folder = cache_dir_for(key, root)
     folders = [folder / "base"] + ([folder / "sr"] if settings.with_sr else [])
     batches = [range(first, min(n, first + batch_size)) for first in range(0, n, batch_size)]
     rank, world_size = share

@@ -112,6 +112,15 @@ def test_the_sampler_is_part_of_the_class_image_cache_key(cascade, embeds, tmp_p
         assert len(list((folder / "base").glob("*.png"))) == 2
 
 
+def test_the_weights_digests_are_remembered_without_changing_the_cache_key(cascade, embeds, tmp_path):
+    cond, uncond = embeds
+    folder, _ = prior.generate_class_images(cascade, cond[:1], uncond, 1, _settings(), tmp_path)
+    memo = tmp_path / prior.DIGEST_MEMO
+    assert memo.is_file()  # the next run reads the digests from it instead of re-reading the weights
+    assert folder == prior.cache_dir_for(prior.cache_key(cascade, _settings()), tmp_path)  # the key without it
+    assert prior.cache_key(cascade, _settings(), memo) == prior.cache_key(cascade, _settings())
+
+
 def test_class_images_do_not_depend_on_the_batch_size(cascade, embeds, tmp_path):
     cond, uncond = embeds
     one, _ = prior.generate_class_images(cascade, cond[:1], uncond, 3, _settings(), tmp_path / "a", batch_size=1)
