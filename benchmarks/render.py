@@ -221,13 +221,24 @@ OURS_IMPLS = {"dreambooth_fast": "", "dreambooth_fast_compile": " --compile",
               "dreambooth_fast_fused_norm": " --fused-norm"}
 
 
+def train_key(r: dict) -> tuple[str, str, str]:
+    """A training-step case: model, stage, shape (two models can share a stage and a shape)."""
+    return r["model"], r["stage"], r["shape"]
+
+
+def vae_ratio(r: dict) -> str:
+    return (f"{num(r['ratio_vs_eager_vae']):.2f}x ({num(r['ratio_vs_eager_vae_min']):.2f}-"
+            f"{num(r['ratio_vs_eager_vae_max']):.2f})")
+
+
 def train_section(rows: list[dict]) -> str:
-    by_key = {(r["stage"], r["shape"], r["what"], r["impl"]): r for r in rows if r["impl"] != "skipped"}
-    lines, ops_lines = [], []
-    for (stage, shape, what, impl), r in by_key.items():
+    by_key = {(*train_key(r), r["what"], r["impl"]): r for r in rows if r["impl"] != "skipped"}
+    lines, ops_lines, vae_lines = [], [], []
+    for (model, stage, shape, what, impl), r in by_key.items():
         if what == "step" and impl in OURS_IMPLS:
-            e = by_key[(stage, shape, "step", "diffusers_eager")]
-            fused, eager_ops = by_key[(stage, shape, "ops", "fused_ops")], by_key[(stage, shape, "ops", "eager_ops")]
+            case = (model, stage, shape)
+            e = by_key[(*case, "step", "diffusers_eager")]
+            fused, eager_ops = by_key[(*case, "ops", "fused_ops")], by_key[(*case, "ops", "eager_ops")]
             lines.append([r["model"] + OURS_IMPLS[impl], stage, shape, r["dtype"], ms(r), ms(e), ratio(r), verdict(r),
                           f"{num(r['peak_step_mb']):.1f} / {num(e['peak_step_mb']):.1f}",
                           f"{num(fused['share_of_step_pct']):.2g}% / {num(eager_ops['share_of_step_pct']):.2g}%",
@@ -235,6 +246,10 @@ def train_section(rows: list[dict]) -> str:
             if impl != "dreambooth_fast":
                 continue
             ops_lines.append([r["model"], stage, shape, r["dtype"], ms(fused), ms(eager_ops), ratio(fused)])
+            if r.get("ratio_vs_eager_vae"):
+                v = by_key[(*case, "step", "diffusers_eager_vae")]
+                vae_lines.append([r["model"], r.get("prediction", ""), shape, r["dtype"], ms(r), ms(v), vae_ratio(r),
+                                  f"{num(r['peak_step_mb']):.1f} / {num(v['peak_step_mb']):.1f}"])
     skipped = [[r["model"], r["stage"], r["shape"], r.get("note", "")] for r in rows if r["impl"] == "skipped"]
     text = md_table(["model", "stage", "rows (subject+prior)", "dtype", "ours ms (min-max)", "eager ms (min-max)",
                      "step ratio (min-max)", "whole step", "peak step MB ours / eager",
@@ -245,6 +260,16 @@ def train_section(rows: list[dict]) -> str:
              "(the most they can give). The fused ops alone, at the step's shapes:\n\n")
     text += md_table(["model", "stage", "rows", "dtype", "fused ops ms (min-max)", "eager ops ms (min-max)",
                       "ops ratio (min-max)"], ops_lines)
+    if vae_lines:
+        text += ("\n\nStable Diffusion (latent) rows: both steps above train on the same latents, encoded once "
+                 "before the loop (dbfast: `sd.latent_rows`, the VAE posterior's mean; not timed), so the step "
+                 "ratio compares the same work. diffusers' train_dreambooth.py instead encodes every batch with the "
+                 "VAE at every step (a posterior sample); that step, as the script runs it, against ours (the rows "
+                 "are latents; the eager step's batch is their pixels, 4x the side for the tiny VAE, 8x for SD's):"
+                 "\n\n")
+        text += md_table(["model", "prediction", "rows", "dtype", "ours ms (min-max)",
+                          "eager + VAE encode ms (min-max)", "ratio (min-max)", "peak step MB ours / eager + VAE"],
+                         vae_lines)
     if skipped:
         text += "\n\nNot measured:\n\n" + md_table(["model", "stage", "rows", "why"], skipped)
     memory = rows[0].get("mem_method", "")
@@ -401,12 +426,12 @@ def job_summary(rows: list[dict]) -> list[str]:
 
 
 def train_summary(rows: list[dict]) -> list[str]:
-    by_key = {(r["stage"], r["shape"], r["what"], r["impl"]): r for r in rows}
+    by_key = {(*train_key(r), r["what"], r["impl"]): r for r in rows}
     lines = []
-    for (stage, shape, what, impl), r in by_key.items():
+    for (model, stage, shape, what, impl), r in by_key.items():
         if what != "step" or impl not in OURS_IMPLS:
             continue
-        fused = by_key[(stage, shape, "ops", "fused_ops")]
+        fused = by_key[(model, stage, shape, "ops", "fused_ops")]
         if impl != "dreambooth_fast":
             against_ours = ""
             if r.get("ratio_vs_ours"):
@@ -418,7 +443,9 @@ def train_summary(rows: list[dict]) -> list[str]:
         lines.append(f"training step, {r['model']} {stage} ({shape}, {r['dtype']}): {ratio(r)} eager's speed, "
                      f"**{verdict(r)}**; the fused ops alone run {ratio(fused)} eager's speed but are "
                      f"{num(fused['share_of_step_pct']):.2g}% of the step, so they can give the step at most "
-                     f"{num(r['ops_bound_ratio']):.3f}x")
+                     f"{num(r['ops_bound_ratio']):.3f}x"
+                     + (f"; against the script's step with its VAE encode every step: {vae_ratio(r)}"
+                        if r.get("ratio_vs_eager_vae") else ""))
     lines += [f"training step, {r['model']} {r['stage']} ({r['shape']}): not measured, {r['note']}"
               for r in rows if r["impl"] == "skipped"]
     return lines
@@ -538,15 +565,14 @@ def plot(suite: str, rows: list[dict], path: Path) -> bool:
               "baseline / ours (>1: ours faster)", ratios=True)
     elif suite == "train":
         mine = [r for r in rows if r["what"] == "step" and r["impl"] == "dreambooth_fast"]
-        eager = {(r["stage"], r["shape"]): r for r in rows if r["what"] == "step" and r["impl"] == "diffusers_eager"}
+        eager = {train_key(r): r for r in rows if r["what"] == "step" and r["impl"] == "diffusers_eager"}
         labels = [f"{r['model']} {r['stage']} {r['shape']}" for r in mine]
         _bars(axes[0], labels, {"dreambooth_fast": [_triple(r, "ms") for r in mine],
-                                "diffusers eager": [_triple(eager[(r["stage"], r["shape"])], "ms") for r in mine]},
+                                "diffusers eager": [_triple(eager[train_key(r)], "ms") for r in mine]},
               "step ms (median, min-max)")
         _bars(axes[1], labels, {"whole step": [_ratio_triple(r) for r in mine],
                                 "fused ops alone": [_ratio_triple(o) for r in mine for o in rows
-                                                    if o["impl"] == "fused_ops" and o["stage"] == r["stage"]
-                                                    and o["shape"] == r["shape"]]},
+                                                    if o["impl"] == "fused_ops" and train_key(o) == train_key(r)]},
               "eager / ours (>1: ours faster)", ratios=True)
     elif suite == "kernels":
         fused = [r for r in rows if r["impl"] == "fused"]

@@ -63,7 +63,8 @@ def test_train_rows_compare_both_steps_and_both_op_sets_per_stage(results):
                 (stage, "ops", "fused_ops"), (stage, "ops", "eager_ops")} <= measured
     for r in rows:
         assert float(r["min_ms"]) <= float(r["median_ms"]) <= float(r["max_ms"])
-        assert int(r["subject_rows"]) == int(r["prior_rows"]) >= 1 and r["dtype"] == "fp32" and r["model"] == "tiny"
+        assert int(r["subject_rows"]) == int(r["prior_rows"]) >= 1 and r["dtype"] == "fp32"
+        assert r["model"] in ("tiny", "tiny-sd") and r["family"] == ("sd" if r["model"] == "tiny-sd" else "if")
         if r["what"] == "step":
             assert float(r["peak_step_mb"]) > 0 and r["mem_method"]
         else:
@@ -72,7 +73,25 @@ def test_train_rows_compare_both_steps_and_both_op_sets_per_stage(results):
     assert all(r["ratio_min"] and r["ops_bound_ratio"] for r in ours)
     # The base stage also steps with --fused-norm, against eager and against our default step.
     fused_norm = [r for r in rows if r["impl"] == "dreambooth_fast_fused_norm"]
-    assert [r["stage"] for r in fused_norm] == ["base"] and fused_norm[0]["ratio_vs_ours"]
+    assert [r["model"] for r in fused_norm] == ["tiny"] and fused_norm[0]["ratio_vs_ours"]
+
+
+def test_train_rows_on_stable_diffusion_are_latents_with_the_scripts_vae_step_beside(results):
+    """The tiny SD model: both steps on the same latents (4 channels), and the script's step that encodes its batch
+    with the VAE every step, compared with ours on its own."""
+    sd = [r for r in read_rows(results / "train.csv") if r["model"] == "tiny-sd"]
+    steps = {r["impl"]: r for r in sd if r["what"] == "step"}
+    assert set(steps) == {"dreambooth_fast", "diffusers_eager", "diffusers_eager_vae"}
+    assert {r["shape"] for r in sd} == {"2x4x8x8"} and {r["prediction"] for r in sd} == {"epsilon"}
+    assert steps["diffusers_eager_vae"]["vae"].startswith("VAE encode of the batch every step")
+    assert steps["dreambooth_fast"]["vae"] == steps["diffusers_eager"]["vae"] == (
+        "latents encoded once before the loop (not timed)")
+    ours = steps["dreambooth_fast"]
+    assert float(ours["ratio_vs_eager_vae_min"]) <= float(ours["ratio_vs_eager_vae"]) <= float(
+        ours["ratio_vs_eager_vae_max"])
+    assert {r["impl"] for r in sd if r["what"] == "ops"} == {"fused_ops", "eager_ops"}
+    text = render.render(results, results / "BENCHMARKS.md").read_text()
+    assert "| tiny-sd | epsilon | 2x4x8x8 | fp32 |" in text and "eager + VAE encode" in text
 
 
 def test_prior_rows_compare_the_default_with_diffusers_way_side_by_side(results):

@@ -117,6 +117,36 @@ def test_two_ranks_train_what_one_process_trains_on_the_same_global_batch(tiny_c
     assert two.stdout.count("done: ") == 1 and "global batch 2 = 1 per process x 2 processes" in two.stdout
 
 
+def test_two_ranks_train_what_one_process_trains_on_stable_diffusion(tiny_sd, subject_dir, tmp_path):
+    """The same on the tiny Stable Diffusion model (latents behind a VAE, CLIP text, PNDM): 2 ranks x batch 1 give
+    the losses and weights of 1 process x batch 2, and the class images the 2 ranks draw are the single process's."""
+    one = run_dbfast(0, *train_args(tiny_sd, subject_dir, tmp_path / "one", "--batch-size", "2", *CLASS_IMAGES),
+                     cache=tmp_path / "cache-one")
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run_dbfast(2, *train_args(tiny_sd, subject_dir, tmp_path / "two", "--batch-size", "1", *CLASS_IMAGES),
+                     cache=tmp_path / "cache-two")
+    assert two.returncode == 0, two.stderr[-3000:]
+
+    logs = [_metrics(tmp_path / run) for run in ("one", "two")]
+    assert len(logs[0]) == len(logs[1]) == 2
+    for row_one, row_two in zip(*logs):
+        for column in ("loss", "subject_loss", "prior_loss", "grad_norm"):
+            assert row_two[column] == pytest.approx(row_one[column], rel=1e-5)
+    a, b = unet_weights(tmp_path / "one"), unet_weights(tmp_path / "two")
+    assert any(not torch.equal(a[k], w) for k, w in unet_weights(tiny_sd).items())  # it trained
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5  # see the IF test above
+
+    run = json.loads((tmp_path / "two" / "dreambooth.json").read_text())
+    assert run["distributed"]["world_size"] == 2 and run["distributed"]["global_batch"] == 2
+    assert sum(run["class_images_drawn"]) == 4 and len(run["class_images_drawn"]) == 2
+    folders = [Path(json.loads((tmp_path / r / "dreambooth.json").read_text())["class_images"]) / "base"
+               for r in ("one", "two")]
+    assert sorted(p.name for p in folders[1].glob("*.png")) == [f"{i:04d}.png" for i in range(4)]
+    for i in range(4):
+        assert (folders[0] / f"{i:04d}.png").read_bytes() == (folders[1] / f"{i:04d}.png").read_bytes()
+    assert two.stdout.count("done: ") == 1
+
+
 @pytest.mark.slow
 def test_fsdp_trains_what_ddp_trains(tiny_cascade, subject_dir, tmp_path):
     """FSDP2 (shards per UNet block) gives DDP's weights, and its output loads like any other."""
