@@ -42,15 +42,15 @@ def latest_runs(rows: list[dict]) -> dict[str, list[dict]]:
 
 
 # Suites whose commands may measure one part at a time (a full job run takes hours): each part keeps its latest run.
-PART_KEYS = {"job": ("config", "scaled", "cache"), "distributed": ("what",)}
+PART_KEYS = {"job": ("family", "config", "scaled", "cache"), "distributed": ("what",)}
 
 
 def latest_part_runs(rows: list[dict], keys: tuple[str, ...]) -> dict[str, list[dict]]:
     """{device type: the rows of the latest run of each part (rows alike in `keys`)}."""
     latest: dict[str, list[dict]] = {}
     for device in sorted({r["device"] for r in rows}):
-        for key in dict.fromkeys(tuple(r[k] for k in keys) for r in rows if r["device"] == device):
-            same = [r for r in rows if r["device"] == device and tuple(r[k] for k in keys) == key]
+        for key in dict.fromkeys(tuple(r.get(k, "") for k in keys) for r in rows if r["device"] == device):
+            same = [r for r in rows if r["device"] == device and tuple(r.get(k, "") for k in keys) == key]
             date = max(r["date"] for r in same)
             latest.setdefault(device, []).extend(r for r in same if r["date"] == date)
     return latest
@@ -133,14 +133,20 @@ JOB_PHASES = ("startup", "load", "class_images", "train", "write", "pictures")
 def job_pairs(rows: list[dict]) -> list[tuple[dict, dict]]:
     """(ours, baseline) rows per configuration and cache state; ours with class images, and with --prior-mode
     predictions where that was measured."""
-    by_key = {(r["config"], r["scaled"], r["cache"], r["impl"]): r for r in rows}
-    return [(r, by_key[(r["config"], r["scaled"], r["cache"], "diffusers_way")]) for r in rows
+    by_key = {(family(r), r["config"], r["scaled"], r["cache"], r["impl"]): r for r in rows}
+    return [(r, by_key[(family(r), r["config"], r["scaled"], r["cache"], "diffusers_way")]) for r in rows
             if r["impl"] in ("dreambooth_fast", "dreambooth_fast_predictions")]
+
+
+def family(r: dict) -> str:
+    """The model family a job row trained ("if" for rows from before the column existed)."""
+    return r.get("family") or "if"
 
 
 def job_config(r: dict) -> str:
     predictions = " predictions" if r["impl"] == "dreambooth_fast_predictions" else ""
-    return f"{r['config']}{' (' + r['scaled'].split(':')[0] + ')' if r['scaled'] else ''}{predictions}"
+    sd = "SD " if family(r) == "sd" else ""
+    return f"{sd}{r['config']}{' (' + r['scaled'].split(':')[0] + ')' if r['scaled'] else ''}{predictions}"
 
 
 def cpu_cell(r: dict, b: dict) -> str:
@@ -169,6 +175,23 @@ def speedup(r: dict) -> str:
 
 
 def job_section(rows: list[dict]) -> str:
+    """The IF jobs (the embedded default model), then the Stable Diffusion ones (--family sd) where measured."""
+    sections = []
+    for name in [f for f in ("if", "sd") if any(family(r) == f for r in rows)]:
+        text = job_family_section([r for r in rows if family(r) == name], name)
+        sections.append(text if name == "if" else "**Stable Diffusion** (`python -m benchmarks.bench_job --family sd`):"
+                        "\n\n" + text)
+    return "\n\n".join(sections)
+
+
+JOB_MODELS = {
+    "if": "the embedded default model's base stage (`--stages base`)",
+    "sd": "a tiny random Stable Diffusion 1.x-style model the benchmark builds once per run "
+          "(dreambooth_fast/toy/tiny_sd.py at 64 px: 16x16 latents behind a 4x VAE, CLIP text encoder, PNDM, epsilon)",
+}
+
+
+def job_family_section(rows: list[dict], name: str) -> str:
     lines = []
     for r, b in job_pairs(rows):
         faster = "faster" if num(r["speedup_min"]) > 1 else "slower" if num(r["speedup_max"]) < 1 else \
@@ -188,7 +211,7 @@ def job_section(rows: list[dict]) -> str:
     pairs = job_pairs(rows)
     r, b = next((pair for pair in pairs if pair[0]["impl"] == "dreambooth_fast"), pairs[0])
     scaled = sorted({x["scaled"] for x in rows if x["scaled"]})
-    text += ("\n\nBoth jobs train the embedded default model's base stage (`--stages base`) on examples/subject, class "
+    text += (f"\n\nBoth jobs train {JOB_MODELS[name]} on examples/subject, class "
              f"\"heart\", {r['dtype']}, seed 0, {r['subject_rows']} subject + {r['prior_rows']} prior row per step, "
              "each a process of its own, alternating; cold = empty class-image cache, warm = filled. Speed-up = "
              "baseline time / our time per paired round, median (min-max); \"whole job\" says faster or slower only "
@@ -198,14 +221,17 @@ def job_section(rows: list[dict]) -> str:
              "speed-up they give does not depend on how much of the shared CPU each process got. Peak RSS: "
              "ru_maxrss of each process (os.wait4), median.\n\n"
              f"- ours: `dbfast train` at its defaults for the class images ({r['class_settings']}); "
-             f"{r['optimizer']}.\n")
+             f"{r['optimizer']}"
+             + ("; the photos and class images encoded by the VAE once, before the loop (the posterior's mean)"
+                if name == "sd" else "") + ".\n")
     if any(x["impl"] == "dreambooth_fast_predictions" for x in rows):
         text += ("- predictions: the same `dbfast train` with `--prior-mode predictions`: no class images; the prior "
                  "rows are the subject rows' noisy inputs with the class prompt, their target the frozen model's "
                  "prediction (one more forward pass, of a frozen copy of the UNet, per step).\n")
+    vae = "the VAE encode of every step's batch (a posterior sample), " if name == "sd" else ""
     text += (f"- baseline (benchmarks/baseline_job.py, the way diffusers' train_dreambooth.py runs): class images with "
-             f"{b['class_settings']}; eager UNet, `DDPMScheduler.add_noise`, chunked F.mse_loss; {b['optimizer']}; a "
-             "checkpoint every 500 steps; `pipeline.save_pretrained`.\n")
+             f"{b['class_settings']}; {vae}eager UNet, `DDPMScheduler.add_noise`, chunked F.mse_loss; "
+             f"{b['optimizer']}; a checkpoint every 500 steps; `pipeline.save_pretrained`.\n")
     options = sorted({f"{x['config']}: lr {x['learning_rate']} {x['lr_schedule']}"
                       + (f", min-SNR {x['min_snr_gamma']}" if x["min_snr_gamma"] else "")
                       + (", captions" if x["captions"] == "True" else "") for x in rows})

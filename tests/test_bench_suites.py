@@ -168,6 +168,35 @@ def test_job_commands_share_every_setting_and_leave_our_class_image_defaults_alo
     assert predictions == [*ours[:-1], "--prior-mode", "predictions", "--captions"]
 
 
+def test_job_on_stable_diffusion_gives_both_jobs_the_same_model(tmp_path):
+    config = bench_job.scaled(bench_job.CONFIGS["short"], quick=True, smoke=False)
+    model = bench_job.Model("sd", tmp_path / "tiny-sd", "tiny-sd")
+    ours = bench_job.ours_command(config, tmp_path / "ours", "cpu", model=model)
+    base = bench_job.baseline_command(config, tmp_path / "base", tmp_path / "class", tmp_path / "t.json", "cpu",
+                                      model=model)
+    assert ours[ours.index("--model") + 1] == base[base.index("--model") + 1] == str(model.path)
+    assert "--model" not in bench_job.ours_command(config, tmp_path / "ours", "cpu")  # IF: the embedded default
+
+
+def test_job_smoke_on_stable_diffusion_runs_both_jobs_and_renders(tmp_path):
+    """The tiny SD model built once, ours and the diffusers-way job (StableDiffusionPipeline class images, the VAE
+    encode every step), cold, one round: about a minute."""
+    with one_thread():
+        rows = bench_job.run("cpu", smoke=True, out=tmp_path / "job.csv", command="test", caches=("cold",),
+                             family="sd")
+    assert [(r["impl"], r["family"], r["model"]) for r in rows] == [
+        ("dreambooth_fast", "sd", "tiny-sd"), ("diffusers_way", "sd", "tiny-sd")]
+    check_run_fields(rows)
+    ours, base = rows
+    assert base["class_settings"].startswith("StableDiffusionPipeline defaults: PNDM 50 steps, guidance 7.5")
+    for r in rows:
+        assert r["class_images_s"] > 0 and r["train_s"] > 0 and r["write_s"] > 0 and r["cpu_s"] > 0
+    assert ours["speedup_min"] <= ours["speedup"] <= ours["speedup_max"] and ours["step_ms"] > 0
+    text = render.render(tmp_path, tmp_path / "BENCHMARKS.md").read_text()
+    assert "**Stable Diffusion** (`python -m benchmarks.bench_job --family sd`)" in text
+    assert "| SD short (smoke) | cold |" in text and "the VAE encode of every step's batch" in text
+
+
 @pytest.mark.slow
 def test_job_smoke_runs_both_jobs_cold_and_warm_and_renders(tmp_path):
     """Six processes (ours with class images and with --prior-mode predictions, the diffusers-way job; cold and
