@@ -178,9 +178,10 @@ def test_job_on_stable_diffusion_gives_both_jobs_the_same_model(tmp_path):
     assert "--model" not in bench_job.ours_command(config, tmp_path / "ours", "cpu")  # IF: the embedded default
 
 
+@pytest.mark.slow
 def test_job_smoke_on_stable_diffusion_runs_both_jobs_and_renders(tmp_path):
     """The tiny SD model built once, ours and the diffusers-way job (StableDiffusionPipeline class images, the VAE
-    encode every step), cold, one round: about a minute."""
+    encode every step), cold, one round: about a minute and a half on the shared CPU."""
     with one_thread():
         rows = bench_job.run("cpu", smoke=True, out=tmp_path / "job.csv", command="test", caches=("cold",),
                              family="sd")

@@ -117,9 +117,11 @@ def test_two_ranks_train_what_one_process_trains_on_the_same_global_batch(tiny_c
     assert two.stdout.count("done: ") == 1 and "global batch 2 = 1 per process x 2 processes" in two.stdout
 
 
+@pytest.mark.slow
 def test_two_ranks_train_what_one_process_trains_on_stable_diffusion(tiny_sd, subject_dir, tmp_path):
     """The same on the tiny Stable Diffusion model (latents behind a VAE, CLIP text, PNDM): 2 ranks x batch 1 give
-    the losses and weights of 1 process x batch 2, and the class images the 2 ranks draw are the single process's."""
+    the losses and weights of 1 process x batch 2, and the class images the 2 ranks draw are the single process's.
+    About 2 minutes on the shared CPU (the IF test above keeps the path in the fast suite)."""
     one = run_dbfast(0, *train_args(tiny_sd, subject_dir, tmp_path / "one", "--batch-size", "2", *CLASS_IMAGES),
                      cache=tmp_path / "cache-one")
     assert one.returncode == 0, one.stderr[-3000:]
@@ -181,6 +183,62 @@ def test_accelerate_launch_starts_the_same_distributed_run(tiny_cascade, subject
     assert result.returncode == 0, result.stderr[-3000:]
     run = json.loads((out / "dreambooth.json").read_text())
     assert run["distributed"]["world_size"] == 2 and run["distributed"]["global_batch"] == 2
+
+
+# -- the finite-weights check before a checkpoint -----------------------------------------------------------------
+# (nan on rank, fsdp): under DDP the ranks' weights are the same, so rank 0 alone counts and tells the others;
+# under FSDP each rank holds a shard and counts its own.
+FINITE_CASES = [(1, False), (0, False), (1, True)]
+
+
+def _check_finite_on_rank(rank: int, port: int, results) -> None:
+    import types
+
+    import torch.distributed as dist
+
+    from dreambooth_fast.errors import UserError
+    from dreambooth_fast.train import StageTrainer
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        for nan_rank, fsdp in FINITE_CASES:
+            weights = torch.zeros(4)
+            if rank == nan_rank:
+                weights[:2] = float("nan")
+            trainer = types.SimpleNamespace(params=[weights], cfg=types.SimpleNamespace(fsdp=fsdp), stage="base",
+                                            step=2, last_checkpoint=None, dist=Dist(rank, 2, rank, "gloo"))
+            try:
+                StageTrainer.check_finite(trainer)
+                results.put((rank, nan_rank, fsdp, "ok"))
+            except UserError as err:
+                results.put((rank, nan_rank, fsdp, str(err)))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_only_rank_0_checks_the_weights_under_ddp_and_every_rank_its_shard_under_fsdp():
+    """Two gloo processes, spawned: about a minute on the shared CPU (imports)."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    results, port = context.Queue(), _free_port()
+    ranks = [context.Process(target=_check_finite_on_rank, args=(rank, port, results)) for rank in (0, 1)]
+    for process in ranks:
+        process.start()
+    found = {}
+    for _ in range(2 * len(FINITE_CASES)):
+        rank, nan_rank, fsdp, outcome = results.get(timeout=120)
+        found[(rank, nan_rank, fsdp)] = outcome
+    for process in ranks:
+        process.join(timeout=60)
+        assert process.exitcode == 0
+    # DDP: rank 1's weights are not read (they are rank 0's under DDP); rank 0's count stops both ranks.
+    assert found[(0, 1, False)] == found[(1, 1, False)] == "ok"
+    # Rank 0's weights under DDP, rank 1's shard under FSDP: both ranks stop with the same line.
+    for nan_rank, fsdp in FINITE_CASES[1:]:
+        assert found[(0, nan_rank, fsdp)] == found[(1, nan_rank, fsdp)]
+        assert found[(0, nan_rank, fsdp)].startswith("stage base: 2 weights are not finite after step 2")
 
 
 # -- a rank that dies ----------------------------------------------------------------------------------------------
