@@ -201,6 +201,17 @@ def phases_of(timings: dict[str, float], wall: float) -> dict[str, float]:
     return {"startup": wall - sum(phases.values()), **phases}
 
 
+# Class-image cache key entries that are not settings: the model's content hashes (Stable Diffusion's also name the
+# scheduler and VAE), the prompt, the seed.
+KEY_IDENTITY = ("base_unet", "sr_unet", "text_encoder", "scheduler", "vae", "prompt", "seed", "with_sr")
+
+
+def class_settings(key: dict) -> str:
+    """What our class images were drawn with, from the cache's key.json, in words."""
+    return "; ".join(f"{k} {v}" for k, v in key.items()
+                     if k not in KEY_IDENTITY and not (k.startswith("sr_") and not key.get("with_sr")))
+
+
 def run_ours(config: JobConfig, work: Path, xdg: Path, env: dict, device: str, prior_mode: str = "images",
              model: Model = DEFAULT) -> Sample:
     out = work / "ours-out"
@@ -209,9 +220,7 @@ def run_ours(config: JobConfig, work: Path, xdg: Path, env: dict, device: str, p
     run = json.loads((out / "dreambooth.json").read_text())
     settings = "none (the frozen model's predictions are the prior targets)"
     if run["class_images"]:
-        key = json.loads((Path(run["class_images"]) / "key.json").read_text())
-        settings = "; ".join(f"{k} {v}" for k, v in key.items() if k not in ("base_unet", "sr_unet", "text_encoder",
-                             "prompt", "seed", "with_sr") and not (k.startswith("sr_") and not key.get("with_sr")))
+        settings = class_settings(json.loads((Path(run["class_images"]) / "key.json").read_text()))
     with (out / "logs" / "metrics.csv").open(newline="") as f:
         step_s = statistics.median(float(row["step_time_s"]) for row in csv.DictReader(f))
     return Sample(wall, phases_of(run["timings"], wall), rss, settings, cpu, step_s)
