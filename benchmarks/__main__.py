@@ -4,10 +4,11 @@
                          [--out DIR]
 
 Suites (one module each): job (bench_job: `dbfast train` end to end against a job run the way diffusers' DreamBooth
-script runs it, cold and warm class-image cache), kernels (bench_kernels: the fused ops alone), train (bench_train:
-the whole training step), prior (bench_prior: class images per sampler, speed and judged quality, on the embedded
-toy model), generate (bench_generate: UNet latency and end to end per backend), distributed (bench_distributed: many
-subjects over 2 torchrun processes against one after the other). Each appends its rows to
+script runs it, cold and warm class-image cache; on Stable Diffusion with `python -m benchmarks.bench_job --family
+sd`), kernels (bench_kernels: the fused ops alone), train (bench_train: the whole training step, IF and Stable
+Diffusion), prior (bench_prior: class images per sampler, speed and judged quality, on the embedded toy model),
+generate (bench_generate: UNet latency and end to end per backend), distributed (bench_distributed: many subjects
+over 2 torchrun processes against one after the other). Each appends its rows to
 DIR/<suite>.csv; every suite run is also logged to DIR/runs.csv (the command, the load average before and after,
 versions). `python -m benchmarks.render` turns the latest results into BENCHMARKS.md and PNG plots. --quick: fewer
 sizes and rounds (the job suite: class images / 5, steps / 10; the other suites in minutes on a 2-core CPU, the job

@@ -1,21 +1,27 @@
 """The whole-job baseline of `python -m benchmarks --suite job`: a DreamBooth job run the way diffusers'
-examples/dreambooth/train_dreambooth.py runs it (stage I of an IF-layout cascade, prior preservation), written as
-a script of its own so that it runs in its own process, as that script does:
+examples/dreambooth/train_dreambooth.py runs it (stage I of an IF-layout cascade, or a Stable Diffusion 1.x/2.x
+model; prior preservation), written as a script of its own so that it runs in its own process, as that script does:
 
 1. Class images, when the class folder holds fewer than --num-class-images: `DiffusionPipeline.from_pretrained`
-   (IFPipeline, no safety checker) at the pipeline's defaults (IF stage I: 100 steps, guidance 7), prompts in
-   batches of --sample-batch-size (the script's default 4), each image saved as `{index}-{sha1}.jpg`; then the
-   pipeline is deleted. A filled folder is used as it is (the script's warm start).
-2. Loading: the tokenizer (slow T5, use_fast=False), T5 text encoder, DDPMScheduler and UNet from their
-   subfolders; the instance and class prompts encoded once with the attention mask at 77 tokens and the text
-   encoder freed (the flags diffusers' IF DreamBooth recipe passes: --pre_compute_text_embeddings
-   --tokenizer_max_length 77 --text_encoder_use_attention_mask).
+   (IFPipeline or StableDiffusionPipeline, no safety checker) at the pipeline's defaults (IF stage I: 100 steps,
+   guidance 7; Stable Diffusion: the model's scheduler (PNDM for SD 1.x), 50 steps, guidance 7.5, at the UNet's
+   sample size times the VAE's factor), prompts in batches of --sample-batch-size (the script's default 4), each
+   image saved as `{index}-{sha1}.jpg`; then the pipeline is deleted. A filled folder is used as it is (the
+   script's warm start).
+2. Loading: the tokenizer (slow, use_fast=False), the text encoder of the class its config names (the script's
+   import_model_class_from_model_name_or_path: T5EncoderModel for IF, CLIPTextModel for SD), DDPMScheduler and
+   UNet from their subfolders, and the VAE when the model has one (Stable Diffusion; frozen, fp32: the script's
+   weight dtype without mixed precision); the instance and class prompts encoded once at 77 tokens and the text
+   encoder freed (--pre_compute_text_embeddings; for IF also the attention mask, as diffusers' IF DreamBooth recipe
+   passes --text_encoder_use_attention_mask; SD's CLIP encoder runs without one, the script's default).
 3. Training: torch.optim.AdamW as the script makes it (betas 0.9/0.999, weight decay 1e-2, eps 1e-8), with torch's
    per-parameter implementation (foreach=False, fused=False: what runs per parameter on a CPU), diffusers'
    get_scheduler, a DataLoader over a dataset that reads and transforms the photos and class images at every
    step (resize, random crop, to tensor, normalise; written with PIL: torchvision is not installed here), shuffled,
-   no workers; the step of diffusers_step.py; a checkpoint every --checkpointing-steps (the script's default 500:
-   `accelerator.save_state` writes the UNet with save_pretrained plus the optimizer and lr scheduler states).
+   no workers; the step of diffusers_step.py (with the VAE: each step encodes the batch's pixels, at the UNet's
+   sample size times the VAE's factor, to a posterior sample); a checkpoint every --checkpointing-steps (the
+   script's default 500: `accelerator.save_state` writes the UNet with save_pretrained plus the optimizer and lr
+   scheduler states).
 4. Writing: `DiffusionPipeline.from_pretrained(model, unet=unet)`, the scheduler's learned variance switched to
    fixed_small, `pipeline.save_pretrained(output)`, as the script ends.
 
@@ -50,7 +56,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.baseline_job", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="IF-layout cascade directory (stage I is used)")
+    parser.add_argument("--model", required=True,
+                        help="IF-layout cascade directory (stage I is used) or Stable Diffusion 1.x/2.x directory")
     parser.add_argument("--images", required=True, help="the subject photos")
     parser.add_argument("--class-noun", required=True)
     parser.add_argument("--identifier", default="sks", help="the instance prompt's identifier (diffusers' docs: sks)")
@@ -58,7 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--class-dir", required=True, help="class images folder (filled when short)")
     parser.add_argument("--num-class-images", type=int, default=100)
     parser.add_argument("--sample-batch-size", type=int, default=4)
-    parser.add_argument("--class-sample-steps", type=int, default=None, help="default: the pipeline's (IF: 100)")
+    parser.add_argument("--class-sample-steps", type=int, default=None,
+                        help="default: the pipeline's (IF: 100, Stable Diffusion: 50)")
     parser.add_argument("--output", required=True)
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--learning-rate", type=float, default=1e-5)
@@ -142,11 +150,21 @@ def collate(examples: list[dict]) -> dict:
             "prior_embeds": torch.cat([e["prior_embeds"] for e in examples])}
 
 
+def text_encoder_class(model: str):
+    """The script's import_model_class_from_model_name_or_path: the class text_encoder/config.json names."""
+    import transformers
+
+    config = json.loads((Path(model) / "text_encoder" / "config.json").read_text())
+    return getattr(transformers, config["architectures"][0])
+
+
 @torch.no_grad()
 def encode(tokenizer, text_encoder, prompt: str) -> torch.Tensor:
     inputs = tokenizer(prompt, truncation=True, padding="max_length", max_length=77, return_tensors="pt")
     device = text_encoder.device
-    return text_encoder(inputs.input_ids.to(device), attention_mask=inputs.attention_mask.to(device))[0]
+    # IF's recipe passes --text_encoder_use_attention_mask; SD's command leaves it off (CLIP runs without a mask).
+    mask = inputs.attention_mask.to(device) if text_encoder.__class__.__name__ == "T5EncoderModel" else None
+    return text_encoder(inputs.input_ids.to(device), attention_mask=mask)[0]
 
 
 def save_state(unet, optimizer, lr_schedule, folder: Path) -> None:
@@ -170,9 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)  # the script's set_seed
-    from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
     from diffusers.optimization import get_scheduler
-    from transformers import AutoTokenizer, T5EncoderModel
+    from transformers import AutoTokenizer
 
     lap("imports")
     class_prompt = f"a {args.class_noun}"
@@ -182,8 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     model, photos = args.model, image_files(Path(args.images))
     tokenizer = AutoTokenizer.from_pretrained(model, subfolder="tokenizer", use_fast=False)
     noise_scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
-    text_encoder = T5EncoderModel.from_pretrained(model, subfolder="text_encoder").to(args.device)
+    text_encoder = text_encoder_class(model).from_pretrained(model, subfolder="text_encoder").to(args.device)
     unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet").to(args.device)
+    vae = None
+    if (Path(model) / "vae").is_dir():  # the script: AutoencoderKL.from_pretrained(...) unless that raises OSError
+        vae = AutoencoderKL.from_pretrained(model, subfolder="vae").to(args.device)
+        vae.requires_grad_(False)
     text_encoder.requires_grad_(False)
     params = list(unet.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8,
@@ -196,8 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     class_embeds = encode(tokenizer, text_encoder, class_prompt)
     text_encoder = tokenizer = None
     gc.collect()
+    # The script's --resolution: here the model's own (IF: the UNet's size; SD: its latents' times the VAE's factor).
+    resolution = unet.config.sample_size * (2 ** (len(vae.config.block_out_channels) - 1) if vae else 1)
     dataset = DreamBoothDataset(photos, photo_embeds, image_files(Path(args.class_dir))[:args.num_class_images],
-                                class_embeds, unet.config.sample_size)
+                                class_embeds, resolution)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, collate_fn=collate,
                                          num_workers=0)
     lr_schedule = get_scheduler(args.lr_schedule, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
@@ -212,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         for batch in loader:
             diffusers_step(unet, params, optimizer, lr_schedule, noise_scheduler, None, batch,
                            prior_weight=args.prior_weight, max_grad_norm=args.max_grad_norm,
-                           min_snr_gamma=args.min_snr_gamma)
+                           min_snr_gamma=args.min_snr_gamma, vae=vae)
             step += 1
             if step % args.checkpointing_steps == 0:
                 save_state(unet, optimizer, lr_schedule, output / f"checkpoint-{step}")

@@ -26,6 +26,13 @@ argument parsing); ours: the median of its steps' times (logs/metrics.csv).
 Peak RSS: ru_maxrss of the child from os.wait4. Per configuration and cache state: medians over the rounds with
 min-max; speed-up = baseline time / our time per round (paired), median (min-max).
 
+Stable Diffusion (--family sd): the same jobs on a tiny random Stable Diffusion 1.x-style model (dreambooth_fast/
+toy/tiny_sd.py at 64 px: PNDM, epsilon, 4x VAE, CLIP text encoder), built once per run into a temporary folder both
+jobs read with `--model`. Ours encodes the photos and class images with the VAE once, before its loop; the baseline
+draws class images with StableDiffusionPipeline at its defaults (the model's PNDM scheduler, 50 steps, guidance
+7.5, 4 prompts per call) and encodes each step's batch with the VAE (a posterior sample), as the script does. The
+rows say `family` sd and `model` tiny-sd.
+
 Configurations, in the order they run: short (20 class images, 100 steps: the issue's target job), paper (100 class
 images, 1000 steps, our default lr and schedule), demo (the README demo: 50 class images, class guidance 2 for ours,
 3000 steps, lr 3e-4 cosine, min-SNR 5, captions). --quick: class images / 5 and steps / 10 (the rows say so), 2
@@ -33,7 +40,7 @@ rounds; --smoke: 2 class images, 2 steps, short only, one round.
 
     python -m benchmarks --suite job [--quick] [--threads N]
     python -m benchmarks.bench_job [--configs short,paper,demo] [--cache cold,warm] [--rounds N] [--quick]
-                                   [--prior-modes images,predictions] [--threads N]
+                                   [--prior-modes images,predictions] [--family if|sd] [--threads N]
 """
 
 from __future__ import annotations
@@ -65,6 +72,7 @@ from benchmarks.common import (
 )
 from dreambooth_fast.config import TrainConfig
 from dreambooth_fast.toy.default_model import DEFAULT_MODEL
+from dreambooth_fast.toy.tiny_sd import build_tiny_sd
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ROOT / "examples" / "subject"
@@ -75,6 +83,10 @@ PRIOR_MODES = {"images": OURS, "predictions": PREDICTIONS}
 CACHES = ("cold", "warm")
 PHASES = ("startup", "load", "class_images", "train", "write", "pictures")
 QUICK_DIVISORS = (5, 10)  # --quick: class images / 5, steps / 10
+FAMILIES = ("if", "sd")
+TINY_SD_IMAGE = 64  # px of the tiny Stable Diffusion model --family sd trains (16x16 latents)
+CLASS_SETTINGS = {"if": "IFPipeline defaults: 100 steps, guidance 7, 4 prompts per call",
+                  "sd": "StableDiffusionPipeline defaults: PNDM 50 steps, guidance 7.5, 4 prompts per call"}
 LOG_TAIL = 2000
 
 
@@ -108,7 +120,21 @@ def scaled(config: JobConfig, *, quick: bool, smoke: bool) -> JobConfig:
     return config
 
 
-def ours_command(config: JobConfig, out: Path, device: str, prior_mode: str = "images") -> list[str]:
+@dataclass(frozen=True)
+class Model:
+    """What both jobs train: the embedded default model (IF layout; ours without --model, as a user runs it) or
+    a tiny Stable Diffusion model the benchmark built."""
+
+    family: str
+    path: Path
+    name: str
+
+
+DEFAULT = Model("if", DEFAULT_MODEL, "default")
+
+
+def ours_command(config: JobConfig, out: Path, device: str, prior_mode: str = "images",
+                 model: Model = DEFAULT) -> list[str]:
     command = [sys.executable, "-m", "dreambooth_fast", "train", "--images", str(PHOTOS), "--class", CLASS_NOUN,
                "--output", str(out), "--stages", "base", "--num-class-images", str(config.class_images),
                "--steps", str(config.steps), "--batch-size", "1", "--seed", "0", "--precision", "fp32",
@@ -119,11 +145,14 @@ def ours_command(config: JobConfig, out: Path, device: str, prior_mode: str = "i
         command += ["--class-guidance-scale", str(config.class_guidance_scale)]
     if prior_mode != "images":
         command += ["--prior-mode", prior_mode]
+    if model != DEFAULT:
+        command += ["--model", str(model.path)]
     return command + (["--captions"] if config.captions else [])
 
 
-def baseline_command(config: JobConfig, out: Path, class_dir: Path, timings: Path, device: str) -> list[str]:
-    command = [sys.executable, "-m", "benchmarks.baseline_job", "--model", str(DEFAULT_MODEL), "--images",
+def baseline_command(config: JobConfig, out: Path, class_dir: Path, timings: Path, device: str,
+                     model: Model = DEFAULT) -> list[str]:
+    command = [sys.executable, "-m", "benchmarks.baseline_job", "--model", str(model.path), "--images",
                str(PHOTOS), "--class-noun", CLASS_NOUN, "--class-dir", str(class_dir), "--output", str(out),
                "--num-class-images", str(config.class_images), "--steps", str(config.steps), "--batch-size", "1",
                "--seed", "0", "--learning-rate", str(config.learning_rate), "--lr-schedule", config.lr_schedule,
@@ -172,31 +201,42 @@ def phases_of(timings: dict[str, float], wall: float) -> dict[str, float]:
     return {"startup": wall - sum(phases.values()), **phases}
 
 
-def run_ours(config: JobConfig, work: Path, xdg: Path, env: dict, device: str, prior_mode: str = "images") -> Sample:
+# Class-image cache key entries that are not settings: the model's content hashes (Stable Diffusion's also name the
+# scheduler and VAE), the prompt, the seed.
+KEY_IDENTITY = ("base_unet", "sr_unet", "text_encoder", "scheduler", "vae", "prompt", "seed", "with_sr")
+
+
+def class_settings(key: dict) -> str:
+    """What our class images were drawn with, from the cache's key.json, in words."""
+    return "; ".join(f"{k} {v}" for k, v in key.items()
+                     if k not in KEY_IDENTITY and not (k.startswith("sr_") and not key.get("with_sr")))
+
+
+def run_ours(config: JobConfig, work: Path, xdg: Path, env: dict, device: str, prior_mode: str = "images",
+             model: Model = DEFAULT) -> Sample:
     out = work / "ours-out"
-    wall, rss, cpu = run_process(ours_command(config, out, device, prior_mode), {**env, "XDG_CACHE_HOME": str(xdg)},
-                            work / "ours.log")
+    wall, rss, cpu = run_process(ours_command(config, out, device, prior_mode, model),
+                                 {**env, "XDG_CACHE_HOME": str(xdg)}, work / "ours.log")
     run = json.loads((out / "dreambooth.json").read_text())
     settings = "none (the frozen model's predictions are the prior targets)"
     if run["class_images"]:
-        key = json.loads((Path(run["class_images"]) / "key.json").read_text())
-        settings = "; ".join(f"{k} {v}" for k, v in key.items() if k not in ("base_unet", "sr_unet", "text_encoder",
-                             "prompt", "seed", "with_sr") and not (k.startswith("sr_") and not key.get("with_sr")))
+        settings = class_settings(json.loads((Path(run["class_images"]) / "key.json").read_text()))
     with (out / "logs" / "metrics.csv").open(newline="") as f:
         step_s = statistics.median(float(row["step_time_s"]) for row in csv.DictReader(f))
     return Sample(wall, phases_of(run["timings"], wall), rss, settings, cpu, step_s)
 
 
-def run_baseline(config: JobConfig, work: Path, class_dir: Path, env: dict, device: str) -> Sample:
+def run_baseline(config: JobConfig, work: Path, class_dir: Path, env: dict, device: str,
+                 model: Model = DEFAULT) -> Sample:
     out, timings = work / "baseline-out", work / "baseline-timings.json"
-    wall, rss, cpu = run_process(baseline_command(config, out, class_dir, timings, device), env,
+    wall, rss, cpu = run_process(baseline_command(config, out, class_dir, timings, device, model), env,
                                  work / "baseline.log")
-    return Sample(wall, phases_of(json.loads(timings.read_text()), wall), rss,
-                  "IFPipeline defaults: 100 steps, guidance 7, 4 prompts per call", cpu)
+    return Sample(wall, phases_of(json.loads(timings.read_text()), wall), rss, CLASS_SETTINGS[model.family], cpu)
 
 
 def bench_config(config: JobConfig, caches: tuple[str, ...], rounds: int, device: str, env: dict,
-                 tmp: Path, impls: tuple[str, ...] = (OURS, BASELINE)) -> dict[tuple[str, str], list[Sample]]:
+                 tmp: Path, impls: tuple[str, ...] = (OURS, BASELINE),
+                 model: Model = DEFAULT) -> dict[tuple[str, str], list[Sample]]:
     """{(cache, impl): one Sample per round}; the jobs alternate, the order rotating every run."""
     warm = {OURS: tmp / "warm-xdg", PREDICTIONS: tmp / "warm-xdg", BASELINE: tmp / "warm-class-images"}
     filled: set[str] = set()
@@ -206,8 +246,9 @@ def bench_config(config: JobConfig, caches: tuple[str, ...], rounds: int, device
     def run(impl: str, cache_dir: Path, work: Path) -> Sample:
         work.mkdir(parents=True)
         if impl == BASELINE:
-            return run_baseline(config, work, cache_dir, env, device)
-        return run_ours(config, work, cache_dir, env, device, "predictions" if impl == PREDICTIONS else "images")
+            return run_baseline(config, work, cache_dir, env, device, model)
+        return run_ours(config, work, cache_dir, env, device, "predictions" if impl == PREDICTIONS else "images",
+                        model)
 
     for r in range(rounds):
         for cache in caches:
@@ -239,7 +280,8 @@ def spread(values: list[float]) -> tuple[float, float, float]:
     return statistics.median(values), min(values), max(values)
 
 
-def config_rows(config: JobConfig, samples: dict[tuple[str, str], list[Sample]], common: dict) -> list[dict]:
+def config_rows(config: JobConfig, samples: dict[tuple[str, str], list[Sample]], common: dict,
+                model: Model = DEFAULT) -> list[dict]:
     rows = []
     for (cache, impl), runs in samples.items():
         if not runs:
@@ -250,7 +292,8 @@ def config_rows(config: JobConfig, samples: dict[tuple[str, str], list[Sample]],
             "class_images": config.class_images, "steps": config.steps, "subject_rows": 1, "prior_rows": 1,
             "learning_rate": config.learning_rate, "lr_schedule": config.lr_schedule,
             "min_snr_gamma": config.min_snr_gamma if config.min_snr_gamma is not None else "",
-            "captions": config.captions, "stages": "base", "dtype": "fp32", "model": "default",
+            "captions": config.captions, "stages": "base", "dtype": "fp32", "model": model.name,
+            "family": model.family,
             "class_settings": runs[0].class_settings,
             "prior_mode": "predictions" if impl == PREDICTIONS else "images",
             "optimizer": "AdamW per parameter, weight decay 1e-2" if impl == BASELINE else "Adam as dbfast chooses it",
@@ -289,10 +332,11 @@ def config_rows(config: JobConfig, samples: dict[tuple[str, str], list[Sample]],
 def run(device: str, *, quick: bool = False, smoke: bool = False, out: Path | None = None,
         model_dir: Path | None = None, command: str = "", configs: tuple[str, ...] | None = None,
         caches: tuple[str, ...] = CACHES, rounds: int | None = None,
-        prior_modes: tuple[str, ...] = ("images",)) -> list[dict]:
+        prior_modes: tuple[str, ...] = ("images",), family: str = "if") -> list[dict]:
     """Runs the whole-job benchmark, appends its rows to `out` (default benchmarks/results/job.csv), prints a table
-    and returns the rows. `model_dir` is unused (both jobs train the embedded default model). `prior_modes`: ours
-    with class images ("images") and/or with --prior-mode predictions, each a job of its own beside the baseline."""
+    and returns the rows. `model_dir` is unused (both jobs train the embedded default model, or with family "sd" a
+    tiny Stable Diffusion model built here). `prior_modes`: ours with class images ("images") and/or with
+    --prior-mode predictions, each a job of its own beside the baseline."""
     out = Path(out) if out is not None else RESULTS_DIR / "job.csv"
     configs = configs or (("short",) if smoke else tuple(CONFIGS))
     rounds = rounds or (1 if smoke else 2 if quick else 3)
@@ -301,18 +345,22 @@ def run(device: str, *, quick: bool = False, smoke: bool = False, out: Path | No
     env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     info = run_info(device)
     rows = []
-    for name in configs:
-        config = scaled(CONFIGS[name], quick=quick, smoke=smoke)
-        load_before = load_average()
-        with tempfile.TemporaryDirectory(prefix="bench-job-") as tmp:
-            samples = bench_config(config, caches, rounds, device, env, Path(tmp),
-                                   (*(PRIOR_MODES[m] for m in prior_modes), BASELINE))
-        load_after = load_average()
-        common = {**info, "command": command, **load_before,
-                  **{f"{key}_end": value for key, value in load_after.items()}}
-        config_rows_ = config_rows(config, samples, common)
-        append_rows(out, config_rows_)  # each configuration as it finishes: a long run keeps what it measured
-        rows += config_rows_
+    with tempfile.TemporaryDirectory(prefix="bench-job-model-") as models:
+        model = DEFAULT
+        if family == "sd":  # built once, before any timing; the same weights every run (seed 0)
+            model = Model("sd", build_tiny_sd(Path(models) / "tiny-sd", image_size=TINY_SD_IMAGE), "tiny-sd")
+        for name in configs:
+            config = scaled(CONFIGS[name], quick=quick, smoke=smoke)
+            load_before = load_average()
+            with tempfile.TemporaryDirectory(prefix="bench-job-") as tmp:
+                samples = bench_config(config, caches, rounds, device, env, Path(tmp),
+                                       (*(PRIOR_MODES[m] for m in prior_modes), BASELINE), model)
+            load_after = load_average()
+            common = {**info, "command": command, **load_before,
+                      **{f"{key}_end": value for key, value in load_after.items()}}
+            config_rows_ = config_rows(config, samples, common, model)
+            append_rows(out, config_rows_)  # each configuration as it finishes: a long run keeps what it measured
+            rows += config_rows_
     print(f"{info['device_name']} ({device}), torch {info['torch']}, diffusers {info['diffusers']}, "
           f"commit {info['commit']}, {threads} threads")
     print(table(rows))
@@ -358,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
                              "predictions, each a job beside the baseline (default: images)")
     parser.add_argument("--quick", action="store_true", help="class images / 5, steps / 10, 2 rounds")
     parser.add_argument("--smoke", action="store_true", help="2 class images, 2 steps, one round")
+    parser.add_argument("--family", choices=FAMILIES, default="if",
+                        help="if: the embedded default model (IF layout); sd: a tiny Stable Diffusion model")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     add_threads_option(parser, help="torch threads of both jobs (default: torch's)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "job.csv")
@@ -376,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--rounds must be at least 1")
     set_threads(parser, args.threads)
     run(args.device, quick=args.quick, smoke=args.smoke, out=args.out, configs=configs, caches=caches,
-        rounds=args.rounds, prior_modes=prior_modes,
+        rounds=args.rounds, prior_modes=prior_modes, family=args.family,
         command=shlex.join(["python", "-m", "benchmarks.bench_job", *(argv or sys.argv[1:])]))
     return 0
 

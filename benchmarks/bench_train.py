@@ -22,9 +22,23 @@ of the last step freed, Adam state), per implementation, after warm-up: torch.cu
 GPU; on a CPU the peak of the running sum of the allocations and frees that torch.profiler(profile_memory=True)
 records during the step.
 
-Sizes: on a CPU the tiny cascade's stages (base 32 px, SR 64 px); on a GPU UNets of IF-I-XL's and IF-II-L's
-published configs with random weights, at 4 and 2 subject rows (plus as many prior rows). A case that does not
-fit in the GPU's memory gets a row saying so.
+Stable Diffusion (the latent family): both steps train the UNet on latents, 4 channels, with the scheduler's
+prediction type (epsilon for SD 1.x, v-prediction for SD 2.x: ops.add_noise's velocity target against
+`get_velocity`). dbfast encodes the subject photos and class images with the VAE once, before the loop
+(sd.latent_rows: the posterior's mean), so its step never runs the VAE; diffusers' train_dreambooth.py encodes the
+batch every step (a posterior sample). The benchmark measures both sides of that honestly: the headline ratio is
+ours against the diffusers-style step on the same pre-encoded latents (the same work: noise, UNet, loss, backward,
+optimizer), and a third step, `diffusers_eager_vae`, is the script's step as it runs, the VAE encode of the
+batch's pixels included (the VAE frozen, in the weights' dtype, as the script keeps it); its ratio to ours is
+reported beside (the rows' `ratio_vs_eager_vae`), so what the encode-once design saves per step is visible and
+not mixed into the step's ratio. The VAE's one pass before the loop is part of the job suite's figures.
+
+Sizes: on a CPU the tiny cascade's stages (base 32 px, SR 64 px) and the tiny Stable Diffusion model
+(dreambooth_fast/toy/tiny_sd.py at 64 px: 16x16 latents, 4x VAE; SD 1.x-style epsilon and SD 2.x-style
+v-prediction); on a GPU UNets of IF-I-XL's and IF-II-L's published configs, and of SD 1.5's (4x64x64 latents,
+77x768 text, 512 px through the VAE) and SD 2.1's (4x96x96, 77x1024, v-prediction, 768 px) with their VAEs, all
+with random weights, at 4 and 2 subject rows (plus as many prior rows). A case that does not fit in the GPU's
+memory gets a row saying so.
 
     python -m benchmarks --suite train [--quick] [--device cpu|cuda]
 """
@@ -59,6 +73,7 @@ from dreambooth_fast.optim import adam_implementation
 from dreambooth_fast.toy.default_model import DEFAULT_MODEL
 from dreambooth_fast.toy.if_layout import if_noising_scheduler_config, if_scheduler_config, if_unet_config
 from dreambooth_fast.toy.tiny_cascade import build_tiny_cascade
+from dreambooth_fast.toy.tiny_sd import SD_BETAS, SD_VAE_SCALING, build_tiny_sd
 from dreambooth_fast.train import AUTOCAST, Prompts, StageData, StageTrainer
 
 CHANNELS = 3
@@ -67,6 +82,8 @@ SUBJECT_IMAGES = 4  # a user's 3-5 photos
 PRIOR_IMAGES = 8
 OURS, EAGER, OURS_COMPILED = "dreambooth_fast", "diffusers_eager", "dreambooth_fast_compile"
 OURS_FUSED_NORM = "dreambooth_fast_fused_norm"  # ours with --fused-norm (on its own UNet copy)
+EAGER_VAE = "diffusers_eager_vae"  # Stable Diffusion: the diffusers-style step with its VAE encode of every batch
+LATENT_CHANNELS = 4
 FUSED_OPS, EAGER_OPS = "fused_ops", "eager_ops"
 
 
@@ -80,10 +97,15 @@ class Case:
     checkpointing: bool = False  # gradient checkpointing
     compiled: bool = False  # also ours with --compile, a third step alternating with the other two
     fused_norm: bool = False  # also ours with --fused-norm, one more step alternating with the others
+    family: str = "if"  # "if" (pixels) or "sd" (latents behind a VAE; `size` is the latents')
+
+    @property
+    def channels(self) -> int:
+        return LATENT_CHANNELS if self.family == "sd" else CHANNELS
 
     @property
     def shape(self) -> str:
-        return f"{2 * self.batch}x{CHANNELS}x{self.size}x{self.size}"
+        return f"{2 * self.batch}x{self.channels}x{self.size}x{self.size}"
 
 
 def published_unet_config(stage: str) -> dict:
@@ -99,17 +121,44 @@ def published_unet_config(stage: str) -> dict:
 
 
 IF_MODELS = {"base": "IF-I-XL", "sr": "IF-II-L"}
+# Stable Diffusion on a GPU: latent size, text width, prediction type of SD 1.5 and SD 2.1 (768-v).
+SD_MODELS = {"SD-1.5": (64, 768, "epsilon"), "SD-2.1": (96, 1024, "v_prediction")}
+TINY_SD = {"tiny-sd": "epsilon", "tiny-sd-v": "v_prediction"}  # the tiny SD model, SD 1.x-style and 2.x-style
+TINY_SD_IMAGE = 64  # px of the tiny SD model the CPU cases train (16x16 latents); --smoke: its default 32
 
 
-def cases(device: str, *, quick: bool, smoke: bool, base_size: int, sr_size: int) -> list[Case]:
+def published_sd_configs(model: str) -> tuple[dict, dict]:
+    """The UNet and VAE configs of SD 1.5 (runwayml/stable-diffusion-v1-5) or SD 2.1 (stabilityai/stable-diffusion-2-1,
+    768 px) as published in their unet/ and vae/ config.json."""
+    latent, text_dim, _ = SD_MODELS[model]
+    v2 = model == "SD-2.1"
+    unet = dict(
+        sample_size=latent, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, layers_per_block=2,
+        block_out_channels=[320, 640, 1280, 1280], down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+        up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, cross_attention_dim=text_dim,
+        attention_head_dim=[5, 10, 20, 20] if v2 else 8, use_linear_projection=v2, upcast_attention=v2,
+        norm_num_groups=32, flip_sin_to_cos=True, freq_shift=0, downsample_padding=1,
+    )
+    vae = dict(
+        sample_size=8 * latent, in_channels=3, out_channels=3, latent_channels=LATENT_CHANNELS, layers_per_block=2,
+        block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4, norm_num_groups=32, scaling_factor=SD_VAE_SCALING,
+    )
+    return unet, vae
+
+
+def cases(device: str, *, quick: bool, smoke: bool, base_size: int, sr_size: int, sd_size: int) -> list[Case]:
     if torch.device(device).type == "cuda" and not smoke:
         batches = (4,) if quick else (4, 2)
-        return [Case(stage, IF_MODELS[stage], 64 if stage == "base" else 256, b, "bf16", checkpointing=True)
-                for stage in ("base", "sr") for b in batches]
+        return ([Case(stage, IF_MODELS[stage], 64 if stage == "base" else 256, b, "bf16", checkpointing=True)
+                 for stage in ("base", "sr") for b in batches]
+                + [Case("base", model, SD_MODELS[model][0], b, "bf16", family="sd")
+                   for model in SD_MODELS for b in batches])
     if smoke:  # the tiny cascade's UNets at half their size: proves the suite runs, in seconds
         return [Case("base", "tiny", base_size // 2, 1, "fp32", fused_norm=True),
-                Case("sr", "tiny", sr_size // 2, 1, "fp32")]
+                Case("sr", "tiny", sr_size // 2, 1, "fp32"), Case("base", "tiny-sd", sd_size, 1, "fp32", family="sd")]
     cpu = [Case("base", "tiny", base_size, 2, "fp32", fused_norm=True), Case("sr", "tiny", sr_size, 2, "fp32")]
+    cpu += [Case("base", model, sd_size, 2, "fp32", family="sd") for model in TINY_SD]
     if (DEFAULT_MODEL / "model_index.json").is_file():  # the model a user trains without --model, as they run it
         size = load_cascade(DEFAULT_MODEL, with_text_encoder=False, with_unets=False).base_size
         cpu.append(Case("base", "default", size, 1, "fp32", compiled=True, fused_norm=True))
@@ -126,12 +175,13 @@ class Setup:
     eager_step: Callable[[], float]
     fused_ops: Timed
     eager_ops: Timed
+    eager_vae_step: Callable[[], float] | None = None  # Stable Diffusion: the eager step encoding its batch
 
 
-def saved_model_dir(case: Case, tiny_dir: Path | None) -> Path | None:
-    """The cascade a case's UNet is read from: the tiny cascade, the embedded default model, or None (a UNet of a
-    published config, randomly initialised)."""
-    return {"tiny": tiny_dir, "default": DEFAULT_MODEL}.get(case.model)
+def saved_model_dir(case: Case, model_dirs: dict[str, Path]) -> Path | None:
+    """The model a case's UNet is read from: one of `model_dirs` (the tiny cascade "tiny", the tiny SD models), the
+    embedded default model, or None (a UNet of a published config, randomly initialised)."""
+    return {**model_dirs, "default": DEFAULT_MODEL}.get(case.model)
 
 
 def _unet(case: Case, model_dir: Path | None, device: str) -> torch.nn.Module:
@@ -139,8 +189,25 @@ def _unet(case: Case, model_dir: Path | None, device: str) -> torch.nn.Module:
         return load_unet(model_dir if case.stage == "base" else model_dir / STAGE_2_DIR, device)
     from diffusers import UNet2DConditionModel
 
+    config = published_sd_configs(case.model)[0] if case.family == "sd" else published_unet_config(case.stage)
     with torch.device(device):  # random init on the device: a 4.3B model is slow to initialise on a CPU
-        return UNet2DConditionModel(**published_unet_config(case.stage))
+        return UNet2DConditionModel(**config)
+
+
+def sd_parts(case: Case, model_dir: Path | None, device: str, dtype: torch.dtype):
+    """A Stable Diffusion case's training scheduler (DDPMScheduler, as diffusers' script loads it from the model's
+    scheduler/: the same noise schedule the model's sampler holds) and its frozen VAE in `dtype` (the script's
+    weight dtype)."""
+    from diffusers import AutoencoderKL, DDPMScheduler
+
+    if model_dir is not None:
+        scheduler = DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler")
+        vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae")
+    else:
+        scheduler = DDPMScheduler(**SD_BETAS, prediction_type=SD_MODELS[case.model][2])
+        with torch.device(device):
+            vae = AutoencoderKL(**published_sd_configs(case.model)[1])
+    return scheduler, vae.to(device, dtype).requires_grad_(False).eval()
 
 
 def stage_schedulers(stage: str, model_dir: Path | None):
@@ -159,11 +226,15 @@ def stage_schedulers(stage: str, model_dir: Path | None):
 
 def _rows(case: Case, low_size: int, generator: torch.Generator) -> StageData:
     """Random training rows (the trainer's StageData): pixel values in [-1, 1], SR conditioning upscaled from
-    `low_size` as train.py does."""
+    `low_size` as train.py does; Stable Diffusion: latents (unit scale, as the VAE's scaled latents are)."""
 
     def images(n: int, size: int) -> torch.Tensor:
         return torch.rand((n, CHANNELS, size, size), generator=generator) * 2 - 1
 
+    if case.family == "sd":
+        latents = (LATENT_CHANNELS, case.size, case.size)
+        return StageData(torch.randn((SUBJECT_IMAGES, *latents), generator=generator), None,
+                         torch.randn((PRIOR_IMAGES, *latents), generator=generator), None)
     if case.stage == "base":
         return StageData(images(SUBJECT_IMAGES, case.size), None, images(PRIOR_IMAGES, case.size), None)
 
@@ -187,10 +258,15 @@ def make_trainer(case: Case, unet: torch.nn.Module, scheduler, noising, device: 
     return StageTrainer(case.stage, unet, scheduler, noising, rows, prompts, cfg, torch.device(device), out, [], None)
 
 
-def setup_case(case: Case, model_dir: Path | None, device: str, out: Path) -> Setup:
-    model_dir = saved_model_dir(case, model_dir)
+def setup_case(case: Case, model_dirs: dict[str, Path], device: str, out: Path) -> Setup:
+    model_dir = saved_model_dir(case, model_dirs)
     unet = _unet(case, model_dir, device)
-    scheduler, noising = stage_schedulers(case.stage, model_dir)
+    vae = None
+    if case.family == "sd":
+        scheduler, vae = sd_parts(case, model_dir, device, AUTOCAST[case.dtype] or torch.float32)
+        noising = None
+    else:
+        scheduler, noising = stage_schedulers(case.stage, model_dir)
     generator = torch.Generator().manual_seed(0)
     compiled = (make_trainer(case, copy.deepcopy(unet), scheduler, noising, device, out,
                              torch.Generator().manual_seed(0), compile=True) if case.compiled else None)
@@ -198,16 +274,26 @@ def setup_case(case: Case, model_dir: Path | None, device: str, out: Path) -> Se
                                torch.Generator().manual_seed(0), fused_norm=True) if case.fused_norm else None)
     trainer = make_trainer(case, unet, scheduler, noising, device, out, generator)
     eager = eager_step_fn(trainer, scheduler, noising, case.batch)
+    eager_vae = None
+    if vae is not None:  # the script's step as it runs: the batch's pixels through the VAE every step
+        pixels = 2 ** (len(vae.config.block_out_channels) - 1) * case.size
+        image_rows = StageData(torch.rand((SUBJECT_IMAGES, CHANNELS, pixels, pixels), generator=generator) * 2 - 1,
+                               None, torch.rand((PRIOR_IMAGES, CHANNELS, pixels, pixels), generator=generator) * 2 - 1,
+                               None)
+        eager_vae = eager_step_fn(trainer, scheduler, noising, case.batch, vae=vae, image_rows=image_rows)
     fused_ops, eager_ops = ops_candidates(case, trainer, scheduler, noising, torch.device(device), generator)
-    return Setup(trainer, compiled, fused_norm, eager, fused_ops, eager_ops)
+    return Setup(trainer, compiled, fused_norm, eager, fused_ops, eager_ops, eager_vae)
 
 
-def eager_step_fn(trainer: StageTrainer, scheduler, noising, batch_size: int) -> Callable[[], float]:
+def eager_step_fn(trainer: StageTrainer, scheduler, noising, batch_size: int, *, vae=None,
+                  image_rows: StageData | None = None) -> Callable[[], float]:
     """One training step written the way diffusers' train_dreambooth.py writes it (diffusers_step.py), on the
     trainer's UNet, with `batch_size` subject rows and as many prior rows, and an optimizer of its own as that
     script makes it: torch.optim.Adam with torch's default implementation on a CPU (per parameter), constant
-    learning rate."""
-    rows, prompts, cfg, device = trainer.rows, trainer.prompts, trainer.cfg, trainer.device
+    learning rate. `vae` and `image_rows`: the batch is those pixels, encoded by the VAE every step (Stable
+    Diffusion as the script runs it); else the trainer's rows (pixels, or latents encoded before the loop)."""
+    prompts, cfg, device = trainer.prompts, trainer.cfg, trainer.device
+    rows = image_rows if image_rows is not None else trainer.rows
     # The batch: the same numbers of subject and prior rows, collated as diffusers does (torch.cat).
     pick = torch.arange(batch_size) % SUBJECT_IMAGES
     batch = {
@@ -224,7 +310,7 @@ def eager_step_fn(trainer: StageTrainer, scheduler, noising, batch_size: int) ->
     def step() -> float:
         return diffusers_step(trainer.unet, params, optimizer, lr_schedule, scheduler, noising, batch,
                               prior_weight=cfg.prior_weight, max_grad_norm=cfg.max_grad_norm,
-                              sr_noise_level=cfg.sr_noise_level, autocast=AUTOCAST[cfg.precision])
+                              sr_noise_level=cfg.sr_noise_level, autocast=AUTOCAST[cfg.precision], vae=vae)
 
     return step
 
@@ -232,14 +318,15 @@ def eager_step_fn(trainer: StageTrainer, scheduler, noising, batch_size: int) ->
 def ops_candidates(case: Case, trainer: StageTrainer, scheduler, noising, device: torch.device,
                    generator: torch.Generator) -> tuple[Timed, Timed]:
     """The step's noise and loss work alone, at its shapes: the fused ops as the trainer calls them, and the
-    eager expressions of eager_step_fn. The UNet output is a leaf (6 channels, in the autocast dtype) so that
-    the loss backward stops there; the slice's backward into it is part of both."""
-    n = 2 * case.batch
-    x0 = (torch.rand((n, CHANNELS, case.size, case.size), generator=generator) * 2 - 1).to(device)
+    eager expressions of eager_step_fn. The UNet output is a leaf (its channels: IF's 6, SD's 4; in the autocast
+    dtype) so that the loss backward stops there; the slice's backward into it is part of both."""
+    n, channels = 2 * case.batch, case.channels
+    x0 = (torch.rand((n, channels, case.size, case.size), generator=generator) * 2 - 1).to(device)
     eps = torch.randn(x0.shape, generator=generator).to(device)
     timesteps = torch.randint(0, 1000, (n,), generator=generator).to(device)
     out_dtype = AUTOCAST[trainer.cfg.precision] or torch.float32
-    unet_out = torch.randn((n, 2 * CHANNELS, case.size, case.size), generator=generator).to(device, out_dtype)
+    out_channels = trainer.unet.config.out_channels
+    unet_out = torch.randn((n, out_channels, case.size, case.size), generator=generator).to(device, out_dtype)
     unet_out.requires_grad_()
     cond = aug = labels = None
     if case.stage == "sr":
@@ -254,7 +341,7 @@ def ops_candidates(case: Case, trainer: StageTrainer, scheduler, noising, device
         _, target = ops.add_noise(x0, eps, timesteps, trainer.alphas_cumprod, trainer.prediction_type)
         if cond is not None:
             ops.add_noise(cond, aug, labels, trainer.noising_ac, "epsilon")
-        pred = unet_out[:, :CHANNELS]
+        pred = unet_out[:, :channels]
         if pred.dtype != target.dtype:
             pred = pred.float()
         ops.dreambooth_loss(pred, target, None, case.batch, prior_weight).backward()
@@ -263,9 +350,11 @@ def ops_candidates(case: Case, trainer: StageTrainer, scheduler, noising, device
         scheduler.add_noise(x0, eps, timesteps)
         if cond is not None:
             noising.add_noise(cond, aug, labels)
-        model_pred, _ = torch.chunk(unet_out, 2, dim=1)
+        model_pred = torch.chunk(unet_out, 2, dim=1)[0] if out_channels == 6 else unet_out
+        velocity = trainer.prediction_type == "v_prediction"
+        target = scheduler.get_velocity(x0, eps, timesteps) if velocity else eps
         model_pred, model_pred_prior = torch.chunk(model_pred, 2, dim=0)
-        target, target_prior = torch.chunk(eps, 2, dim=0)
+        target, target_prior = torch.chunk(target, 2, dim=0)
         loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
         loss = loss + prior_weight * F.mse_loss(model_pred_prior.float(), target_prior.float(), reduction="mean")
         loss.backward()
@@ -300,13 +389,15 @@ MEMORY_METHOD = {
 }
 
 
-def bench_case(case: Case, model_dir: Path | None, device: str, *, rounds: int, ops_rounds: int,
+def bench_case(case: Case, model_dirs: dict[str, Path], device: str, *, rounds: int, ops_rounds: int,
                warmup: int) -> list[dict]:
-    """Rows of one case (without the run-wide columns): the two steps, then the two ops-only measurements."""
+    """Rows of one case (without the run-wide columns): the steps, then the two ops-only measurements."""
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        s = setup_case(case, model_dir, device, Path(tmp))
+        s = setup_case(case, model_dirs, device, Path(tmp))
         step_fns = {OURS: s.trainer.optimizer_step, EAGER: s.eager_step}
+        if s.eager_vae_step is not None:
+            step_fns[EAGER_VAE] = s.eager_vae_step
         if s.compiled is not None:  # compilation happens in the warm-up calls
             step_fns[OURS_COMPILED] = s.compiled.optimizer_step
         if s.fused_norm is not None:
@@ -321,12 +412,16 @@ def bench_case(case: Case, model_dir: Path | None, device: str, *, rounds: int, 
     ops_stats = {name: summarize(v, ops_rounds) for name, v in ops_samples.items()}
     ratios = {name: ratio_spread(steps[EAGER], samples) for name, samples in steps.items()}
     # Each option's step against our step with the default options, per paired round.
-    vs_ours = {name: ratio_spread(steps[OURS], samples) for name, samples in steps.items() if name not in (OURS, EAGER)}
+    vs_ours = {name: ratio_spread(steps[OURS], samples) for name, samples in steps.items()
+               if name not in (OURS, EAGER, EAGER_VAE)}
+    # Stable Diffusion: the script's step with its VAE encode against ours, per paired round.
+    vs_vae = ratio_spread(steps[EAGER_VAE], steps[OURS]) if EAGER_VAE in steps else None
     ops_ratio = ratio_spread(ops_samples[EAGER_OPS], ops_samples[FUSED_OPS])
     eager_step, saved = step_stats[EAGER].median, ops_stats[EAGER_OPS].median - ops_stats[FUSED_OPS].median
     common = {"suite": "train", "stage": case.stage, "model": case.model, "params_m": round(n_params / 1e6, 2),
               "dtype": case.dtype, "shape": case.shape, "subject_rows": case.batch, "prior_rows": case.batch,
-              "options": options(s.trainer), **load_average()}
+              "family": case.family, "prediction": s.trainer.prediction_type, "options": options(s.trainer),
+              **load_average()}
     rows = []
     for impl, st in step_stats.items():
         rows.append({
@@ -341,6 +436,9 @@ def bench_case(case: Case, model_dir: Path | None, device: str, *, rounds: int, 
             "mem_method": MEMORY_METHOD[torch.device(device).type],
             # What the step's speed-up would be if the fused ops were the only difference (the most they can give).
             "ops_bound_ratio": round(eager_step / (eager_step - saved), 3) if impl == OURS else "",
+            "vae": vae_note(case, impl),
+            **({"ratio_vs_eager_vae": round(vs_vae[0], 3), "ratio_vs_eager_vae_min": round(vs_vae[1], 3),
+                "ratio_vs_eager_vae_max": round(vs_vae[2], 3)} if vs_vae and impl == OURS else {}),
         })
     for impl, st in ops_stats.items():
         step_impl = OURS if impl == FUSED_OPS else EAGER
@@ -352,6 +450,14 @@ def bench_case(case: Case, model_dir: Path | None, device: str, *, rounds: int, 
             "share_of_step_pct": round(100 * st.median / step_stats[step_impl].median, 2),
         })
     return rows
+
+
+def vae_note(case: Case, impl: str) -> str:
+    """Where a Stable Diffusion step's latents come from ("" for IF, which trains on pixels)."""
+    if case.family != "sd":
+        return ""
+    return ("VAE encode of the batch every step (posterior sample)" if impl == EAGER_VAE
+            else "latents encoded once before the loop (not timed)")
 
 
 def options(trainer: StageTrainer) -> str:
@@ -372,7 +478,8 @@ def _ms(stats) -> dict:
 def run(device: str, *, quick: bool = False, smoke: bool = False, out: Path | None = None,
         model_dir: Path | None = None, command: str = "") -> list[dict]:
     """Runs the training-step benchmark, appends its rows to `out` (default benchmarks/results/train.csv), prints
-    a table and returns the rows. `model_dir` is a tiny cascade for the CPU sizes (built in a temp dir if None)."""
+    a table and returns the rows. `model_dir` is a tiny cascade for the CPU sizes (built in a temp dir if None);
+    the tiny Stable Diffusion models are built in a temp dir."""
     out = Path(out) if out is not None else RESULTS_DIR / "train.csv"
     rounds, ops_rounds, warmup = (1, 1, 1) if smoke else (8, 50, 3) if quick else (20, 200, 3)
     info = run_info(device)
@@ -380,9 +487,15 @@ def run(device: str, *, quick: bool = False, smoke: bool = False, out: Path | No
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = model_dir or build_tiny_cascade(Path(tmp) / "tiny")
         sizes = load_cascade(model_dir, with_text_encoder=False, with_unets=False)
-        for case in cases(device, quick=quick, smoke=smoke, base_size=sizes.base_size, sr_size=sizes.sr_size):
+        sd_image = 32 if smoke else TINY_SD_IMAGE
+        all_cases = cases(device, quick=quick, smoke=smoke, base_size=sizes.base_size, sr_size=sizes.sr_size,
+                          sd_size=sd_image // 4)
+        model_dirs = {"tiny": model_dir}
+        for name in {c.model for c in all_cases} & set(TINY_SD):  # built only when a case trains it
+            model_dirs[name] = build_tiny_sd(Path(tmp) / name, image_size=sd_image, prediction_type=TINY_SD[name])
+        for case in all_cases:
             try:
-                case_rows = bench_case(case, model_dir, device, rounds=rounds, ops_rounds=ops_rounds, warmup=warmup)
+                case_rows = bench_case(case, model_dirs, device, rounds=rounds, ops_rounds=ops_rounds, warmup=warmup)
             except torch.OutOfMemoryError as err:
                 case_rows = [{"suite": "train", "stage": case.stage, "model": case.model, "dtype": case.dtype,
                               "shape": case.shape, "what": "step", "impl": "skipped",
@@ -399,12 +512,12 @@ def run(device: str, *, quick: bool = False, smoke: bool = False, out: Path | No
 
 def table(rows: list[dict]) -> str:
     """One line per case and measurement (step, ops): ours and eager median (min-max), the paired ratio."""
-    by_key = {(r["stage"], r["shape"], r["what"], r["impl"]): r for r in rows}
+    by_key = {(r["model"], r["stage"], r["shape"], r["what"], r["impl"]): r for r in rows}
     lines = []
-    for (stage, shape, what, impl), r in by_key.items():
+    for (model, stage, shape, what, impl), r in by_key.items():
         if impl not in (OURS, OURS_COMPILED, OURS_FUSED_NORM, FUSED_OPS):
             continue
-        e = by_key[(stage, shape, what, EAGER if what == "step" else EAGER_OPS)]
+        e = by_key[(model, stage, shape, what, EAGER if what == "step" else EAGER_OPS)]
         option = {OURS_COMPILED: "--compile", OURS_FUSED_NORM: "--fused-norm"}.get(impl)
         notes = (f"peak MB {r['peak_step_mb']:.1f} / {e['peak_step_mb']:.1f}"
                  + (f"; ops bound {r['ops_bound_ratio']:.3f}x" if impl == OURS else
@@ -413,6 +526,12 @@ def table(rows: list[dict]) -> str:
                  if what == "step" else f"{r['share_of_step_pct']:.2g}% of our step")
         lines.append([r["model"], stage, shape, r["dtype"], what, _cell(r), _cell(e),
                       f"{r['ratio_vs_eager']:.2f}x ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})", notes])
+        if impl == OURS and what == "step" and r.get("ratio_vs_eager_vae", "") != "":
+            v = by_key[(model, stage, shape, what, EAGER_VAE)]
+            lines.append([r["model"], stage, shape, r["dtype"], "step, eager + VAE", _cell(r), _cell(v),
+                          f"{r['ratio_vs_eager_vae']:.2f}x ({r['ratio_vs_eager_vae_min']:.2f}-"
+                          f"{r['ratio_vs_eager_vae_max']:.2f})",
+                          f"the script's VAE encode every step; peak MB eager {v['peak_step_mb']:.1f}"])
     lines += [[r["model"], r["stage"], r["shape"], r["dtype"], "skipped", "", "", "", r["note"]]
               for r in rows if r["impl"] == "skipped"]
     header = ["model", "stage", "rows", "dtype", "what", "ours ms (min-max)", "eager ms (min-max)",

@@ -42,15 +42,15 @@ def latest_runs(rows: list[dict]) -> dict[str, list[dict]]:
 
 
 # Suites whose commands may measure one part at a time (a full job run takes hours): each part keeps its latest run.
-PART_KEYS = {"job": ("config", "scaled", "cache"), "distributed": ("what",)}
+PART_KEYS = {"job": ("family", "config", "scaled", "cache"), "distributed": ("what",)}
 
 
 def latest_part_runs(rows: list[dict], keys: tuple[str, ...]) -> dict[str, list[dict]]:
     """{device type: the rows of the latest run of each part (rows alike in `keys`)}."""
     latest: dict[str, list[dict]] = {}
     for device in sorted({r["device"] for r in rows}):
-        for key in dict.fromkeys(tuple(r[k] for k in keys) for r in rows if r["device"] == device):
-            same = [r for r in rows if r["device"] == device and tuple(r[k] for k in keys) == key]
+        for key in dict.fromkeys(tuple(r.get(k, "") for k in keys) for r in rows if r["device"] == device):
+            same = [r for r in rows if r["device"] == device and tuple(r.get(k, "") for k in keys) == key]
             date = max(r["date"] for r in same)
             latest.setdefault(device, []).extend(r for r in same if r["date"] == date)
     return latest
@@ -133,14 +133,20 @@ JOB_PHASES = ("startup", "load", "class_images", "train", "write", "pictures")
 def job_pairs(rows: list[dict]) -> list[tuple[dict, dict]]:
     """(ours, baseline) rows per configuration and cache state; ours with class images, and with --prior-mode
     predictions where that was measured."""
-    by_key = {(r["config"], r["scaled"], r["cache"], r["impl"]): r for r in rows}
-    return [(r, by_key[(r["config"], r["scaled"], r["cache"], "diffusers_way")]) for r in rows
+    by_key = {(family(r), r["config"], r["scaled"], r["cache"], r["impl"]): r for r in rows}
+    return [(r, by_key[(family(r), r["config"], r["scaled"], r["cache"], "diffusers_way")]) for r in rows
             if r["impl"] in ("dreambooth_fast", "dreambooth_fast_predictions")]
+
+
+def family(r: dict) -> str:
+    """The model family a job row trained ("if" for rows from before the column existed)."""
+    return r.get("family") or "if"
 
 
 def job_config(r: dict) -> str:
     predictions = " predictions" if r["impl"] == "dreambooth_fast_predictions" else ""
-    return f"{r['config']}{' (' + r['scaled'].split(':')[0] + ')' if r['scaled'] else ''}{predictions}"
+    sd = "SD " if family(r) == "sd" else ""
+    return f"{sd}{r['config']}{' (' + r['scaled'].split(':')[0] + ')' if r['scaled'] else ''}{predictions}"
 
 
 def cpu_cell(r: dict, b: dict) -> str:
@@ -169,6 +175,23 @@ def speedup(r: dict) -> str:
 
 
 def job_section(rows: list[dict]) -> str:
+    """The IF jobs (the embedded default model), then the Stable Diffusion ones (--family sd) where measured."""
+    sections = []
+    for name in [f for f in ("if", "sd") if any(family(r) == f for r in rows)]:
+        text = job_family_section([r for r in rows if family(r) == name], name)
+        sections.append(text if name == "if" else "**Stable Diffusion** (`python -m benchmarks.bench_job --family sd`):"
+                        "\n\n" + text)
+    return "\n\n".join(sections)
+
+
+JOB_MODELS = {
+    "if": "the embedded default model's base stage (`--stages base`)",
+    "sd": "a tiny random Stable Diffusion 1.x-style model the benchmark builds once per run "
+          "(dreambooth_fast/toy/tiny_sd.py at 64 px: 16x16 latents behind a 4x VAE, CLIP text encoder, PNDM, epsilon)",
+}
+
+
+def job_family_section(rows: list[dict], name: str) -> str:
     lines = []
     for r, b in job_pairs(rows):
         faster = "faster" if num(r["speedup_min"]) > 1 else "slower" if num(r["speedup_max"]) < 1 else \
@@ -188,7 +211,7 @@ def job_section(rows: list[dict]) -> str:
     pairs = job_pairs(rows)
     r, b = next((pair for pair in pairs if pair[0]["impl"] == "dreambooth_fast"), pairs[0])
     scaled = sorted({x["scaled"] for x in rows if x["scaled"]})
-    text += ("\n\nBoth jobs train the embedded default model's base stage (`--stages base`) on examples/subject, class "
+    text += (f"\n\nBoth jobs train {JOB_MODELS[name]} on examples/subject, class "
              f"\"heart\", {r['dtype']}, seed 0, {r['subject_rows']} subject + {r['prior_rows']} prior row per step, "
              "each a process of its own, alternating; cold = empty class-image cache, warm = filled. Speed-up = "
              "baseline time / our time per paired round, median (min-max); \"whole job\" says faster or slower only "
@@ -198,14 +221,17 @@ def job_section(rows: list[dict]) -> str:
              "speed-up they give does not depend on how much of the shared CPU each process got. Peak RSS: "
              "ru_maxrss of each process (os.wait4), median.\n\n"
              f"- ours: `dbfast train` at its defaults for the class images ({r['class_settings']}); "
-             f"{r['optimizer']}.\n")
+             f"{r['optimizer']}"
+             + ("; the photos and class images encoded by the VAE once, before the loop (the posterior's mean)"
+                if name == "sd" else "") + ".\n")
     if any(x["impl"] == "dreambooth_fast_predictions" for x in rows):
         text += ("- predictions: the same `dbfast train` with `--prior-mode predictions`: no class images; the prior "
                  "rows are the subject rows' noisy inputs with the class prompt, their target the frozen model's "
                  "prediction (one more forward pass, of a frozen copy of the UNet, per step).\n")
+    vae = "the VAE encode of every step's batch (a posterior sample), " if name == "sd" else ""
     text += (f"- baseline (benchmarks/baseline_job.py, the way diffusers' train_dreambooth.py runs): class images with "
-             f"{b['class_settings']}; eager UNet, `DDPMScheduler.add_noise`, chunked F.mse_loss; {b['optimizer']}; a "
-             "checkpoint every 500 steps; `pipeline.save_pretrained`.\n")
+             f"{b['class_settings']}; {vae}eager UNet, `DDPMScheduler.add_noise`, chunked F.mse_loss; "
+             f"{b['optimizer']}; a checkpoint every 500 steps; `pipeline.save_pretrained`.\n")
     options = sorted({f"{x['config']}: lr {x['learning_rate']} {x['lr_schedule']}"
                       + (f", min-SNR {x['min_snr_gamma']}" if x["min_snr_gamma"] else "")
                       + (", captions" if x["captions"] == "True" else "") for x in rows})
@@ -221,13 +247,24 @@ OURS_IMPLS = {"dreambooth_fast": "", "dreambooth_fast_compile": " --compile",
               "dreambooth_fast_fused_norm": " --fused-norm"}
 
 
+def train_key(r: dict) -> tuple[str, str, str]:
+    """A training-step case: model, stage, shape (two models can share a stage and a shape)."""
+    return r["model"], r["stage"], r["shape"]
+
+
+def vae_ratio(r: dict) -> str:
+    return (f"{num(r['ratio_vs_eager_vae']):.2f}x ({num(r['ratio_vs_eager_vae_min']):.2f}-"
+            f"{num(r['ratio_vs_eager_vae_max']):.2f})")
+
+
 def train_section(rows: list[dict]) -> str:
-    by_key = {(r["stage"], r["shape"], r["what"], r["impl"]): r for r in rows if r["impl"] != "skipped"}
-    lines, ops_lines = [], []
-    for (stage, shape, what, impl), r in by_key.items():
+    by_key = {(*train_key(r), r["what"], r["impl"]): r for r in rows if r["impl"] != "skipped"}
+    lines, ops_lines, vae_lines = [], [], []
+    for (model, stage, shape, what, impl), r in by_key.items():
         if what == "step" and impl in OURS_IMPLS:
-            e = by_key[(stage, shape, "step", "diffusers_eager")]
-            fused, eager_ops = by_key[(stage, shape, "ops", "fused_ops")], by_key[(stage, shape, "ops", "eager_ops")]
+            case = (model, stage, shape)
+            e = by_key[(*case, "step", "diffusers_eager")]
+            fused, eager_ops = by_key[(*case, "ops", "fused_ops")], by_key[(*case, "ops", "eager_ops")]
             lines.append([r["model"] + OURS_IMPLS[impl], stage, shape, r["dtype"], ms(r), ms(e), ratio(r), verdict(r),
                           f"{num(r['peak_step_mb']):.1f} / {num(e['peak_step_mb']):.1f}",
                           f"{num(fused['share_of_step_pct']):.2g}% / {num(eager_ops['share_of_step_pct']):.2g}%",
@@ -235,6 +272,10 @@ def train_section(rows: list[dict]) -> str:
             if impl != "dreambooth_fast":
                 continue
             ops_lines.append([r["model"], stage, shape, r["dtype"], ms(fused), ms(eager_ops), ratio(fused)])
+            if r.get("ratio_vs_eager_vae"):
+                v = by_key[(*case, "step", "diffusers_eager_vae")]
+                vae_lines.append([r["model"], r.get("prediction", ""), shape, r["dtype"], ms(r), ms(v), vae_ratio(r),
+                                  f"{num(r['peak_step_mb']):.1f} / {num(v['peak_step_mb']):.1f}"])
     skipped = [[r["model"], r["stage"], r["shape"], r.get("note", "")] for r in rows if r["impl"] == "skipped"]
     text = md_table(["model", "stage", "rows (subject+prior)", "dtype", "ours ms (min-max)", "eager ms (min-max)",
                      "step ratio (min-max)", "whole step", "peak step MB ours / eager",
@@ -245,6 +286,16 @@ def train_section(rows: list[dict]) -> str:
              "(the most they can give). The fused ops alone, at the step's shapes:\n\n")
     text += md_table(["model", "stage", "rows", "dtype", "fused ops ms (min-max)", "eager ops ms (min-max)",
                       "ops ratio (min-max)"], ops_lines)
+    if vae_lines:
+        text += ("\n\nStable Diffusion (latent) rows: both steps above train on the same latents, encoded once "
+                 "before the loop (dbfast: `sd.latent_rows`, the VAE posterior's mean; not timed), so the step "
+                 "ratio compares the same work. diffusers' train_dreambooth.py instead encodes every batch with the "
+                 "VAE at every step (a posterior sample); that step, as the script runs it, against ours (the rows "
+                 "are latents; the eager step's batch is their pixels, 4x the side for the tiny VAE, 8x for SD's):"
+                 "\n\n")
+        text += md_table(["model", "prediction", "rows", "dtype", "ours ms (min-max)",
+                          "eager + VAE encode ms (min-max)", "ratio (min-max)", "peak step MB ours / eager + VAE"],
+                         vae_lines)
     if skipped:
         text += "\n\nNot measured:\n\n" + md_table(["model", "stage", "rows", "why"], skipped)
     memory = rows[0].get("mem_method", "")
@@ -401,12 +452,12 @@ def job_summary(rows: list[dict]) -> list[str]:
 
 
 def train_summary(rows: list[dict]) -> list[str]:
-    by_key = {(r["stage"], r["shape"], r["what"], r["impl"]): r for r in rows}
+    by_key = {(*train_key(r), r["what"], r["impl"]): r for r in rows}
     lines = []
-    for (stage, shape, what, impl), r in by_key.items():
+    for (model, stage, shape, what, impl), r in by_key.items():
         if what != "step" or impl not in OURS_IMPLS:
             continue
-        fused = by_key[(stage, shape, "ops", "fused_ops")]
+        fused = by_key[(model, stage, shape, "ops", "fused_ops")]
         if impl != "dreambooth_fast":
             against_ours = ""
             if r.get("ratio_vs_ours"):
@@ -418,7 +469,9 @@ def train_summary(rows: list[dict]) -> list[str]:
         lines.append(f"training step, {r['model']} {stage} ({shape}, {r['dtype']}): {ratio(r)} eager's speed, "
                      f"**{verdict(r)}**; the fused ops alone run {ratio(fused)} eager's speed but are "
                      f"{num(fused['share_of_step_pct']):.2g}% of the step, so they can give the step at most "
-                     f"{num(r['ops_bound_ratio']):.3f}x")
+                     f"{num(r['ops_bound_ratio']):.3f}x"
+                     + (f"; against the script's step with its VAE encode every step: {vae_ratio(r)}"
+                        if r.get("ratio_vs_eager_vae") else ""))
     lines += [f"training step, {r['model']} {r['stage']} ({r['shape']}): not measured, {r['note']}"
               for r in rows if r["impl"] == "skipped"]
     return lines
@@ -538,15 +591,14 @@ def plot(suite: str, rows: list[dict], path: Path) -> bool:
               "baseline / ours (>1: ours faster)", ratios=True)
     elif suite == "train":
         mine = [r for r in rows if r["what"] == "step" and r["impl"] == "dreambooth_fast"]
-        eager = {(r["stage"], r["shape"]): r for r in rows if r["what"] == "step" and r["impl"] == "diffusers_eager"}
+        eager = {train_key(r): r for r in rows if r["what"] == "step" and r["impl"] == "diffusers_eager"}
         labels = [f"{r['model']} {r['stage']} {r['shape']}" for r in mine]
         _bars(axes[0], labels, {"dreambooth_fast": [_triple(r, "ms") for r in mine],
-                                "diffusers eager": [_triple(eager[(r["stage"], r["shape"])], "ms") for r in mine]},
+                                "diffusers eager": [_triple(eager[train_key(r)], "ms") for r in mine]},
               "step ms (median, min-max)")
         _bars(axes[1], labels, {"whole step": [_ratio_triple(r) for r in mine],
                                 "fused ops alone": [_ratio_triple(o) for r in mine for o in rows
-                                                    if o["impl"] == "fused_ops" and o["stage"] == r["stage"]
-                                                    and o["shape"] == r["shape"]]},
+                                                    if o["impl"] == "fused_ops" and train_key(o) == train_key(r)]},
               "eager / ours (>1: ours faster)", ratios=True)
     elif suite == "kernels":
         fused = [r for r in rows if r["impl"] == "fused"]

@@ -300,9 +300,13 @@ class StageTrainer:
 
     def check_finite(self) -> None:
         """Never write weights that are not all finite. The loss of each step is checked before its update, so
-        weights that are not finite now went so in the last update: name that step."""
-        bad = sum(int((~torch.isfinite(local_tensor(p.detach()))).sum()) for p in self.params)
-        if self.cfg.fsdp:  # each rank holds a shard
+        weights that are not finite now went so in the last update: name that step. Under DDP every rank holds
+        the same weights, so rank 0 alone counts and the others learn its count (all stop alike); under FSDP
+        each rank counts its own shard."""
+        bad = 0
+        if self.dist.is_main or self.cfg.fsdp:
+            bad = sum(int((~torch.isfinite(local_tensor(p.detach()))).sum()) for p in self.params)
+        if self.dist.is_distributed:
             bad = sum(gather(self.dist, bad))
         if bad:
             raise UserError(

@@ -63,7 +63,8 @@ def test_train_rows_compare_both_steps_and_both_op_sets_per_stage(results):
                 (stage, "ops", "fused_ops"), (stage, "ops", "eager_ops")} <= measured
     for r in rows:
         assert float(r["min_ms"]) <= float(r["median_ms"]) <= float(r["max_ms"])
-        assert int(r["subject_rows"]) == int(r["prior_rows"]) >= 1 and r["dtype"] == "fp32" and r["model"] == "tiny"
+        assert int(r["subject_rows"]) == int(r["prior_rows"]) >= 1 and r["dtype"] == "fp32"
+        assert r["model"] in ("tiny", "tiny-sd") and r["family"] == ("sd" if r["model"] == "tiny-sd" else "if")
         if r["what"] == "step":
             assert float(r["peak_step_mb"]) > 0 and r["mem_method"]
         else:
@@ -72,7 +73,25 @@ def test_train_rows_compare_both_steps_and_both_op_sets_per_stage(results):
     assert all(r["ratio_min"] and r["ops_bound_ratio"] for r in ours)
     # The base stage also steps with --fused-norm, against eager and against our default step.
     fused_norm = [r for r in rows if r["impl"] == "dreambooth_fast_fused_norm"]
-    assert [r["stage"] for r in fused_norm] == ["base"] and fused_norm[0]["ratio_vs_ours"]
+    assert [r["model"] for r in fused_norm] == ["tiny"] and fused_norm[0]["ratio_vs_ours"]
+
+
+def test_train_rows_on_stable_diffusion_are_latents_with_the_scripts_vae_step_beside(results):
+    """The tiny SD model: both steps on the same latents (4 channels), and the script's step that encodes its batch
+    with the VAE every step, compared with ours on its own."""
+    sd = [r for r in read_rows(results / "train.csv") if r["model"] == "tiny-sd"]
+    steps = {r["impl"]: r for r in sd if r["what"] == "step"}
+    assert set(steps) == {"dreambooth_fast", "diffusers_eager", "diffusers_eager_vae"}
+    assert {r["shape"] for r in sd} == {"2x4x8x8"} and {r["prediction"] for r in sd} == {"epsilon"}
+    assert steps["diffusers_eager_vae"]["vae"].startswith("VAE encode of the batch every step")
+    assert steps["dreambooth_fast"]["vae"] == steps["diffusers_eager"]["vae"] == (
+        "latents encoded once before the loop (not timed)")
+    ours = steps["dreambooth_fast"]
+    assert float(ours["ratio_vs_eager_vae_min"]) <= float(ours["ratio_vs_eager_vae"]) <= float(
+        ours["ratio_vs_eager_vae_max"])
+    assert {r["impl"] for r in sd if r["what"] == "ops"} == {"fused_ops", "eager_ops"}
+    text = render.render(results, results / "BENCHMARKS.md").read_text()
+    assert "| tiny-sd | epsilon | 2x4x8x8 | fp32 |" in text and "eager + VAE encode" in text
 
 
 def test_prior_rows_compare_the_default_with_diffusers_way_side_by_side(results):
@@ -147,6 +166,36 @@ def test_job_commands_share_every_setting_and_leave_our_class_image_defaults_alo
     assert "--prior-mode" not in ours
     predictions = bench_job.ours_command(config, tmp_path / "ours", "cpu", "predictions")
     assert predictions == [*ours[:-1], "--prior-mode", "predictions", "--captions"]
+
+
+def test_job_on_stable_diffusion_gives_both_jobs_the_same_model(tmp_path):
+    config = bench_job.scaled(bench_job.CONFIGS["short"], quick=True, smoke=False)
+    model = bench_job.Model("sd", tmp_path / "tiny-sd", "tiny-sd")
+    ours = bench_job.ours_command(config, tmp_path / "ours", "cpu", model=model)
+    base = bench_job.baseline_command(config, tmp_path / "base", tmp_path / "class", tmp_path / "t.json", "cpu",
+                                      model=model)
+    assert ours[ours.index("--model") + 1] == base[base.index("--model") + 1] == str(model.path)
+    assert "--model" not in bench_job.ours_command(config, tmp_path / "ours", "cpu")  # IF: the embedded default
+
+
+@pytest.mark.slow
+def test_job_smoke_on_stable_diffusion_runs_both_jobs_and_renders(tmp_path):
+    """The tiny SD model built once, ours and the diffusers-way job (StableDiffusionPipeline class images, the VAE
+    encode every step), cold, one round: about a minute and a half on the shared CPU."""
+    with one_thread():
+        rows = bench_job.run("cpu", smoke=True, out=tmp_path / "job.csv", command="test", caches=("cold",),
+                             family="sd")
+    assert [(r["impl"], r["family"], r["model"]) for r in rows] == [
+        ("dreambooth_fast", "sd", "tiny-sd"), ("diffusers_way", "sd", "tiny-sd")]
+    check_run_fields(rows)
+    ours, base = rows
+    assert base["class_settings"].startswith("StableDiffusionPipeline defaults: PNDM 50 steps, guidance 7.5")
+    for r in rows:
+        assert r["class_images_s"] > 0 and r["train_s"] > 0 and r["write_s"] > 0 and r["cpu_s"] > 0
+    assert ours["speedup_min"] <= ours["speedup"] <= ours["speedup_max"] and ours["step_ms"] > 0
+    text = render.render(tmp_path, tmp_path / "BENCHMARKS.md").read_text()
+    assert "**Stable Diffusion** (`python -m benchmarks.bench_job --family sd`)" in text
+    assert "| SD short (smoke) | cold |" in text and "the VAE encode of every step's batch" in text
 
 
 @pytest.mark.slow

@@ -118,6 +118,38 @@ def test_two_ranks_train_what_one_process_trains_on_the_same_global_batch(tiny_c
 
 
 @pytest.mark.slow
+def test_two_ranks_train_what_one_process_trains_on_stable_diffusion(tiny_sd, subject_dir, tmp_path):
+    """The same on the tiny Stable Diffusion model (latents behind a VAE, CLIP text, PNDM): 2 ranks x batch 1 give
+    the losses and weights of 1 process x batch 2, and the class images the 2 ranks draw are the single process's.
+    About 2 minutes on the shared CPU (the IF test above keeps the path in the fast suite)."""
+    one = run_dbfast(0, *train_args(tiny_sd, subject_dir, tmp_path / "one", "--batch-size", "2", *CLASS_IMAGES),
+                     cache=tmp_path / "cache-one")
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run_dbfast(2, *train_args(tiny_sd, subject_dir, tmp_path / "two", "--batch-size", "1", *CLASS_IMAGES),
+                     cache=tmp_path / "cache-two")
+    assert two.returncode == 0, two.stderr[-3000:]
+
+    logs = [_metrics(tmp_path / run) for run in ("one", "two")]
+    assert len(logs[0]) == len(logs[1]) == 2
+    for row_one, row_two in zip(*logs):
+        for column in ("loss", "subject_loss", "prior_loss", "grad_norm"):
+            assert row_two[column] == pytest.approx(row_one[column], rel=1e-5)
+    a, b = unet_weights(tmp_path / "one"), unet_weights(tmp_path / "two")
+    assert any(not torch.equal(a[k], w) for k, w in unet_weights(tiny_sd).items())  # it trained
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5  # see the IF test above
+
+    run = json.loads((tmp_path / "two" / "dreambooth.json").read_text())
+    assert run["distributed"]["world_size"] == 2 and run["distributed"]["global_batch"] == 2
+    assert sum(run["class_images_drawn"]) == 4 and len(run["class_images_drawn"]) == 2
+    folders = [Path(json.loads((tmp_path / r / "dreambooth.json").read_text())["class_images"]) / "base"
+               for r in ("one", "two")]
+    assert sorted(p.name for p in folders[1].glob("*.png")) == [f"{i:04d}.png" for i in range(4)]
+    for i in range(4):
+        assert (folders[0] / f"{i:04d}.png").read_bytes() == (folders[1] / f"{i:04d}.png").read_bytes()
+    assert two.stdout.count("done: ") == 1
+
+
+@pytest.mark.slow
 def test_fsdp_trains_what_ddp_trains(tiny_cascade, subject_dir, tmp_path):
     """FSDP2 (shards per UNet block) gives DDP's weights, and its output loads like any other."""
     from diffusers import IFPipeline
@@ -151,6 +183,62 @@ def test_accelerate_launch_starts_the_same_distributed_run(tiny_cascade, subject
     assert result.returncode == 0, result.stderr[-3000:]
     run = json.loads((out / "dreambooth.json").read_text())
     assert run["distributed"]["world_size"] == 2 and run["distributed"]["global_batch"] == 2
+
+
+# -- the finite-weights check before a checkpoint -----------------------------------------------------------------
+# (nan on rank, fsdp): under DDP the ranks' weights are the same, so rank 0 alone counts and tells the others;
+# under FSDP each rank holds a shard and counts its own.
+FINITE_CASES = [(1, False), (0, False), (1, True)]
+
+
+def _check_finite_on_rank(rank: int, port: int, results) -> None:
+    import types
+
+    import torch.distributed as dist
+
+    from dreambooth_fast.errors import UserError
+    from dreambooth_fast.train import StageTrainer
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        for nan_rank, fsdp in FINITE_CASES:
+            weights = torch.zeros(4)
+            if rank == nan_rank:
+                weights[:2] = float("nan")
+            trainer = types.SimpleNamespace(params=[weights], cfg=types.SimpleNamespace(fsdp=fsdp), stage="base",
+                                            step=2, last_checkpoint=None, dist=Dist(rank, 2, rank, "gloo"))
+            try:
+                StageTrainer.check_finite(trainer)
+                results.put((rank, nan_rank, fsdp, "ok"))
+            except UserError as err:
+                results.put((rank, nan_rank, fsdp, str(err)))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_only_rank_0_checks_the_weights_under_ddp_and_every_rank_its_shard_under_fsdp():
+    """Two gloo processes, spawned: about a minute on the shared CPU (imports)."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    results, port = context.Queue(), _free_port()
+    ranks = [context.Process(target=_check_finite_on_rank, args=(rank, port, results)) for rank in (0, 1)]
+    for process in ranks:
+        process.start()
+    found = {}
+    for _ in range(2 * len(FINITE_CASES)):
+        rank, nan_rank, fsdp, outcome = results.get(timeout=120)
+        found[(rank, nan_rank, fsdp)] = outcome
+    for process in ranks:
+        process.join(timeout=60)
+        assert process.exitcode == 0
+    # DDP: rank 1's weights are not read (they are rank 0's under DDP); rank 0's count stops both ranks.
+    assert found[(0, 1, False)] == found[(1, 1, False)] == "ok"
+    # Rank 0's weights under DDP, rank 1's shard under FSDP: both ranks stop with the same line.
+    for nan_rank, fsdp in FINITE_CASES[1:]:
+        assert found[(0, nan_rank, fsdp)] == found[(1, nan_rank, fsdp)]
+        assert found[(0, nan_rank, fsdp)].startswith("stage base: 2 weights are not finite after step 2")
 
 
 # -- a rank that dies ----------------------------------------------------------------------------------------------
