@@ -1,4 +1,6 @@
-"""`dbfast generate`: prompt -> base stage -> SR stage -> PNGs and a grid, over any UNet backend."""
+"""`dbfast generate`: prompt -> base stage -> SR stage -> PNGs and a grid, over any UNet backend.
+
+Stable Diffusion: base latents -> VAE decode -> x4 upscaler (its own prompts, latents) -> its VAE decode."""
 
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ from .images import enlarged, make_grid, save_png, save_pngs, to_pil
 from .models import find_sr_dir, load_cascade, model_family, resolve_device
 from .rundir import RUN_FILE, run_identifier
 from .sample import sample_cascade
-from .sd import sd_stages
+from .sd import check_sampler
+from .sd_upscale import check_noise_level
 from .text import encode_negative, encode_prompts
 
 
@@ -37,13 +40,13 @@ def generate_images(
     *,
     sr_model: str | Path | None = None,
     n: int = 4,
-    stages: tuple[str, ...] = ("base", "sr"),
+    stages: tuple[str, ...] | None = None,
     steps: int = 50,
     sr_steps: int = 25,
     sampler: str = "ddpm",
     guidance: float = 7.0,
-    sr_guidance: float = 4.0,
-    noise_level: int = 250,
+    sr_guidance: float | None = None,
+    noise_level: int | None = None,
     seed: int = 0,
     backend: str = "torch",
     export_dir: str | Path | None = None,
@@ -51,15 +54,24 @@ def generate_images(
     out: str | Path | None = None,
 ) -> list[Path]:
     """Write `n` images for `prompt` at their exact size plus grid.png (enlarged to be seen when they are small);
-    return the image paths with the grid last."""
+    return the image paths with the grid last. `stages` default: base and sr (IF), every stage the model has
+    (Stable Diffusion: base, and the x4 upscaler where there is one). `sr_guidance` and `noise_level` default to the
+    SR stage's pipeline's (sample.sample_cascade)."""
     model = Path(model)
+    sd = model_family(model) == "sd"
+    sr_dir = find_sr_dir(model, sr_model)
+    if stages is None:
+        stages = ("base",) if sd and sr_dir is None else ("base", "sr")
     unknown = set(stages) - {"base", "sr"}
     if unknown or "base" not in stages:
         raise UserError(f"--stages must be base or base,sr, got {','.join(stages)}")
-    if model_family(model) == "sd":
-        stages = sd_stages(sr_model, sampler)
-    if "sr" in stages and find_sr_dir(model, sr_model) is None:
-        raise UserError(f"{model} has no stage II (stage_2/): pass --sr-model DIR or --stages base")
+    if sd:
+        check_sampler(sampler, "--sampler")
+    if "sr" in stages and sr_dir is None:
+        sr = "x4 upscaler (StableDiffusionUpscalePipeline)" if sd else "stage II"
+        raise UserError(f"{model} has no {sr} in stage_2/: pass --sr-model DIR or --stages base")
+    if sd and "sr" in stages and noise_level is not None:
+        check_noise_level(noise_level, sr_dir, "--noise-level")
     text = expand_prompt(prompt, model)
     dev = resolve_device(device)
     # Exported backends run their own copy of the UNets: the torch ones are not loaded.
