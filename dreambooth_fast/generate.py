@@ -15,7 +15,7 @@ from .identifier import PLACEHOLDER, fill_placeholder
 from .images import enlarged, make_grid, save_png, save_pngs, to_pil
 from .models import find_sr_dir, load_cascade, model_family, resolve_device
 from .rundir import RUN_FILE, run_identifier
-from .sample import sample_cascade
+from .sample import sample_cascade, sr_prompt_embeds
 from .sd import check_sampler
 from .sd_upscale import check_noise_level
 from .text import encode_negative, encode_prompts
@@ -79,14 +79,15 @@ def generate_images(
     export_dir = Path(export_dir) if export_dir else default_export_dir(model)
     cond = encode_prompts(cascade.tokenizer, cascade.text_encoder, [text] * n)
     uncond = encode_negative(cascade.tokenizer, cascade.text_encoder)
-    cascade.text_encoder = None
+    sr_embeds = sr_prompt_embeds(cascade, [text] * n) if "sr" in stages else None
+    cascade.text_encoder = cascade.sr_text_encoder = None
     runners = {stage: unet_runner(backend, getattr(cascade, f"{stage}_unet"), getattr(cascade, f"{stage}_dir"),
                                   export_dir, stage, dev) for stage in stages}
     # One generator per image, seeded seed + k: image k is the same whatever n is.
     generators = [torch.Generator().manual_seed(seed + k) for k in range(n)]
     images = sample_cascade(cascade, runners, cond, uncond, stages=stages, base_steps=steps, base_guidance=guidance,
                             sr_steps=sr_steps, sr_guidance=sr_guidance, noise_level=noise_level, sampler=sampler,
-                            generator=generators)["sr" if "sr" in stages else "base"]
+                            generator=generators, sr_embeds=sr_embeds)["sr" if "sr" in stages else "base"]
     out_dir = Path(out) if out else model / "samples"
     paths = save_pngs(images, out_dir, prefix="image-")
     grid = save_png(enlarged(make_grid(to_pil(images), cols=min(n, 4))), out_dir / "grid.png")

@@ -244,6 +244,15 @@ def sample_cascade(cascade, runners: dict[str, UnetFn], cond: torch.Tensor, unco
     return out
 
 
+def sr_prompt_embeds(cascade, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The SR stage's own (cond, uncond) embeddings of `prompts` where it has a text encoder of its own (the Stable
+    Diffusion x4 upscaler); None where the stages share one (IF)."""
+    if cascade.sr_text_encoder is None:
+        return None
+    return (encode_prompts(cascade.sr_tokenizer, cascade.sr_text_encoder, prompts),
+            encode_negative(cascade.sr_tokenizer, cascade.sr_text_encoder))
+
+
 @torch.no_grad()
 def generate_cascade(cascade, prompts: list[str], *, stages: tuple[str, ...] = ("base", "sr"),
                      base_unet_fn: UnetFn | None = None, sr_unet_fn: UnetFn | None = None,
@@ -262,7 +271,5 @@ def generate_cascade(cascade, prompts: list[str], *, stages: tuple[str, ...] = (
     if "sr" in stages:
         runners["sr"] = sr_unet_fn or (torch_unet_fn(cascade.sr_unet) if cascade.sr_unet is not None else None)
         placement["sr"] = _placement(cascade.sr_unet, cascade.text_encoder)
-        if cascade.sr_text_encoder is not None:  # the x4 upscaler's own prompts
-            sampling["sr_embeds"] = (encode_prompts(cascade.sr_tokenizer, cascade.sr_text_encoder, prompts),
-                                     encode_negative(cascade.sr_tokenizer, cascade.sr_text_encoder))
+        sampling["sr_embeds"] = sr_prompt_embeds(cascade, prompts)
     return sample_cascade(cascade, runners, cond, uncond, stages=stages, placement=placement, **sampling)
