@@ -4,7 +4,7 @@ Output layout (default MODEL/export):
   base/unet.fp32.onnx          [+ unet.fp32.onnx.data past 2 GiB]  and  unet.fp32.onnx.json (manifest)
   base/unet.fp16.onnx          exported from the fp16 UNet; TensorRT builds its fp16 engine from it
   base/unet.fp16.engine        and  unet.fp16.engine.json (manifest with the cache key)
-  sr/...                       the same for stage II (IF only: a Stable Diffusion model exports its base UNet)
+  sr/...                       the same for stage II (IF) or the x4 upscaler (Stable Diffusion)
   timing.cache                 TensorRT's timing cache, shared by the stages
 ONNX precisions written: fp32 with --onnx (runs anywhere; the onnx backend's default) and the engine precision
 with --trt (fp16 unless --precision says otherwise); --onnx --precision fp16 writes both. Anything already
@@ -24,7 +24,6 @@ import torch
 from .. import __version__
 from ..errors import UserError
 from ..models import load_unet, model_family
-from ..sample import torch_unet_fn
 from .manifest import (
     engine_action,
     engine_cache_key,
@@ -39,6 +38,7 @@ from .onnx_export import (
     DEFAULT_OPSET,
     EXTERNAL_DATA_THRESHOLD,
     OUTPUT_NAME,
+    UNetGraph,
     UNetSpec,
     cascade_stages,
     export_unet_onnx,
@@ -140,7 +140,7 @@ def _export_stage(stage: str, stage_dir: Path, stage_out: Path, *, precisions: l
 
     unet = load_unet(stage_dir).eval()
     spec = unet_spec(unet, stage_text_length(stage_dir))
-    cases = reference_cases(torch_unet_fn(unet), spec, parity_batch_sizes(unet_batches))
+    cases = reference_cases(UNetGraph(unet), spec, parity_batch_sizes(unet_batches))
     for p in todo:
         if p == "fp16":
             unet.half()  # in place: no second copy of a multi-GB UNet; fp32 (when wanted) was exported before
