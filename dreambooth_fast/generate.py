@@ -17,7 +17,7 @@ from .models import find_sr_dir, load_cascade, model_family, resolve_device
 from .rundir import RUN_FILE, run_identifier
 from .sample import sample_cascade, sr_prompt_embeds
 from .sd import check_sampler
-from .sd_upscale import check_noise_level
+from .sd_upscale import NO_TENSORRT, check_noise_level
 from .text import encode_negative, encode_prompts
 
 
@@ -72,6 +72,8 @@ def generate_images(
         raise UserError(f"{model} has no {sr} in stage_2/: pass --sr-model DIR or --stages base")
     if sd and "sr" in stages and noise_level is not None:
         check_noise_level(noise_level, sr_dir, "--noise-level")
+    if sd and "sr" in stages and backend == "trt":
+        raise UserError(f"--backend trt: {NO_TENSORRT}; use --backend onnx, or --stages base")
     text = expand_prompt(prompt, model)
     dev = resolve_device(device)
     # Exported backends run their own copy of the UNets: the torch ones are not loaded.

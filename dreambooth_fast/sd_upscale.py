@@ -31,6 +31,8 @@ IMAGE_CHANNELS = 3  # the low-res RGB image concatenated with the latents
 MAX_NOISE_LEVEL = 350  # StableDiffusionUpscalePipeline's default max_noise_level
 NOISE_LEVEL = 20  # the pipeline's default noise_level when sampling
 GUIDANCE = 9.0  # the pipeline's default guidance_scale
+NO_TENSORRT = ("the x4 upscaler has no TensorRT engine yet (its input size follows the base image's, an engine "
+               "profile fixes it)")
 
 
 def is_upscaler(index: dict) -> bool:

@@ -716,6 +716,8 @@ def check_inputs(cfg: TrainConfig) -> RunInputs:
     stages = _pick_stages(cfg, sr_dir is not None, family)
     if family == "sd" and "sr" in stages:
         sd_upscale.check_noise_level(cfg.sr_noise_level, sr_dir, "--sr-noise-level")
+        if cfg.class_backend == "trt" and cfg.draws_class_images():
+            raise UserError(f"--class-backend trt: {sd_upscale.NO_TENSORRT}; use onnx, or --stages base")
     inputs = {"--model": cfg.model, "--sr-model": sr_dir if "sr" in stages else None, "--images": cfg.images,
               "--class-images-dir": cfg.class_images_dir}
     check_output_not_input(out, inputs)

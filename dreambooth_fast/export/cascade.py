@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
+from .. import __version__, sd_upscale
 from ..errors import UserError
 from ..models import load_unet, model_family
 from .manifest import (
@@ -98,12 +98,19 @@ def export_cascade(model_dir: str | Path, *, sr_model_dir: str | Path | None = N
     out_dir = Path(out_dir) if out_dir is not None else default_export_dir(model_dir)
     summary = {}
     for stage, stage_dir in stages:
+        engine = trt
+        if trt and stage == "sr" and model_family(stage_dir) == "sd":
+            log(f"sr: {sd_upscale.NO_TENSORRT}: not built; the onnx backend runs it (--onnx)")
+            engine = False
+            if not onnx:
+                continue
         stage_out = out_dir / stage
         stage_out.mkdir(parents=True, exist_ok=True)
         summary[stage] = _export_stage(
-            stage, stage_dir, stage_out, precisions=onnx_precisions(onnx, trt, precision), opset=opset,
+            stage, stage_dir, stage_out, precisions=onnx_precisions(onnx, engine, precision), opset=opset,
             external_data_threshold=external_data_threshold, unet_batches=unet_batch_sizes(prompt_batches),
-            trt=trt_module, engine_fields=engine_fields, timing_cache=out_dir / "timing.cache", log=log,
+            trt=trt_module if engine else None, engine_fields=engine_fields if engine else None,
+            timing_cache=out_dir / "timing.cache", log=log,
         )
     return summary
 
@@ -163,7 +170,10 @@ def _versions() -> dict[str, str]:
 
 
 def _input_shapes(spec: UNetSpec) -> dict[str, list]:
-    return {name: ["batch", *shape[1:]] for name, shape in spec.shapes(1).items()}
+    shapes = {name: ["batch", *shape[1:]] for name, shape in spec.shapes(1).items()}
+    if spec.size_multiple:  # the x4 upscaler: images of any size
+        shapes["sample"][2:] = ["side", "side"]
+    return shapes
 
 
 def _log_parity(log: Log, stage: str, what: str, results: list[ParityResult]) -> None:
