@@ -86,8 +86,9 @@ def _stages(value: str) -> tuple[str, ...]:
                    "Stable Diffusion 1.x/2.x directory (StableDiffusionPipeline layout, optional stage_2/ with the x4 "
                    "upscaler). [default: the embedded toy model, else a tiny random cascade]")
 @click.option("--sr-model", type=click.Path(),
-              help="SR stage directory when it is not MODEL/stage_2: IF stage II (e.g. IF-II-L-v1.0), or for a Stable "
-                   "Diffusion model the x4 upscaler (StableDiffusionUpscalePipeline, e.g. stable-diffusion-x4-upscaler).")
+              help="SR stage directory when it is not MODEL/stage_2: IF stage II (e.g. IF-II-L-v1.0), or for a "
+                   "Stable Diffusion model the x4 upscaler (StableDiffusionUpscalePipeline, e.g. "
+                   "stable-diffusion-x4-upscaler).")
 @click.option("--output", type=click.Path(),
               help="Output directory: the tuned cascade plus dreambooth.json." + default("output"))
 @click.option("--config", "config_file", type=click.Path(),

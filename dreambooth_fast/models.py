@@ -108,8 +108,8 @@ def check_stage_dir(path: Path, stage: str) -> None:
         raise UserError(f"{path}: {unsupported}")
     if index.get("_class_name") == sd.SD_PIPELINE:
         if stage != "base":
-            raise UserError(f"{path} is a Stable Diffusion model, not an IF stage II (IFSuperResolutionPipeline) "
-                            "directory")
+            raise UserError(f"{path} is a Stable Diffusion text-to-image model, not an SR stage (IF stage II: "
+                            f"IFSuperResolutionPipeline; the x4 upscaler: {sd_upscale.UPSCALE_PIPELINE})")
         sd.check_sd_dir(path, index)
         return
     parts = BASE_PARTS if stage == "base" else SR_PARTS

@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
+from . import sd_upscale
 from .errors import UserError
 from .ops import add_noise
 from .samplers import sampler_schedule
-from . import sd_upscale
 from .sd import decode_latents
 from .text import encode_negative, encode_prompts
 
