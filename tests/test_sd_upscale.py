@@ -314,3 +314,14 @@ def test_the_upscaler_exports_to_onnx_with_parity_and_generates_on_it(tiny_sd, u
     for name in ("image-0000.png", "image-0001.png"):
         a, b = (np.asarray(Image.open(tmp_path / d / name), int) for d in ("torch", "onnx"))
         assert a.shape == (128, 128, 3) and np.abs(a - b).max() <= 1
+
+
+def test_a_run_saved_with_the_old_default_stages_resumes_with_the_new_default():
+    """Runs written before --stages had a default of its own saved it as base,sr; resuming one without --stages
+    is not a change of options."""
+    from dreambooth_fast.config import TrainConfig
+    from dreambooth_fast.rundir import check_resume_config
+
+    check_resume_config(TrainConfig(), {"stages": ["base", "sr"]})
+    with pytest.raises(Exception, match="stages"):
+        check_resume_config(TrainConfig(), {"stages": ["base"]})
