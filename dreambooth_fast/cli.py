@@ -347,7 +347,8 @@ def identifier(model_dir: str, n_tokens: int, seed: int, limit: int, check_word:
 
 @main.command(name="eval")
 @click.option("--model", type=click.Path(), help="Trained output (cascade dir with dreambooth.json) to generate from.")
-@click.option("--sr-model", type=click.Path(), help="Stage II directory, when not in MODEL/stage_2.")
+@click.option("--sr-model", type=click.Path(),
+              help="SR stage directory (IF stage II, or Stable Diffusion's x4 upscaler), when not in MODEL/stage_2.")
 @click.option("--toy", is_flag=True,
               help="Judge a toy-world model exactly (held-out prompt and named-thing fidelity, stage II fidelity; "
                    "for a DreamBooth run also subject fidelity, PRES, DIV); needs no encoders.")
@@ -403,7 +404,9 @@ def eval_(model, sr_model, toy, real_images, clip_dir, dino_dir, lpips_dir, live
 
 @main.command(name="export")
 @click.option("--model", required=True, type=click.Path(), help="Cascade directory, e.g. the output of dbfast train.")
-@click.option("--sr-model", type=click.Path(), help="IF stage II directory when it is not MODEL/stage_2.")
+@click.option("--sr-model", type=click.Path(),
+              help="SR stage directory when it is not MODEL/stage_2 (IF stage II, or Stable Diffusion's x4 upscaler: "
+                   "ONNX only, its TensorRT engine is not built yet).")
 @click.option("--onnx", "to_onnx", is_flag=True, help="Export fp32 ONNX graphs (for --backend onnx; no GPU needed).")
 @click.option("--trt", "to_trt", is_flag=True, help="Build TensorRT engines (NVIDIA GPU and TensorRT 10 or later).")
 @click.option("--out", type=click.Path(), help="Output folder  [default: MODEL/export].")
