@@ -145,7 +145,7 @@ def _pick_stages(cfg: TrainConfig, has_sr: bool, family: str = "if") -> list[str
     if "sr" in cfg.stages and not has_sr:
         sr = "x4 upscaler (StableDiffusionUpscalePipeline)" if family == "sd" else "stage II"
         raise UserError(f"--stages {','.join(cfg.stages)}: {cfg.model} has no {sr} in stage_2/; pass --sr-model DIR"
-                        + ("" if cfg.stages == ("sr",) else " or --stages base"))
+                        + ("" if tuple(cfg.stages) == ("sr",) else " or --stages base"))
     return [s for s in ("base", "sr") if s in cfg.stages]
 
 

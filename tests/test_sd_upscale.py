@@ -325,3 +325,12 @@ def test_a_run_saved_with_the_old_default_stages_resumes_with_the_new_default():
     check_resume_config(TrainConfig(), {"stages": ["base", "sr"]})
     with pytest.raises(Exception, match="stages"):
         check_resume_config(TrainConfig(), {"stages": ["base"]})
+
+
+def test_eval_generation_runs_base_then_the_upscaler(tiny_sd, upscaler, tmp_path):
+    """dbfast eval's generation (the protocol prompts) on SD with the x4 upscaler: 32 px base images, 128 px out."""
+    from dreambooth_fast.evaluate.protocol import generate_eval_images
+
+    paths = generate_eval_images(tiny_sd, ["a dog"], 2, tmp_path / "eval", sr_model_dir=upscaler, device="cpu",
+                                 base_steps=2, sr_steps=2, progress=False)
+    assert {Image.open(p).size for p in paths[0]} == {(128, 128)}
