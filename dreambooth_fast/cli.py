@@ -37,8 +37,8 @@ class _Group(click.Group):
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="dbfast")
 def main() -> None:
-    """Fast DreamBooth for cascaded text-to-image diffusion models (DeepFloyd IF layout; Stable Diffusion 1.x/2.x's
-    base stage too).
+    """Fast DreamBooth for cascaded text-to-image diffusion models (DeepFloyd IF layout; Stable Diffusion 1.x/2.x
+    with its x4 upscaler too).
 
     \b
     Typical use:
@@ -83,15 +83,18 @@ def _stages(value: str) -> tuple[str, ...]:
 @click.option("--class", "class_noun", help="The subject's class noun, e.g. dog: prompts are 'a [V] dog' and 'a dog'.")
 @click.option("--model", type=click.Path(),
               help="Cascade directory in DeepFloyd IF's diffusers layout (stage I, optional stage_2/), or a "
-                   "Stable Diffusion 1.x/2.x directory (StableDiffusionPipeline layout; base stage only). "
-                   "[default: the embedded toy model, else a tiny random cascade]")
+                   "Stable Diffusion 1.x/2.x directory (StableDiffusionPipeline layout, optional stage_2/ with the x4 "
+                   "upscaler). [default: the embedded toy model, else a tiny random cascade]")
 @click.option("--sr-model", type=click.Path(),
-              help="IF stage II directory when it is not MODEL/stage_2 (e.g. IF-II-L-v1.0).")
+              help="SR stage directory when it is not MODEL/stage_2: IF stage II (e.g. IF-II-L-v1.0), or for a "
+                   "Stable Diffusion model the x4 upscaler (StableDiffusionUpscalePipeline, e.g. "
+                   "stable-diffusion-x4-upscaler).")
 @click.option("--output", type=click.Path(),
               help="Output directory: the tuned cascade plus dreambooth.json." + default("output"))
 @click.option("--config", "config_file", type=click.Path(),
               help="TOML file of these options (keys as the long option names).")
-@click.option("--stages", help="Stages to train, comma separated: base, sr." + default("stages"))
+@click.option("--stages", help="Stages to train, comma separated: base, sr; each must be there (sr: stage_2/ or "
+                               "--sr-model).  [default: every stage the model has]")
 @click.option("--identifier", help="Use this identifier instead of searching the vocabulary for rare tokens.")
 @click.option("--identifier-tokens", type=int,
               help="Rare tokens in the identifier, 1-3 (the paper's k)." + default("identifier_tokens"))
@@ -161,7 +164,8 @@ def _stages(value: str) -> tuple[str, ...]:
               help="With --lora-rank: write merged weights, not the adapter.")
 @click.option("--use-8bit-adam", is_flag=True, default=None, help="8-bit Adam (bitsandbytes, an optional extra).")
 @click.option("--sr-noise-level", type=int,
-              help="SR conditioning noise augmentation, IF's 0-999 scale (paper: lowered to 1e-5 -> 0)."
+              help="SR conditioning noise augmentation, IF's 0-999 scale (paper: lowered to 1e-5 -> 0); for the x4 "
+                   "upscaler its own noise_level, 0 to max_noise_level (350; its pipeline samples at 20)."
                    + default("sr_noise_level"))
 @click.option("--flip", is_flag=True, default=None, help="Add horizontally flipped copies of the subject photos.")
 @click.option("--skip-bad-images", is_flag=True, default=None,
@@ -273,9 +277,12 @@ def train(config_file: str | None, subjects_file: str | None, summary: str | Non
 @main.command()
 @click.argument("prompt")
 @click.option("--model", type=click.Path(), required=True, help="A cascade directory, e.g. the output of dbfast train.")
-@click.option("--sr-model", type=click.Path(), help="IF stage II directory when it is not MODEL/stage_2.")
+@click.option("--sr-model", type=click.Path(),
+              help="SR stage directory when it is not MODEL/stage_2: IF stage II, or for a Stable Diffusion model "
+                   "the x4 upscaler (StableDiffusionUpscalePipeline).")
 @click.option("-n", "--num-images", default=4, show_default=True, type=click.IntRange(1), help="Images to generate.")
-@click.option("--stages", default="base,sr", show_default=True, help="Stop after the base stage with --stages base.")
+@click.option("--stages", help="Stop after the base stage with --stages base.  [default: base,sr; Stable Diffusion "
+                               "without an x4 upscaler: base]")
 @click.option("--steps", default=50, show_default=True, type=click.IntRange(1),
               help="Stage I sampling steps (IF: 100).")
 @click.option("--sr-steps", default=25, show_default=True, type=click.IntRange(1),
@@ -284,9 +291,11 @@ def train(config_file: str | None, subjects_file: str | None, summary: str | Non
               help="ddpm (the model's own scheduler), dpm++ (DPM-Solver++, good in fewer steps), or one of IF's "
                    "timestep presets (fast27, smart27, ...; they ignore --steps and --sr-steps).")
 @click.option("--guidance", default=7.0, show_default=True, help="Stage I classifier-free guidance scale.")
-@click.option("--sr-guidance", default=4.0, show_default=True, help="Stage II classifier-free guidance scale.")
-@click.option("--noise-level", default=250, show_default=True, type=click.IntRange(0, 999),
-              help="Stage II noise augmentation of the upscaled image (IF's default 250).")
+@click.option("--sr-guidance", type=float,
+              help="Stage II classifier-free guidance scale.  [default: 4 (IF), 9 (the x4 upscaler's pipeline)]")
+@click.option("--noise-level", type=click.IntRange(0, 999),
+              help="Stage II noise augmentation of the low-res image: IF's 0-999, the x4 upscaler's 0 to its "
+                   "max_noise_level (350).  [default: 250 (IF), 20 (the x4 upscaler's pipeline)]")
 @click.option("--seed", default=0, show_default=True, help="Seed; image k uses its own generator seeded seed + k.")
 @click.option("--backend", default="torch", show_default=True, type=click.Choice(BACKENDS),
               help="UNet backend: eager torch, torch.compile, ONNX Runtime or TensorRT (after dbfast export).")
@@ -294,13 +303,15 @@ def train(config_file: str | None, subjects_file: str | None, summary: str | Non
               help="Where dbfast export wrote ONNX/TensorRT files [default: MODEL/export].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--out", type=click.Path(), help="Output directory for the PNGs and grid.png  [default: MODEL/samples].")
-def generate(prompt: str, model: str, sr_model: str | None, num_images: int, stages: str, steps: int, sr_steps: int,
-             sampler: str, guidance: float, sr_guidance: float, noise_level: int, seed: int, backend: str,
+def generate(prompt: str, model: str, sr_model: str | None, num_images: int, stages: str | None, steps: int,
+             sr_steps: int, sampler: str, guidance: float, sr_guidance: float | None, noise_level: int | None,
+             seed: int, backend: str,
              export_dir: str | None, device: str, out: str | None) -> None:
     """Generate images for PROMPT through the cascade; a literal [V] in PROMPT becomes the model's identifier."""
     from .generate import generate_images
 
-    paths = generate_images(prompt, model, sr_model=sr_model, n=num_images, stages=_stages(stages), steps=steps,
+    paths = generate_images(prompt, model, sr_model=sr_model, n=num_images,
+                            stages=_stages(stages) if stages is not None else None, steps=steps,
                             sr_steps=sr_steps, sampler=sampler, guidance=guidance, sr_guidance=sr_guidance,
                             noise_level=noise_level, seed=seed, backend=backend, export_dir=export_dir, device=device,
                             out=out)
@@ -336,7 +347,8 @@ def identifier(model_dir: str, n_tokens: int, seed: int, limit: int, check_word:
 
 @main.command(name="eval")
 @click.option("--model", type=click.Path(), help="Trained output (cascade dir with dreambooth.json) to generate from.")
-@click.option("--sr-model", type=click.Path(), help="Stage II directory, when not in MODEL/stage_2.")
+@click.option("--sr-model", type=click.Path(),
+              help="SR stage directory (IF stage II, or Stable Diffusion's x4 upscaler), when not in MODEL/stage_2.")
 @click.option("--toy", is_flag=True,
               help="Judge a toy-world model exactly (held-out prompt and named-thing fidelity, stage II fidelity; "
                    "for a DreamBooth run also subject fidelity, PRES, DIV); needs no encoders.")
@@ -392,7 +404,9 @@ def eval_(model, sr_model, toy, real_images, clip_dir, dino_dir, lpips_dir, live
 
 @main.command(name="export")
 @click.option("--model", required=True, type=click.Path(), help="Cascade directory, e.g. the output of dbfast train.")
-@click.option("--sr-model", type=click.Path(), help="IF stage II directory when it is not MODEL/stage_2.")
+@click.option("--sr-model", type=click.Path(),
+              help="SR stage directory when it is not MODEL/stage_2 (IF stage II, or Stable Diffusion's x4 upscaler: "
+                   "ONNX only, its TensorRT engine is not built yet).")
 @click.option("--onnx", "to_onnx", is_flag=True, help="Export fp32 ONNX graphs (for --backend onnx; no GPU needed).")
 @click.option("--trt", "to_trt", is_flag=True, help="Build TensorRT engines (NVIDIA GPU and TensorRT 10 or later).")
 @click.option("--out", type=click.Path(), help="Output folder  [default: MODEL/export].")

@@ -37,7 +37,7 @@ class TrainConfig:
     model: str | None = None
     sr_model: str | None = None
     output: str = "runs/dreambooth"
-    stages: tuple[str, ...] = STAGES
+    stages: tuple[str, ...] | None = None  # None: every stage the model has (an explicit list must all be there)
     identifier: str | None = None
     identifier_tokens: int = 1
     captions: bool = False
@@ -89,8 +89,8 @@ class TrainConfig:
             raise UserError("--class is required: the subject's class noun, for example --class dog")
         if self.precision not in PRECISIONS:
             raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        unknown = [s for s in self.stages if s not in STAGES]
-        if unknown or not self.stages:
+        unknown = [s for s in self.stages or () if s not in STAGES]
+        if unknown or self.stages is not None and not self.stages:
             raise UserError(
                 f"--stages takes a comma list of {', '.join(STAGES)}, got {','.join(self.stages) or '(empty)'}"
             )
@@ -158,7 +158,7 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
-        data["stages"] = list(self.stages)
+        data["stages"] = list(self.stages) if self.stages is not None else None
         return data
 
 
@@ -182,7 +182,8 @@ def _check_types(cfg: TrainConfig) -> None:
             ok = isinstance(value, str | os.PathLike)
         if not ok:
             raise UserError(f"--{field.name.replace('_', '-')} must be {kind.__name__}, got {value!r}")
-    if not isinstance(cfg.stages, tuple | list) or not all(isinstance(s, str) for s in cfg.stages):
+    if cfg.stages is not None and (not isinstance(cfg.stages, tuple | list)
+                                   or not all(isinstance(s, str) for s in cfg.stages)):
         raise UserError(f"--stages must be a comma list of {', '.join(STAGES)}, got {cfg.stages!r}")
 
 

@@ -1,4 +1,6 @@
-"""`dbfast generate`: prompt -> base stage -> SR stage -> PNGs and a grid, over any UNet backend."""
+"""`dbfast generate`: prompt -> base stage -> SR stage -> PNGs and a grid, over any UNet backend.
+
+Stable Diffusion: base latents -> VAE decode -> x4 upscaler (its own prompts, latents) -> its VAE decode."""
 
 from __future__ import annotations
 
@@ -13,8 +15,9 @@ from .identifier import PLACEHOLDER, fill_placeholder
 from .images import enlarged, make_grid, save_png, save_pngs, to_pil
 from .models import find_sr_dir, load_cascade, model_family, resolve_device
 from .rundir import RUN_FILE, run_identifier
-from .sample import sample_cascade
-from .sd import sd_stages
+from .sample import sample_cascade, sr_prompt_embeds
+from .sd import check_sampler
+from .sd_upscale import NO_TENSORRT, check_noise_level
 from .text import encode_negative, encode_prompts
 
 
@@ -37,13 +40,13 @@ def generate_images(
     *,
     sr_model: str | Path | None = None,
     n: int = 4,
-    stages: tuple[str, ...] = ("base", "sr"),
+    stages: tuple[str, ...] | None = None,
     steps: int = 50,
     sr_steps: int = 25,
     sampler: str = "ddpm",
     guidance: float = 7.0,
-    sr_guidance: float = 4.0,
-    noise_level: int = 250,
+    sr_guidance: float | None = None,
+    noise_level: int | None = None,
     seed: int = 0,
     backend: str = "torch",
     export_dir: str | Path | None = None,
@@ -51,15 +54,26 @@ def generate_images(
     out: str | Path | None = None,
 ) -> list[Path]:
     """Write `n` images for `prompt` at their exact size plus grid.png (enlarged to be seen when they are small);
-    return the image paths with the grid last."""
+    return the image paths with the grid last. `stages` default: base and sr (IF), every stage the model has
+    (Stable Diffusion: base, and the x4 upscaler where there is one). `sr_guidance` and `noise_level` default to the
+    SR stage's pipeline's (sample.sample_cascade)."""
     model = Path(model)
+    sd = model_family(model) == "sd"
+    sr_dir = find_sr_dir(model, sr_model)
+    if stages is None:
+        stages = ("base",) if sd and sr_dir is None else ("base", "sr")
     unknown = set(stages) - {"base", "sr"}
     if unknown or "base" not in stages:
         raise UserError(f"--stages must be base or base,sr, got {','.join(stages)}")
-    if model_family(model) == "sd":
-        stages = sd_stages(sr_model, sampler)
-    if "sr" in stages and find_sr_dir(model, sr_model) is None:
-        raise UserError(f"{model} has no stage II (stage_2/): pass --sr-model DIR or --stages base")
+    if sd:
+        check_sampler(sampler, "--sampler")
+    if "sr" in stages and sr_dir is None:
+        sr = "x4 upscaler (StableDiffusionUpscalePipeline)" if sd else "stage II"
+        raise UserError(f"{model} has no {sr} in stage_2/: pass --sr-model DIR or --stages base")
+    if sd and "sr" in stages and noise_level is not None:
+        check_noise_level(noise_level, sr_dir, "--noise-level")
+    if sd and "sr" in stages and backend == "trt":
+        raise UserError(f"--backend trt: {NO_TENSORRT}; use --backend onnx, or --stages base")
     text = expand_prompt(prompt, model)
     dev = resolve_device(device)
     # Exported backends run their own copy of the UNets: the torch ones are not loaded.
@@ -67,14 +81,15 @@ def generate_images(
     export_dir = Path(export_dir) if export_dir else default_export_dir(model)
     cond = encode_prompts(cascade.tokenizer, cascade.text_encoder, [text] * n)
     uncond = encode_negative(cascade.tokenizer, cascade.text_encoder)
-    cascade.text_encoder = None
+    sr_embeds = sr_prompt_embeds(cascade, [text] * n) if "sr" in stages else None
+    cascade.text_encoder = cascade.sr_text_encoder = None
     runners = {stage: unet_runner(backend, getattr(cascade, f"{stage}_unet"), getattr(cascade, f"{stage}_dir"),
                                   export_dir, stage, dev) for stage in stages}
     # One generator per image, seeded seed + k: image k is the same whatever n is.
     generators = [torch.Generator().manual_seed(seed + k) for k in range(n)]
     images = sample_cascade(cascade, runners, cond, uncond, stages=stages, base_steps=steps, base_guidance=guidance,
                             sr_steps=sr_steps, sr_guidance=sr_guidance, noise_level=noise_level, sampler=sampler,
-                            generator=generators)["sr" if "sr" in stages else "base"]
+                            generator=generators, sr_embeds=sr_embeds)["sr" if "sr" in stages else "base"]
     out_dir = Path(out) if out else model / "samples"
     paths = save_pngs(images, out_dir, prefix="image-")
     grid = save_png(enlarged(make_grid(to_pil(images), cols=min(n, 4))), out_dir / "grid.png")

@@ -3,7 +3,8 @@
 A cascade directory is an IF stage I directory (model_index.json, unet/, text_encoder/, tokenizer/,
 scheduler/) that may hold an IF stage II directory in `stage_2/`. Real IF ships the stages as separate
 directories (IF-I-XL-v1.0, IF-II-L-v1.0): pass the second as `sr_model_dir`. A Stable Diffusion directory
-(model_index.json naming StableDiffusionPipeline) is detected here and checked and loaded by sd.py.
+(model_index.json naming StableDiffusionPipeline) is detected here and checked and loaded by sd.py; its SR stage,
+the x4 upscaler (StableDiffusionUpscalePipeline, in stage_2/ or given as `sr_model_dir`), by sd_upscale.py.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from . import lora, sd
+from . import lora, sd, sd_upscale
 from .errors import UserError
 from .weights import has_weights, prefer_safetensors, unloadable
 
@@ -38,6 +39,11 @@ class Cascade:
     family: str = "if"  # "sd": a Stable Diffusion model (sd.py), its base UNet on the VAE's latents
     vae: torch.nn.Module | None = None
     vae_scale_factor: int = 1  # pixels per latent along a side (1: pixel space)
+    # Stable Diffusion's SR stage, the x4 upscaler, has a VAE and a text encoder of its own (sd_upscale.py).
+    sr_vae: torch.nn.Module | None = None
+    sr_vae_scale_factor: int = 1
+    sr_tokenizer: object | None = None
+    sr_text_encoder: torch.nn.Module | None = None
 
     @property
     def base_size(self) -> int:
@@ -46,9 +52,18 @@ class Cascade:
 
     @property
     def sr_size(self) -> int | None:
+        """The SR stage's training image size in pixels (the x4 upscaler: 4x its UNet's latent size)."""
         if self.sr_dir is None:
             return None
-        return int(_read_json(self.sr_dir / "unet" / "config.json")["sample_size"])
+        return int(_read_json(self.sr_dir / "unet" / "config.json")["sample_size"]) * self.sr_vae_scale_factor
+
+    @property
+    def sr_input_size(self) -> int | None:
+        """The low-res image size the SR stage trains on: IF's stage II takes the base's images; the x4 upscaler
+        takes images of its UNet's latent size (the real one: 128 px in, 512 px out)."""
+        if self.sr_dir is None:
+            return None
+        return self.sr_size // self.sr_vae_scale_factor if self.family == "sd" else self.base_size
 
 
 def resolve_device(name: str) -> torch.device:
@@ -71,8 +86,10 @@ def _read_json(path: Path) -> dict:
 
 
 def model_family(path: Path) -> str:
-    """The model family: sd when `path`'s model_index.json names StableDiffusionPipeline, else if (DeepFloyd IF)."""
-    return "sd" if _read_json(Path(path) / "model_index.json").get("_class_name") == sd.SD_PIPELINE else "if"
+    """The model family: sd when `path`'s model_index.json names StableDiffusionPipeline (or its x4 upscaler),
+    else if (DeepFloyd IF)."""
+    name = _read_json(Path(path) / "model_index.json").get("_class_name")
+    return "sd" if name in (sd.SD_PIPELINE, sd_upscale.UPSCALE_PIPELINE) else "if"
 
 
 def check_stage_dir(path: Path, stage: str) -> None:
@@ -83,13 +100,16 @@ def check_stage_dir(path: Path, stage: str) -> None:
             f"model directory {path} does not exist (expected a DeepFloyd IF directory in diffusers layout)"
         )
     index = _read_json(path / "model_index.json")
+    if stage == "sr" and sd_upscale.is_upscaler(index):
+        sd_upscale.check_upscaler_dir(path, index)
+        return
     unsupported = sd.unsupported_pipeline(str(index.get("_class_name", "")))
     if unsupported:
         raise UserError(f"{path}: {unsupported}")
     if index.get("_class_name") == sd.SD_PIPELINE:
         if stage != "base":
-            raise UserError(f"{path} is a Stable Diffusion model, not an IF stage II (IFSuperResolutionPipeline) "
-                            "directory")
+            raise UserError(f"{path} is a Stable Diffusion text-to-image model, not an SR stage (IF stage II: "
+                            f"IFSuperResolutionPipeline; the x4 upscaler: {sd_upscale.UPSCALE_PIPELINE})")
         sd.check_sd_dir(path, index)
         return
     parts = BASE_PARTS if stage == "base" else SR_PARTS
@@ -103,6 +123,17 @@ def check_stage_dir(path: Path, stage: str) -> None:
     in_channels = _read_json(path / "unet" / "config.json").get("in_channels")
     if stage == "sr" and in_channels != 6:
         raise UserError(f"{path}/unet has {in_channels} input channels; an IF stage II UNet has 6")
+
+
+def check_sr_family(sr_dir: Path, family: str) -> None:
+    """The SR stage must be of the base's family: IF's stage II after an IF base, the x4 upscaler after SD."""
+    upscaler = sd_upscale.is_upscaler(_read_json(Path(sr_dir) / "model_index.json"))
+    if family == "sd" and not upscaler:
+        raise UserError(f"{sr_dir}: a Stable Diffusion model's SR stage is the x4 upscaler "
+                        f"({sd_upscale.UPSCALE_PIPELINE}), not an IF stage II")
+    if family == "if" and upscaler:
+        raise UserError(f"{sr_dir} is the Stable Diffusion x4 upscaler; a DeepFloyd IF base takes an IF stage II "
+                        "(IFSuperResolutionPipeline)")
 
 
 def find_sr_dir(model_dir: Path, sr_model_dir: str | Path | None) -> Path | None:
@@ -171,16 +202,20 @@ def load_cascade(
     for explicitly with `sr_model_dir`."""
     base_dir = Path(model_dir)
     check_stage_dir(base_dir, "base")
-    if model_family(base_dir) == "sd":
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        return Cascade(**sd.load_sd_parts(base_dir, device=device, dtype=dtype, with_text_encoder=with_text_encoder),
-                       base_unet=load_unet(base_dir, device, dtype) if "base" in stages and with_unets else None,
-                       sr_unet=None, sr_scheduler=None, sr_noising_scheduler=None, base_dir=base_dir, sr_dir=None,
-                       family="sd")
+    family = model_family(base_dir)
     sr_dir = find_sr_dir(base_dir, sr_model_dir) if "sr" in stages else None
     if sr_dir is not None:
         check_stage_dir(sr_dir, "sr")
+        check_sr_family(sr_dir, family)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if family == "sd":
+        upscaler = (sd_upscale.load_upscaler_parts(sr_dir, device=device, dtype=dtype,
+                                                   with_text_encoder=with_text_encoder) if sr_dir else {})
+        return Cascade(**sd.load_sd_parts(base_dir, device=device, dtype=dtype, with_text_encoder=with_text_encoder),
+                       **{"sr_scheduler": None, "sr_noising_scheduler": None, **upscaler},
+                       base_unet=load_unet(base_dir, device, dtype) if "base" in stages and with_unets else None,
+                       sr_unet=load_unet(sr_dir, device, dtype) if sr_dir is not None and with_unets else None,
+                       base_dir=base_dir, sr_dir=sr_dir, family="sd")
     return Cascade(
         tokenizer=load_tokenizer(base_dir),
         text_encoder=load_text_encoder(base_dir, device, dtype) if with_text_encoder else None,

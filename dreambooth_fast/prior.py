@@ -54,9 +54,11 @@ def default_cache_root() -> Path:
 def cache_key(cascade: Cascade, settings: PriorSettings, memo: Path | None = None) -> dict:
     """Everything that decides the class images. The dtype and the batch size are left out on purpose: they
     change the images only by rounding, not in distribution. A Stable Diffusion model's VAE decodes them, so its
-    files are in the key too (and its scheduler's config, which picks the sampler). `memo`: where the weights'
-    digests are remembered between runs (fileio.sha256_files)."""
+    files are in the key too (and its scheduler's config, which picks the sampler), and so are the x4 upscaler's own
+    VAE, text encoder and schedulers when it draws the SR stage's. `memo`: where the weights' digests are remembered
+    between runs (fileio.sha256_files)."""
     parts = ("vae", "scheduler") if cascade.family == "sd" else ()
+    sr_parts = ("vae", "text_encoder", "scheduler", "low_res_scheduler") if cascade.family == "sd" else ()
 
     def digest(paths: list[Path]) -> str:
         return sha256_files(paths, memo)
@@ -67,6 +69,7 @@ def cache_key(cascade: Cascade, settings: PriorSettings, memo: Path | None = Non
         "text_encoder": digest(sorted((cascade.base_dir / "text_encoder").iterdir())),
         **asdict(settings),
         **{part: digest(sorted((cascade.base_dir / part).iterdir())) for part in parts},
+        **{f"sr_{part}": digest(sorted((cascade.sr_dir / part).iterdir())) for part in sr_parts if settings.with_sr},
     }
 
 
@@ -91,6 +94,7 @@ def generate_class_images(
     batch_size: int = CLASS_IMAGE_BATCH,
     runners: dict[str, UnetFn] | None = None,
     share: tuple[int, int] = (0, 1),
+    sr_embeds: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[Path, int]:
     """Make sure `n` class images exist in the cache; return their directory (base/ and, with SR, sr/) and how
     many of them this process drew.
@@ -103,7 +107,8 @@ def generate_class_images(
     world size, then helps with the rest), or two runs at once. Then each waits until every batch is there,
     drawing any batch whose claimant died. `runners` ("base" and, with SR, "sr": sampler runners of the frozen
     UNets on any backend) default to the cascade's torch UNets. Each PNG is written atomically, so a reader
-    never sees half an image."""
+    never sees half an image. `sr_embeds` (class prompt, empty prompt): the Stable Diffusion x4 upscaler's own;
+    it upscales the base image brought to its input size (the pairs the SR stage trains on)."""
     root = cache_root or default_cache_root()
     key = cache_key(cascade, settings, memo=root / DIGEST_MEMO)
     folder = cache_dir_for(key, root)
@@ -114,7 +119,7 @@ def generate_class_images(
     order = mine + [b for b in batches if b not in mine]
     if not _missing(folders, range(n)):
         return folder, 0
-    draw = _ClassImageDrawer(cascade, class_embeds, negative_embeds, settings, key, folders, runners)
+    draw = _ClassImageDrawer(cascade, class_embeds, negative_embeds, settings, key, folders, runners, sr_embeds)
     said = []
 
     def on_wait() -> None:  # a run's own ranks wait for each other quietly; a lone run says once why it waits
@@ -146,11 +151,13 @@ class _ClassImageDrawer:
     """Draws given class images (by index) with the frozen cascade and writes them; counts what it drew."""
 
     def __init__(self, cascade: Cascade, class_embeds: torch.Tensor, negative_embeds: torch.Tensor,
-                 settings: PriorSettings, key: dict, folders: list[Path], runners: dict[str, UnetFn] | None):
+                 settings: PriorSettings, key: dict, folders: list[Path], runners: dict[str, UnetFn] | None,
+                 sr_embeds: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.cascade, self.settings, self.key, self.folders = cascade, settings, key, folders
         unet = cascade.base_unet if cascade.base_unet is not None else cascade.sr_unet
         self.place = {"device": unet.device, "dtype": unet.dtype}
         self.class_embeds, self.negative_embeds = class_embeds.to(**self.place), negative_embeds.to(**self.place)
+        self.sr_embeds = tuple(e.to(**self.place) for e in sr_embeds) if sr_embeds is not None else None
         if runners is None:
             base_unet = cascade.base_unet
             if base_unet is None:  # an SR-only run: its class images are still stage I's samples, upscaled
@@ -161,6 +168,9 @@ class _ClassImageDrawer:
         self.runners = runners
         self.drawn = 0
         self.batch_size: int | None = None  # set lower after an out-of-memory error
+
+    def _sr_embeds(self, count: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return None if self.sr_embeds is None else (self.sr_embeds[0].expand(count, -1, -1), self.sr_embeds[1])
 
     def __call__(self, indices: list[int]) -> None:
         s = self.settings
@@ -175,7 +185,8 @@ class _ClassImageDrawer:
                                         base_steps=s.base_steps, base_guidance=s.guidance_scale,
                                         sr_steps=s.sr_steps, sr_guidance=s.sr_guidance_scale,
                                         noise_level=s.sr_noise_level, sampler=s.sampler,
-                                        generator=image_generators(s.seed, part), progress=False)
+                                        generator=image_generators(s.seed, part), progress=False,
+                                        sr_embeds=self._sr_embeds(count), sr_input_size=self.cascade.sr_input_size)
             except torch.OutOfMemoryError:
                 if count == 1:
                     raise UserError("one class image does not fit in the device's memory: pass --precision bf16, "

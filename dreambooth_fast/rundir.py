@@ -74,6 +74,9 @@ def check_output_dir(output: Path, resume: bool, overwrite: bool) -> None:
 
 def check_resume_config(cfg: TrainConfig, saved: dict) -> None:
     now, defaults = cfg.to_dict(), TrainConfig().to_dict()
+    # --stages base,sr is what the default (None: every stage the model has) was written as before it had its own
+    # value; a model either has both stages (the two mean the same) or base,sr was refused before this check.
+    now["stages"], saved = _default_stages(now["stages"]), {**saved, "stages": _default_stages(saved.get("stages"))}
     # An option added to dbfast since the run was saved is not in its config: the run used its default.
     differ = sorted(k for k in now if k not in RESUMABLE_CHANGES and now[k] != saved.get(k, defaults[k]))
     if differ:
@@ -81,6 +84,10 @@ def check_resume_config(cfg: TrainConfig, saved: dict) -> None:
             f"--resume with different options than the run ({', '.join(differ)}): use the same options "
             "or start a new run"
         )
+
+
+def _default_stages(stages: list[str] | None) -> list[str] | None:
+    return None if stages == ["base", "sr"] else stages
 
 
 def check_not_finished(latest: dict | None, out: Path, stages: list[str]) -> None:

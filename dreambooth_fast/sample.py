@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
+from . import sd_upscale
 from .errors import UserError
 from .ops import add_noise
 from .samplers import sampler_schedule
@@ -83,10 +84,15 @@ def _denoise(unet_fn: UnetFn, scheduler, x: torch.Tensor, prompt_embeds: torch.T
             class_labels = torch.cat([class_labels] * 2)
     step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     channels = x.shape[1]
+    if upscaled is not None and guided:
+        upscaled = torch.cat([upscaled] * 2)
     for t in tqdm(scheduler.timesteps, desc=desc, disable=not progress, leave=False):
-        model_input = x if upscaled is None else torch.cat([x, upscaled], dim=1)
-        model_input = torch.cat([model_input] * 2) if guided else model_input
+        model_input = torch.cat([x] * 2) if guided else x
+        # The sample alone is scaled, as StableDiffusionUpscalePipeline does; IF's pipelines scale the
+        # concatenation, which is the same with IF's schedulers (DDPM, DPM-Solver++: no input scaling).
         model_input = scheduler.scale_model_input(model_input, t)
+        if upscaled is not None:
+            model_input = torch.cat([model_input, upscaled], dim=1)
         pred = unet_fn(model_input, t.expand(model_input.shape[0]), embeds, class_labels)
         if guided:
             # Guide the epsilon half; the variance half comes from the conditional prediction.
@@ -149,6 +155,32 @@ def sample_sr(unet_fn: UnetFn, scheduler, noising_scheduler, low_res: torch.Tens
                     upscaled=upscaled, class_labels=levels)
 
 
+@torch.no_grad()
+def sample_upscale(unet_fn: UnetFn, scheduler, noising_scheduler, low_res: torch.Tensor, prompt_embeds: torch.Tensor,
+                   negative_embeds: torch.Tensor | None, *, channels: int, steps: int = SR_STEPS,
+                   guidance_scale: float = SR_GUIDANCE, noise_level: int = SR_NOISE_LEVEL,
+                   timesteps: list[int] | None = None, generator: Generator = None,
+                   progress: bool = True) -> torch.Tensor:
+    """The Stable Diffusion x4 upscaler (StableDiffusionUpscalePipeline's loop): latents (batch, `channels`, h, w)
+    for `low_res` (batch, 3, h, w) in [-1, 1], which is noised to `noise_level` by `noising_scheduler` (the
+    pipeline's low_res_scheduler), concatenated with the latents at every step, the level its class label. Decode
+    the latents with the upscaler's VAE (sd.decode_latents) for the 4x image."""
+    device, dtype = prompt_embeds.device, prompt_embeds.dtype
+    if low_res.shape[0] != prompt_embeds.shape[0]:
+        raise ValueError(f"low_res has {low_res.shape[0]} images but prompt_embeds has {prompt_embeds.shape[0]} rows")
+    _set_timesteps(scheduler, steps, timesteps, device)
+    low_res = low_res.to(device=device, dtype=dtype)
+    # Same draws in the same order as the pipeline: the augmentation noise, then the initial latents.
+    noise = randn_tensor(low_res.shape, generator=generator, device=device, dtype=dtype)
+    levels = torch.full((low_res.shape[0],), noise_level, dtype=torch.long, device=device)
+    image, _ = add_noise(low_res, noise, levels, noising_scheduler.alphas_cumprod.to(device))
+    x = randn_tensor((low_res.shape[0], channels, *low_res.shape[2:]), generator=generator, device=device,
+                     dtype=dtype)
+    x = x * scheduler.init_noise_sigma
+    return _denoise(unet_fn, scheduler, x, prompt_embeds, negative_embeds, guidance_scale, generator, progress, "sr",
+                    upscaled=image, class_labels=levels)
+
+
 def _placement(unet: torch.nn.Module | None, fallback: torch.nn.Module) -> dict:
     module = unet if unet is not None else fallback
     return {"device": module.device, "dtype": module.dtype}
@@ -157,15 +189,21 @@ def _placement(unet: torch.nn.Module | None, fallback: torch.nn.Module) -> dict:
 @torch.no_grad()
 def sample_cascade(cascade, runners: dict[str, UnetFn], cond: torch.Tensor, uncond: torch.Tensor, *,
                    stages: tuple[str, ...] = ("base", "sr"), base_steps: int = BASE_STEPS,
-                   base_guidance: float = BASE_GUIDANCE, sr_steps: int = SR_STEPS, sr_guidance: float = SR_GUIDANCE,
-                   noise_level: int = SR_NOISE_LEVEL, sampler: str = "ddpm", generator: Generator = None,
-                   progress: bool = True, placement: dict[str, dict] | None = None) -> dict[str, torch.Tensor]:
+                   base_guidance: float = BASE_GUIDANCE, sr_steps: int = SR_STEPS, sr_guidance: float | None = None,
+                   noise_level: int | None = None, sampler: str = "ddpm", generator: Generator = None,
+                   progress: bool = True, placement: dict[str, dict] | None = None,
+                   sr_embeds: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   sr_input_size: int | None = None) -> dict[str, torch.Tensor]:
     """The cascade: stage I draws one image per row of the prompt embeddings `cond` (`uncond`: the empty
     prompt's row), then, with "sr" in `stages`, stage II upscales them. `runners` maps "base" and "sr" to a
     UNet runner (any backend); the schedulers and sizes come from the loaded `models.Cascade`. One generator
     runs through both stages, as in diffusers' IF example. `sampler` (samplers.SAMPLERS) steps both stages.
     `placement` gives each stage's embedding device
-    and dtype where they differ from `cond`'s. Returns {"base": ..., "sr": ...} for the stages run."""
+    and dtype where they differ from `cond`'s. Returns {"base": ..., "sr": ...} for the stages run.
+
+    Stable Diffusion: the SR stage is the x4 upscaler, with prompt embeddings of its own text encoder
+    (`sr_embeds`: cond, uncond); it upscales the base images 4x, or first brought to `sr_input_size` (area).
+    `sr_guidance` and `noise_level` default to the SR stage's pipeline's: IF's 4 and 250, the upscaler's 9 and 20."""
     if "sr" in stages and cascade.sr_scheduler is None:
         raise UserError(f"{cascade.base_dir} has no stage II (stage_2/): pass --sr-model or --stages base")
     place = placement or {}
@@ -185,10 +223,34 @@ def sample_cascade(cascade, runners: dict[str, UnetFn], cond: torch.Tensor, unco
     if "sr" in stages:
         to = place.get("sr", {})
         scheduler, timesteps = sampler_schedule(cascade.sr_scheduler, sampler)
+        if latent:
+            sr_guidance = sd_upscale.GUIDANCE if sr_guidance is None else sr_guidance
+            noise_level = sd_upscale.NOISE_LEVEL if noise_level is None else noise_level
+            low = out["base"]
+            if sr_input_size is not None and low.shape[-1] != sr_input_size:
+                low = F.interpolate(low, (sr_input_size, sr_input_size), mode="area")
+            sr_cond, sr_uncond = sr_embeds
+            latents = sample_upscale(runners["sr"], scheduler, cascade.sr_noising_scheduler, low, sr_cond.to(**to),
+                                     sr_uncond.to(**to), channels=cascade.sr_vae.config.latent_channels,
+                                     steps=sr_steps, guidance_scale=sr_guidance, noise_level=noise_level,
+                                     timesteps=timesteps, generator=generator, progress=progress)
+            out["sr"] = decode_latents(cascade.sr_vae, latents)
+            return out
+        sr_guidance = SR_GUIDANCE if sr_guidance is None else sr_guidance
+        noise_level = SR_NOISE_LEVEL if noise_level is None else noise_level
         out["sr"] = sample_sr(runners["sr"], scheduler, cascade.sr_noising_scheduler, out["base"], cond.to(**to),
                               uncond.to(**to), size=cascade.sr_size, steps=sr_steps, guidance_scale=sr_guidance,
                               noise_level=noise_level, timesteps=timesteps, generator=generator, progress=progress)
     return out
+
+
+def sr_prompt_embeds(cascade, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The SR stage's own (cond, uncond) embeddings of `prompts` where it has a text encoder of its own (the Stable
+    Diffusion x4 upscaler); None where the stages share one (IF)."""
+    if cascade.sr_text_encoder is None:
+        return None
+    return (encode_prompts(cascade.sr_tokenizer, cascade.sr_text_encoder, prompts),
+            encode_negative(cascade.sr_tokenizer, cascade.sr_text_encoder))
 
 
 @torch.no_grad()
@@ -209,4 +271,5 @@ def generate_cascade(cascade, prompts: list[str], *, stages: tuple[str, ...] = (
     if "sr" in stages:
         runners["sr"] = sr_unet_fn or (torch_unet_fn(cascade.sr_unet) if cascade.sr_unet is not None else None)
         placement["sr"] = _placement(cascade.sr_unet, cascade.text_encoder)
+        sampling["sr_embeds"] = sr_prompt_embeds(cascade, prompts)
     return sample_cascade(cascade, runners, cond, uncond, stages=stages, placement=placement, **sampling)

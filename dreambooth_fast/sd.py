@@ -12,8 +12,12 @@ the VAE be freed before training and keeps a resumed run bit-exact). Class image
 the model's own scheduler and decoded by the VAE. The output is the same layout with the tuned unet/ (or the
 LoRA adapter beside it), so `StableDiffusionPipeline.from_pretrained(output)` loads it.
 
-The UNet exports through export/ like an IF stage (the VAE decoder stays in PyTorch: it runs once per image).
-Not yet (issue 19): the x4 upscaler as SR stage, text-encoder fine-tuning, SDXL.
+The SR stage is the x4 upscaler (StableDiffusionUpscalePipeline, checked and loaded by sd_upscale.py): given as
+--sr-model, or in the model's stage_2/ (a dbfast output), fine-tuned like IF's stage II on (low-res subject,
+high-res subject) pairs in its own VAE's latents, and written to the output's stage_2/.
+
+The UNets export through export/ like IF stages (the VAE decoders stay in PyTorch: they run once per image).
+Not yet (issue 19): text-encoder fine-tuning, SDXL.
 """
 
 from __future__ import annotations
@@ -51,18 +55,20 @@ def unsupported_pipeline(name: str) -> str | None:
     if name.startswith("StableDiffusionXL"):
         return f"{name} (SDXL) is not supported yet; Stable Diffusion 1.x/2.x ({SD_PIPELINE}) is"
     if name == "StableDiffusionUpscalePipeline":
-        return (f"{name} is the x4 upscaler, which is not supported as a stage yet; pass a {SD_PIPELINE} "
+        return (f"{name} is the x4 upscaler: pass it as --sr-model (the SR stage) beside a {SD_PIPELINE} "
                 "directory as --model")
     return f"{name} is not supported; pass a Stable Diffusion 1.x/2.x text-to-image directory ({SD_PIPELINE})"
 
 
-def check_sd_dir(path: Path, index: dict) -> None:
+def check_sd_dir(path: Path, index: dict, *, pipeline: str = SD_PIPELINE, parts: tuple[str, ...] = PARTS,
+                 image_channels: int = 0) -> None:
     """Raise a UserError naming what is wrong when `path` (its model_index.json read as `index`) is not a complete
-    Stable Diffusion 1.x/2.x directory: a missing part, missing weights, an unknown scheduler, parts that do not fit."""
+    Stable Diffusion 1.x/2.x directory: a missing part, missing weights, an unknown scheduler, parts that do not fit.
+    The x4 upscaler (sd_upscale.py) is checked the same way: its `parts`, a UNet taking `image_channels` more."""
 
-    missing = [p for p in PARTS if not (path / p).is_dir() or index.get(p) in (None, [None, None])]
+    missing = [p for p in parts if not (path / p).is_dir() or index.get(p) in (None, [None, None])]
     if missing:
-        raise UserError(f"{path} is not a Stable Diffusion ({SD_PIPELINE}) directory: missing {', '.join(missing)}")
+        raise UserError(f"{path} is not a Stable Diffusion ({pipeline}) directory: missing {', '.join(missing)}")
     for folder in ("unet", "vae", "text_encoder"):
         if not has_weights(path / folder):
             raise UserError(f"no weight files in {path / folder} (expected *.safetensors): the download is incomplete")
@@ -73,9 +79,11 @@ def check_sd_dir(path: Path, index: dict) -> None:
     unet = _config(path / "unet" / "config.json")
     vae = _config(path / "vae" / "config.json")
     text = _config(path / "text_encoder" / "config.json")
-    if unet.get("in_channels") != vae.get("latent_channels", 4):
+    latent = vae.get("latent_channels", 4)
+    if unet.get("in_channels") != latent + image_channels:
+        image = f" plus {image_channels} of the low-res image" if image_channels else ""
         raise UserError(f"{path}/unet takes {unet.get('in_channels')} input channels but the VAE makes "
-                        f"{vae.get('latent_channels', 4)} latent channels: the parts are from different models")
+                        f"{latent} latent channels{image}: the parts are from different models")
     if unet.get("cross_attention_dim") != text.get("hidden_size"):
         raise UserError(f"{path}/unet attends to {unet.get('cross_attention_dim')}-wide text embeddings but the "
                         f"text encoder makes {text.get('hidden_size')}: the parts are from different models")
@@ -97,13 +105,7 @@ def _scheduler_class(path: Path, config: dict):
 
 
 def check_options(cfg) -> None:
-    """The training options that do not apply to a Stable Diffusion model yet, refused before anything is written."""
-    if cfg.sr_model is not None:
-        raise UserError("--sr-model: the Stable Diffusion x4 upscaler as SR stage is not supported yet; train the "
-                        "base stage (--stages base)")
-    if tuple(cfg.stages) == ("sr",):
-        raise UserError(f"--stages sr: {cfg.model} is a Stable Diffusion model, and its SR stage (the x4 upscaler) "
-                        "is not supported yet; train the base stage (--stages base)")
+    """The training options that do not apply to a Stable Diffusion model, refused before anything is written."""
     check_sampler(cfg.class_sampler, "--class-sampler")
 
 
@@ -114,16 +116,6 @@ def check_sampler(sampler: str, option: str) -> None:
     if sampler in IF_PRESETS:
         raise UserError(f"{option} {sampler}: a DeepFloyd IF timestep preset; for Stable Diffusion use ddpm (the "
                         "model's own scheduler) or dpm++")
-
-
-def sd_stages(sr_model, sampler: str) -> tuple[str, ...]:
-    """The stages `dbfast generate` runs on a Stable Diffusion model: the base (on any backend) and the VAE decode
-    (in PyTorch); no SR stage yet."""
-    check_sampler(sampler, "--sampler")
-    if sr_model is not None:
-        raise UserError("--sr-model: the Stable Diffusion x4 upscaler is not supported yet; generate with the base "
-                        "model alone")
-    return ("base",)
 
 
 def vae_scale_factor(model_dir: Path) -> int:

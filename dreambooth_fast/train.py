@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import platform
 import shutil
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from . import __version__, data, identifier, lora, ops, sd
+from . import __version__, data, identifier, lora, ops, sd, sd_upscale
 from .backends import TORCH_BACKENDS, unet_runner
 from .checkpoint import checkpoint_dir, load_checkpoint, mark_stage_done, read_latest, save_checkpoint
 from .compiled import compile_unet
@@ -58,6 +59,7 @@ from .metrics import StepMetrics, open_metrics_log
 from .models import (
     STAGE_2_DIR,
     Cascade,
+    check_sr_family,
     check_stage_dir,
     find_sr_dir,
     load_cascade,
@@ -88,7 +90,15 @@ from .rundir import (
     run_identifier,
     stop_on_full_disk,
 )
-from .sample import BASE_GUIDANCE, SR_GUIDANCE, SR_NOISE_LEVEL, sample_base, sample_sr, torch_unet_fn
+from .sample import (
+    BASE_GUIDANCE,
+    SR_GUIDANCE,
+    SR_NOISE_LEVEL,
+    sample_base,
+    sample_sr,
+    sample_upscale,
+    torch_unet_fn,
+)
 from .snr import min_snr_weights
 from .text import encode_negative, encode_prompts
 from .toy.default_model import default_model_dir, default_model_notes
@@ -127,12 +137,16 @@ def _stage_dir(out: Path, stage: str) -> Path:
 
 
 def _pick_stages(cfg: TrainConfig, has_sr: bool, family: str = "if") -> list[str]:
-    if "sr" in cfg.stages and not has_sr:
-        if cfg.stages == ("sr",):
-            raise UserError(f"--stages sr: {cfg.model} has no stage II (stage_2/); pass --sr-model DIR")
-        if family == "if":  # Stable Diffusion has no SR stage here yet: its base alone is the whole run
+    """The stages to train: --stages as given, or by default (None) every stage the model has."""
+    if cfg.stages is None:
+        if not has_sr and family == "if":  # a Stable Diffusion model without its x4 upscaler is just a base
             tqdm.write(f"{cfg.model} has no stage II (stage_2/): training the base stage only")
-    return [s for s in ("base", "sr") if s in cfg.stages and (s == "base" or has_sr)]
+        return ["base", "sr"] if has_sr else ["base"]
+    if "sr" in cfg.stages and not has_sr:
+        sr = "x4 upscaler (StableDiffusionUpscalePipeline)" if family == "sd" else "stage II"
+        raise UserError(f"--stages {','.join(cfg.stages)}: {cfg.model} has no {sr} in stage_2/; pass --sr-model DIR"
+                        + ("" if tuple(cfg.stages) == ("sr",) else " or --stages base"))
+    return [s for s in ("base", "sr") if s in cfg.stages]
 
 
 def make_prompts(cascade: Cascade, cfg: TrainConfig, captions: list[str] | None = None) -> Prompts:
@@ -152,6 +166,18 @@ def make_prompts(cascade: Cascade, cfg: TrainConfig, captions: list[str] | None 
     embeds = encode_prompts(tok, cascade.text_encoder, [*instance, class_])
     negative = encode_negative(tok, cascade.text_encoder)
     return Prompts(ident, instance, class_, embeds[:-1], embeds[-1:], negative)
+
+
+def stage_prompts(cascade: Cascade, prompts: Prompts) -> dict[str, Prompts]:
+    """Each stage's prompts: IF's stages share one T5's embeddings; Stable Diffusion's x4 upscaler has a text
+    encoder of its own, which encodes the same prompts for it."""
+    if cascade.sr_text_encoder is None:
+        return {"base": prompts, "sr": prompts}
+    tok, encoder = cascade.sr_tokenizer, cascade.sr_text_encoder
+    embeds = encode_prompts(tok, encoder, [*prompts.instance, prompts.class_])
+    sr = Prompts(prompts.identifier, prompts.instance, prompts.class_, embeds[:-1], embeds[-1:],
+                 encode_negative(tok, encoder))
+    return {"base": prompts, "sr": sr}
 
 
 def _load_class_images(folder: Path, sub: str, size: int) -> torch.Tensor:
@@ -182,19 +208,24 @@ def stage_data(
         prior = _load_class_images(class_dir, "base", base_size) if class_dir else None
         rows = StageData(data.prepare(images, base_size, flip=flip), None, prior, None)
         return sd.latent_rows(cascade.vae, rows) if cascade.family == "sd" else rows  # SD trains on VAE latents
-    sr_size = cascade.sr_size
+    sr_size, low_size = cascade.sr_size, cascade.sr_input_size
+    # IF's stage II is conditioned on the low-res image upscaled to its size; the x4 upscaler (Stable Diffusion)
+    # on the low-res image as it is, beside latents of the same size.
+    latent = cascade.family == "sd"
+
+    def conditioning(low: torch.Tensor) -> torch.Tensor:
+        return low if latent else _upscaled(low, sr_size)
+
     subject = data.prepare(images, sr_size, flip=flip)
-    subject_cond = _upscaled(data.prepare(images, base_size, flip=flip), sr_size)
-    if class_dir is None:
-        return StageData(subject, subject_cond, None, None)
-    prior = _load_class_images(class_dir, "sr", sr_size)
-    # Generated pairs: the base image and its frozen-SR upscaling. User-given class images: downsampled.
-    low = (
-        _load_class_images(class_dir, "base", base_size)
-        if not user_class_images
-        else F.interpolate(prior, (base_size, base_size), mode="area")
-    )
-    return StageData(subject, subject_cond, prior, _upscaled(low, sr_size))
+    rows = StageData(subject, conditioning(data.prepare(images, low_size, flip=flip)), None, None)
+    if class_dir is not None:
+        prior = _load_class_images(class_dir, "sr", sr_size)
+        # Generated pairs: the base image and its frozen-SR upscaling. User-given class images: downsampled.
+        low = _load_class_images(class_dir, "base", base_size) if not user_class_images else prior
+        if low.shape[-1] != low_size:  # the x4 upscaler drew from the base image brought to its input size
+            low = F.interpolate(low, (low_size, low_size), mode="area")
+        rows = dataclasses.replace(rows, prior=prior, prior_cond=conditioning(low))
+    return sd.latent_rows(cascade.sr_vae, rows) if latent else rows  # the upscaler's targets: its VAE's latents
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
@@ -535,6 +566,12 @@ class StageTrainer:
             images = sample_base(unet_fn, self.scheduler, embeds, negative, size=v.size, steps=v.steps,
                                  guidance_scale=v.guidance, generator=generator, progress=False, **channels)
             images = sd.decode_latents(v.vae, images) if v.vae is not None else images
+        elif v.vae is not None:  # the x4 upscaler: the subject's low-res images as they are, then its VAE
+            low = self.rows.subject_cond[:n].to(self.device)
+            latents = sample_upscale(unet_fn, self.scheduler, v.noising_scheduler, low, embeds[: len(low)], negative,
+                                     channels=v.vae.config.latent_channels, steps=v.steps, guidance_scale=v.guidance,
+                                     noise_level=v.noise_level, generator=generator, progress=False)
+            images = sd.decode_latents(v.vae, latents)
         else:
             low = F.interpolate(self.rows.subject_cond[:n], size=(v.base_size,) * 2, mode="area")
             images = sample_sr(unet_fn, self.scheduler, v.noising_scheduler, low.to(self.device),
@@ -611,25 +648,28 @@ def class_image_runners(cfg: TrainConfig, cascade: Cascade, stages: list[str], d
 
 def prepare_class_images(
     cfg: TrainConfig, cascade: Cascade, prompts: Prompts, stages: list[str], device: torch.device,
-    runners: dict | None = None, dist: Dist = SINGLE,
+    runners: dict | None = None, dist: Dist = SINGLE, sr_prompts: Prompts | None = None,
 ) -> tuple[Path | None, int]:
     """The class images' directory (the user's, or the frozen cascade's: generated now or found in the cache) and
-    how many of them this process drew (the ranks of a distributed run share the drawing)."""
+    how many of them this process drew (the ranks of a distributed run share the drawing). `sr_prompts`: the SR
+    stage's own (stage_prompts), where it has a text encoder of its own."""
     if cfg.class_images_dir and cfg.prior_preservation:
         return Path(cfg.class_images_dir), 0
     if not cfg.draws_class_images():
         return None, 0
+    upscaler = cascade.family == "sd" and "sr" in stages  # the x4 upscaler samples at its pipeline's defaults
     settings = PriorSettings(
         prompts.class_,
         cfg.class_sampler,
         cfg.class_sample_steps,
         cfg.class_guidance_scale,
         cfg.sr_sample_steps,
-        SR_GUIDANCE,
-        SR_NOISE_LEVEL,
+        sd_upscale.GUIDANCE if upscaler else SR_GUIDANCE,
+        sd_upscale.NOISE_LEVEL if upscaler else SR_NOISE_LEVEL,
         "sr" in stages,
         cfg.seed,
     )
+    sr_embeds = (sr_prompts.class_embeds, sr_prompts.negative_embeds) if sr_prompts is not None else None
     # Raw RGB bytes per image, an upper bound for the PNGs
     need = cfg.num_class_images * 3 * (cascade.base_size**2 + (cascade.sr_size**2 if "sr" in stages else 0))
     warning = check_free_space(default_cache_root(), need, f"{cfg.num_class_images} class images")
@@ -640,7 +680,7 @@ def prepare_class_images(
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             return generate_class_images(cascade, prompts.class_embeds, prompts.negative_embeds,
                                          cfg.num_class_images, settings, batch_size=cfg.class_batch_size,
-                                         runners=runners, share=(dist.rank, dist.world_size))
+                                         runners=runners, share=(dist.rank, dist.world_size), sr_embeds=sr_embeds)
     except KeyboardInterrupt:
         raise Interrupted(
             "interrupted while generating class images: the ones made are kept, continue with --resume"
@@ -674,9 +714,14 @@ def check_inputs(cfg: TrainConfig) -> RunInputs:
     if family == "sd":
         sd.check_options(cfg)
     sr_dir = find_sr_dir(Path(cfg.model), cfg.sr_model)
-    if cfg.sr_model is not None:
+    if cfg.sr_model is not None or (family == "sd" and sr_dir is not None):
         check_stage_dir(sr_dir, "sr")
+        check_sr_family(sr_dir, family)
     stages = _pick_stages(cfg, sr_dir is not None, family)
+    if family == "sd" and "sr" in stages:
+        sd_upscale.check_noise_level(cfg.sr_noise_level, sr_dir, "--sr-noise-level")
+        if cfg.class_backend == "trt" and cfg.draws_class_images():
+            raise UserError(f"--class-backend trt: {sd_upscale.NO_TENSORRT}; use onnx, or --stages base")
     inputs = {"--model": cfg.model, "--sr-model": sr_dir if "sr" in stages else None, "--images": cfg.images,
               "--class-images-dir": cfg.class_images_dir}
     check_output_not_input(out, inputs)
@@ -747,14 +792,17 @@ def stage_validation(cfg: TrainConfig, cascade: Cascade, stage: str, embeds: tor
                      negative: torch.Tensor) -> Validation | None:
     if embeds is None:
         return None
+    upscaler = stage == "sr" and cascade.family == "sd"
     return Validation(
         embeds=embeds,
         negative=negative,
         size=cascade.base_size // cascade.vae_scale_factor if stage == "base" else cascade.sr_size,
         base_size=cascade.base_size,
-        guidance=BASE_GUIDANCE if stage == "base" else SR_GUIDANCE,
+        guidance=BASE_GUIDANCE if stage == "base" else sd_upscale.GUIDANCE if upscaler else SR_GUIDANCE,
         noising_scheduler=cascade.sr_noising_scheduler if stage == "sr" else None,
-        vae=cascade.vae,  # kept through the loop only when validating a Stable Diffusion run
+        noise_level=sd_upscale.NOISE_LEVEL if upscaler else SR_NOISE_LEVEL,
+        # Stable Diffusion: kept through the loop only when validating; the x4 upscaler decodes with its own VAE
+        vae=cascade.sr_vae if stage == "sr" else cascade.vae,
     )
 
 
@@ -840,14 +888,18 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, dist: Dist) -> Path:
         for stage in stages:
             data.check_sizes(inputs.images, cascade.base_size if stage == "base" else cascade.sr_size)
         prompts = make_prompts(cascade, cfg, inputs.captions)
+        per_stage = stage_prompts(cascade, prompts)
         if saved_run and saved_run.get("instance_prompts", prompts.instance) != prompts.instance:
             raise UserError(f"--resume: the captions changed since the run started (it trained on "
                             f"{saved_run['instance_prompts']}); restore them or start a new run")
-        validation_embeds = None
+        validation_embeds = {}
         if cfg.validation_prompt and cfg.validation_every:
             text = identifier.fill_placeholder(cfg.validation_prompt, prompts.identifier)
-            validation_embeds = encode_prompts(cascade.tokenizer, cascade.text_encoder, [text] * 2)
-        cascade.text_encoder = None  # embeddings are cached: the text encoder is not needed any more
+            validation_embeds["base"] = encode_prompts(cascade.tokenizer, cascade.text_encoder, [text] * 2)
+            validation_embeds["sr"] = (validation_embeds["base"] if cascade.sr_text_encoder is None else
+                                       encode_prompts(cascade.sr_tokenizer, cascade.sr_text_encoder, [text] * 2))
+        # embeddings are cached: the text encoders are not needed any more
+        cascade.text_encoder = cascade.sr_text_encoder = None
         warning = check_free_space(out, estimated_write_bytes(cfg, inputs, cascade), "the run's output")
         if warning:
             tqdm.write(f"warning: {warning}")
@@ -861,7 +913,8 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, dist: Dist) -> Path:
                        f"{cfg.gradient_accumulation} accumulation steps")
         clock = _lap(timings, "load", clock)
         started, cpu_started = time.time(), time.process_time()
-        class_dir, drawn = prepare_class_images(cfg, cascade, prompts, stages, inputs.device, runners, dist)
+        class_dir, drawn = prepare_class_images(cfg, cascade, prompts, stages, inputs.device, runners, dist,
+                                                per_stage["sr"] if cascade.family == "sd" else None)
         # Each rank's (start, end, images drawn, CPU seconds) of the phase.
         spans = gather(dist, (started, time.time(), drawn, time.process_time() - cpu_started))
         del runners
@@ -884,9 +937,14 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, dist: Dist) -> Path:
             scheduler = cascade.base_scheduler if stage == "base" else cascade.sr_scheduler
             noising = cascade.sr_noising_scheduler if stage == "sr" else None
             rows = stage_data(stage, cascade, inputs.images, class_dir, cfg.flip, bool(cfg.class_images_dir))
-            validation = stage_validation(cfg, cascade, stage, validation_embeds, prompts.negative_embeds)
-            cascade.vae = None  # Stable Diffusion: the rows are latents now; only validation grids need the VAE
-            trainer = StageTrainer(stage, unet, scheduler, noising, rows, prompts, cfg, inputs.device, out,
+            validation = stage_validation(cfg, cascade, stage, validation_embeds.get(stage),
+                                          per_stage[stage].negative_embeds)
+            # Stable Diffusion: the rows are latents now; only validation grids need a VAE (the x4 upscaler's VAE
+            # encodes its rows when its stage comes)
+            cascade.vae = None
+            if stage == "sr":
+                cascade.sr_vae = None
+            trainer = StageTrainer(stage, unet, scheduler, noising, rows, per_stage[stage], cfg, inputs.device, out,
                                    completed, validation, dist)
             if latest and latest.get("stage") == stage:
                 trainer.restore(out / CHECKPOINTS, latest)

@@ -91,13 +91,13 @@ def test_every_bad_layout_is_one_line_before_anything_is_written(tiny_sd, subjec
 @pytest.mark.parametrize(
     ("options", "words"),
     [
-        (["--sr-model", "."], ["--sr-model", "x4 upscaler", "not supported yet"]),
-        (["--stages", "sr"], ["--stages sr", "x4 upscaler", "not supported yet", "--stages base"]),
+        (["--stages", "sr"], ["--stages sr", "x4 upscaler", "--sr-model"]),
         (["--class-sampler", "smart27"], ["--class-sampler smart27", "IF timestep preset"]),
     ],
-    ids=["sr-model", "stages-sr", "if-preset"],
+    ids=["stages-sr-without-upscaler", "if-preset"],
 )
-def test_options_that_do_not_apply_to_sd_yet_are_refused(tiny_sd, subject_dir, tmp_path, options, words):
+def test_options_that_do_not_apply_to_sd_are_refused(tiny_sd, subject_dir, tmp_path, options, words):
+    """(The x4 upscaler as --sr-model: tests/test_sd_upscale.py.)"""
     out = tmp_path / "run"
     assert_refused(train(tiny_sd, subject_dir, out, *options), *words, out=out)
 
@@ -194,7 +194,7 @@ def test_train_without_prior_and_generate(tiny_sd, subject_dir, tmp_path):
     result = train(tiny_sd, subject_dir, out, "--no-prior", "--min-snr-gamma", "5", "--fused-norm")
     assert result.exit_code == 0, result.output
     assert json.loads((out / "dreambooth.json").read_text())["class_images"] is None
-    # dbfast generate: the base stage draws latents, the VAE decodes them (no SR stage for SD yet).
+    # dbfast generate: the base stage draws latents, the VAE decodes them (no x4 upscaler here: the base alone).
     samples = tmp_path / "samples"
     result = dbfast("generate", "a [V] dog", "--model", out, "-n", "2", "--steps", "2", "--device", "cpu",
                     "--out", samples)

@@ -60,7 +60,7 @@ def test_export_writes_the_sd_unet_as_a_checked_graph_of_latents_and_clip_embedd
             for v in [*model.graph.input, *model.graph.output]}
     assert dims == {"sample": ["batch", 4, 8, 8], "timestep": ["batch"], "encoder_hidden_states": ["batch", 77, 32],
                     OUTPUT_NAME: ["batch", 4, 8, 8]}
-    assert sorted(p.name for p in exported.iterdir()) == ["base"]  # no SR stage for Stable Diffusion yet
+    assert sorted(p.name for p in exported.iterdir()) == ["base"]  # no x4 upscaler in this model
 
 
 def test_manifest_names_the_family_and_parity_is_within_the_if_tolerance(exported, tuned):

@@ -4,7 +4,7 @@ Output layout (default MODEL/export):
   base/unet.fp32.onnx          [+ unet.fp32.onnx.data past 2 GiB]  and  unet.fp32.onnx.json (manifest)
   base/unet.fp16.onnx          exported from the fp16 UNet; TensorRT builds its fp16 engine from it
   base/unet.fp16.engine        and  unet.fp16.engine.json (manifest with the cache key)
-  sr/...                       the same for stage II (IF only: a Stable Diffusion model exports its base UNet)
+  sr/...                       the same for stage II (IF) or the x4 upscaler (Stable Diffusion)
   timing.cache                 TensorRT's timing cache, shared by the stages
 ONNX precisions written: fp32 with --onnx (runs anywhere; the onnx backend's default) and the engine precision
 with --trt (fp16 unless --precision says otherwise); --onnx --precision fp16 writes both. Anything already
@@ -21,10 +21,9 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
+from .. import __version__, sd_upscale
 from ..errors import UserError
 from ..models import load_unet, model_family
-from ..sample import torch_unet_fn
 from .manifest import (
     engine_action,
     engine_cache_key,
@@ -39,6 +38,7 @@ from .onnx_export import (
     DEFAULT_OPSET,
     EXTERNAL_DATA_THRESHOLD,
     OUTPUT_NAME,
+    UNetGraph,
     UNetSpec,
     cascade_stages,
     export_unet_onnx,
@@ -98,12 +98,19 @@ def export_cascade(model_dir: str | Path, *, sr_model_dir: str | Path | None = N
     out_dir = Path(out_dir) if out_dir is not None else default_export_dir(model_dir)
     summary = {}
     for stage, stage_dir in stages:
+        engine = trt
+        if trt and stage == "sr" and model_family(stage_dir) == "sd":
+            log(f"sr: {sd_upscale.NO_TENSORRT}: not built; the onnx backend runs it (--onnx)")
+            engine = False
+            if not onnx:
+                continue
         stage_out = out_dir / stage
         stage_out.mkdir(parents=True, exist_ok=True)
         summary[stage] = _export_stage(
-            stage, stage_dir, stage_out, precisions=onnx_precisions(onnx, trt, precision), opset=opset,
+            stage, stage_dir, stage_out, precisions=onnx_precisions(onnx, engine, precision), opset=opset,
             external_data_threshold=external_data_threshold, unet_batches=unet_batch_sizes(prompt_batches),
-            trt=trt_module, engine_fields=engine_fields, timing_cache=out_dir / "timing.cache", log=log,
+            trt=trt_module if engine else None, engine_fields=engine_fields if engine else None,
+            timing_cache=out_dir / "timing.cache", log=log,
         )
     return summary
 
@@ -140,7 +147,7 @@ def _export_stage(stage: str, stage_dir: Path, stage_out: Path, *, precisions: l
 
     unet = load_unet(stage_dir).eval()
     spec = unet_spec(unet, stage_text_length(stage_dir))
-    cases = reference_cases(torch_unet_fn(unet), spec, parity_batch_sizes(unet_batches))
+    cases = reference_cases(UNetGraph(unet), spec, parity_batch_sizes(unet_batches))
     for p in todo:
         if p == "fp16":
             unet.half()  # in place: no second copy of a multi-GB UNet; fp32 (when wanted) was exported before
@@ -163,7 +170,10 @@ def _versions() -> dict[str, str]:
 
 
 def _input_shapes(spec: UNetSpec) -> dict[str, list]:
-    return {name: ["batch", *shape[1:]] for name, shape in spec.shapes(1).items()}
+    shapes = {name: ["batch", *shape[1:]] for name, shape in spec.shapes(1).items()}
+    if spec.size_multiple:  # the x4 upscaler: images of any size
+        shapes["sample"][2:] = ["side", "side"]
+    return shapes
 
 
 def _log_parity(log: Log, stage: str, what: str, results: list[ParityResult]) -> None:

@@ -16,6 +16,10 @@ Graph interface (the same for ONNX Runtime and TensorRT):
                                                Stable Diffusion: epsilon or v on the latents (4 channels)
 A Stable Diffusion UNet is the same interface on latents: C = the VAE's latent channels, H = W = the latent size
 (SD 1.5: 4 x 64 x 64; SD 2.1: 4 x 96 x 96), text length the tokenizer's (77), D the CLIP width (768 or 1024).
+The x4 upscaler's UNet takes the latents plus the low-res image (C = 4 + 3 in, 4 out; 128 x 128 nominal) and the
+noise level as class_labels, which index its class embedding: the graph casts them to int64 itself. It upscales
+images of any size (the base's: SD 1.5's 512 px in, 2048 out), so its graph's H and W are dynamic too (multiples
+of its downsampling factor; parity is checked at the nominal size, and TensorRT engines of it are not built yet).
 
 The text encoder is not exported; prompt embeddings are the exported graphs' input tensors instead. T5 runs
 once per prompt while each UNet runs once per denoising step (IF: 100 + 50 steps, twice the batch under
@@ -34,7 +38,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..models import check_stage_dir, find_sr_dir, model_family
+from ..models import check_sr_family, check_stage_dir, find_sr_dir, model_family
 from ..sd import prompt_length
 
 DEFAULT_OPSET = 18
@@ -56,18 +60,15 @@ def require_onnx() -> None:
 
 def cascade_stages(model_dir: str | Path, sr_model_dir: str | Path | None = None) -> list[tuple[str, Path]]:
     """The stage directories of a cascade: ("base", model_dir) and ("sr", sr_model_dir or model_dir/stage_2)
-    when there is one; each checked to be an IF stage directory. A Stable Diffusion model has its base alone."""
+    when there is one; each checked to be a stage directory of the base's family (Stable Diffusion's SR stage: the
+    x4 upscaler)."""
     base_dir = Path(model_dir)
     check_stage_dir(base_dir, "base")
     stages = [("base", base_dir)]
-    if model_family(base_dir) == "sd":
-        if sr_model_dir is not None:
-            raise UserError("--sr-model: the Stable Diffusion x4 upscaler is not supported as a stage yet; export "
-                            "the base model alone")
-        return stages
     sr_dir = find_sr_dir(base_dir, sr_model_dir)
     if sr_dir is not None:
         check_stage_dir(sr_dir, "sr")
+        check_sr_family(sr_dir, model_family(base_dir))
         stages.append(("sr", sr_dir))
     return stages
 
@@ -81,6 +82,7 @@ class UNetSpec:
     text_dim: int
     has_class_labels: bool
     text_length: int = TEXT_LENGTH
+    size_multiple: int = 0  # 0: H and W fixed at sample_size; else dynamic, multiples of this (the x4 upscaler)
 
     @property
     def input_names(self) -> list[str]:
@@ -119,10 +121,14 @@ def stage_text_length(stage_dir: str | Path) -> int:
 def unet_spec(unet, text_length: int = TEXT_LENGTH) -> UNetSpec:
     """Read a UNet2DConditionModel's input shapes from its config."""
     config = unet.config
+    # Class labels that index an embedding are the x4 upscaler's noise level: it takes images of any size.
+    indexed_labels = bool(getattr(config, "num_class_embeds", None)) and config.class_embed_type is None
     return UNetSpec(
         in_channels=config.in_channels, sample_size=config.sample_size,
         text_dim=config.encoder_hid_dim or config.cross_attention_dim,
-        has_class_labels=config.class_embed_type is not None, text_length=text_length,
+        has_class_labels=config.class_embed_type is not None or bool(getattr(config, "num_class_embeds", None)),
+        text_length=text_length,
+        size_multiple=2 ** (len(config.block_out_channels) - 1) if indexed_labels else 0,
     )
 
 
@@ -130,14 +136,19 @@ def onnx_file_name(precision: str) -> str:
     return f"unet.{precision}.onnx"
 
 
-class _UNetGraph(torch.nn.Module):
-    """The UNet with positional tensor inputs and one tensor output, as the exported graph has them."""
+class UNetGraph(torch.nn.Module):
+    """The UNet with positional tensor inputs and one tensor output, as the exported graph has them: class labels
+    come in as float32 and index the class embedding as int64 where the UNet has one (the x4 upscaler's noise level;
+    IF's stage II embeds its level like a timestep)."""
 
     def __init__(self, unet):
         super().__init__()
         self.unet = unet
+        self.indexed_labels = isinstance(getattr(unet, "class_embedding", None), torch.nn.Embedding)
 
     def forward(self, sample, timestep, encoder_hidden_states, class_labels=None):
+        if class_labels is not None and self.indexed_labels:
+            class_labels = class_labels.long()
         return self.unet(sample, timestep, encoder_hidden_states, class_labels=class_labels, return_dict=False)[0]
 
 
@@ -156,12 +167,16 @@ def export_unet_onnx(unet, spec: UNetSpec, path: str | Path, *, opset: int = DEF
     dtype = next(unet.parameters()).dtype
     inputs = spec.example_inputs(2, dtype)  # batch 2: torch.export specialises sizes 0 and 1
     batch = torch.export.Dim("batch", min=1)
+    dynamic = [{0: batch} for _ in inputs]
+    if spec.size_multiple:  # square images of any size: one dynamic side, a multiple of the downsampling factor
+        side = spec.size_multiple * torch.export.Dim("side", min=1, max=4096 // spec.size_multiple)
+        dynamic[0] = {0: batch, 2: side, 3: side}
     external = _model_bytes(unet) >= external_data_threshold
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # exporter chatter about diffusers internals; failures still raise
         program = torch.onnx.export(
-            _UNetGraph(unet).eval(), tuple(inputs.values()), input_names=list(inputs), output_names=[OUTPUT_NAME],
-            opset_version=opset, dynamo=True, dynamic_shapes=tuple({0: batch} for _ in inputs), optimize=True,
+            UNetGraph(unet).eval(), tuple(inputs.values()), input_names=list(inputs), output_names=[OUTPUT_NAME],
+            opset_version=opset, dynamo=True, dynamic_shapes=tuple(dynamic), optimize=True,
             verbose=False,
         )
     program.save(path, external_data=external)

@@ -8,6 +8,11 @@ vocabulary is: the 256 byte characters, the same with the end-of-word mark `</w>
 order (so later ids are rarer), then <|startoftext|> and <|endoftext|>.
 
 `prediction_type="epsilon"` writes an SD 1.x-style scheduler (PNDM), "v_prediction" an SD 2.x-style one (DDIM).
+
+`build_tiny_upscaler(path)` writes what `StableDiffusionUpscalePipeline.save_pretrained` writes for the x4 upscaler
+(stabilityai/stable-diffusion-x4-upscaler's shape at toy width): vae/ (3 levels: 4x), text_encoder/ and tokenizer/
+of its own, unet/ taking the 4 latent channels plus the 3 of the low-res image with 1000 class embeddings (the
+noise level), scheduler/ (DDIM, v-prediction), low_res_scheduler/ (DDPM) and max_noise_level 350.
 """
 
 from __future__ import annotations
@@ -76,12 +81,12 @@ def tiny_unet_config(latent_size: int, width: int, text_dim: int) -> dict:
     )
 
 
-def tiny_vae_config(image_size: int) -> dict:
+def tiny_vae_config(image_size: int, scaling_factor: float = SD_VAE_SCALING) -> dict:
     """An AutoencoderKL of SD's kind (4 latent channels) with 3 levels: 4x downsampling (SD's is 8x)."""
     return dict(
         sample_size=image_size, in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
         block_out_channels=[8, 16, 16], down_block_types=["DownEncoderBlock2D"] * 3,
-        up_block_types=["UpDecoderBlock2D"] * 3, norm_num_groups=8, scaling_factor=SD_VAE_SCALING,
+        up_block_types=["UpDecoderBlock2D"] * 3, norm_num_groups=8, scaling_factor=scaling_factor,
     )
 
 
@@ -95,13 +100,10 @@ def sd_scheduler(prediction_type: str = "epsilon"):
                          prediction_type=prediction_type)
 
 
-def build_tiny_sd(path: str | Path, image_size: int = 32, seed: int = 0, width: int = 16, text_dim: int = 32,
-                  n_merges: int = 1000, prediction_type: str = "epsilon") -> Path:
-    """Write a tiny random Stable Diffusion model to `path` (`image_size` px images, 4x smaller latents)."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+def _clip_text(path: Path, seed: int, text_dim: int, n_merges: int):
+    """A CLIP tokenizer trained here and a random CLIPTextModel of width `text_dim` (seeded by `seed`)."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    path = Path(path)
     vocab_dir = train_clip_bpe(path.parent / f".{path.name}-bpe", tokenizer_text(seed), n_merges)
     tokenizer = CLIPTokenizer(vocab=str(vocab_dir / "vocab.json"), merges=str(vocab_dir / "merges.txt"),
                               model_max_length=77)
@@ -111,11 +113,54 @@ def build_tiny_sd(path: str | Path, image_size: int = 32, seed: int = 0, width: 
         num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     ))
+    return tokenizer, text_encoder
+
+
+def build_tiny_sd(path: str | Path, image_size: int = 32, seed: int = 0, width: int = 16, text_dim: int = 32,
+                  n_merges: int = 1000, prediction_type: str = "epsilon") -> Path:
+    """Write a tiny random Stable Diffusion model to `path` (`image_size` px images, 4x smaller latents)."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+
+    path = Path(path)
+    tokenizer, text_encoder = _clip_text(path, seed, text_dim, n_merges)
     vae = AutoencoderKL(**tiny_vae_config(image_size))
     unet = UNet2DConditionModel(**tiny_unet_config(image_size // 4, width, text_dim))
     StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=sd_scheduler(prediction_type),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    ).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+UPSCALER_VAE_SCALING = 0.08333  # the x4 upscaler's latent scaling factor (StableDiffusionUpscalePipeline insists)
+MAX_NOISE_LEVEL = 350  # the x4 upscaler's
+
+
+def build_tiny_upscaler(path: str | Path, low_res_size: int = 16, seed: int = 1, width: int = 16, text_dim: int = 24,
+                        n_merges: int = 1000) -> Path:
+    """Write a tiny random x4 upscaler to `path`: `low_res_size` px images in (the UNet's latents are that size),
+    4x larger out. Its text encoder is its own (another width than the tiny SD model's, as SD 1.x's CLIP-L is not
+    the upscaler's OpenCLIP-H)."""
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        DDPMScheduler,
+        StableDiffusionUpscalePipeline,
+        UNet2DConditionModel,
+    )
+
+    path = Path(path)
+    tokenizer, text_encoder = _clip_text(path, seed, text_dim, n_merges)
+    vae = AutoencoderKL(**tiny_vae_config(4 * low_res_size, UPSCALER_VAE_SCALING))
+    unet = UNet2DConditionModel(**{**tiny_unet_config(low_res_size, width, text_dim), "in_channels": 4 + 3,
+                                   "num_class_embeds": 1000})
+    StableDiffusionUpscalePipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        low_res_scheduler=DDPMScheduler(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02,
+                                        beta_schedule="scaled_linear"),
+        scheduler=DDIMScheduler(**SD_BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                                prediction_type="v_prediction"),
+        max_noise_level=MAX_NOISE_LEVEL,
     ).save_pretrained(path, safe_serialization=True)
     return path
 
