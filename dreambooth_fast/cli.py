@@ -159,6 +159,14 @@ def _stages(value: str) -> tuple[str, ...]:
               help="Train a LoRA adapter of this rank instead of the whole UNet." + default("lora_rank"))
 @click.option("--merge", "merge_lora", is_flag=True, default=None,
               help="With --lora-rank: write merged weights, not the adapter.")
+@click.option("--train-text-encoder", is_flag=True, default=None,
+              help="Stable Diffusion: train the CLIP text encoder together with the UNet, as diffusers' "
+                   "train_dreambooth.py offers (the prompts are encoded inside each step); with --lora-rank a LoRA on "
+                   "its attention projections, saved in the same pytorch_lora_weights.safetensors. Off by default "
+                   "(the paper tunes the UNets alone); not for DeepFloyd IF (T5-XXL) nor a run over several "
+                   "processes.")
+@click.option("--text-encoder-lr", type=float,
+              help="Adam learning rate of the text encoder with --train-text-encoder.  [default: --learning-rate]")
 @click.option("--use-8bit-adam", is_flag=True, default=None, help="8-bit Adam (bitsandbytes, an optional extra).")
 @click.option("--sr-noise-level", type=int,
               help="SR conditioning noise augmentation, IF's 0-999 scale (paper: lowered to 1e-5 -> 0)."
@@ -220,6 +228,7 @@ def train(config_file: str | None, subjects_file: str | None, summary: str | Non
     )
     from .models import resolve_device
     from .rundir import read_run
+    from .text_training import check_processes
     from .toy.default_model import DEFAULT_MODEL
     from .toy.world import SHAPES
     from .train import train as run_training
@@ -248,6 +257,7 @@ def train(config_file: str | None, subjects_file: str | None, summary: str | Non
             raise UserError("--summary is the summary of --subjects: pass both, or neither")
         cfg = TrainConfig(**values)
         device = process_device(resolve_device(cfg.validate().device))
+        check_processes(cfg, launched_world_size())
     except UserError as err:
         raise reported_once(err) from None
     dist = init_from_env(device, cfg.dist_timeout)

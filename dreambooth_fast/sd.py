@@ -13,7 +13,9 @@ the model's own scheduler and decoded by the VAE. The output is the same layout 
 LoRA adapter beside it), so `StableDiffusionPipeline.from_pretrained(output)` loads it.
 
 The UNet exports through export/ like an IF stage (the VAE decoder stays in PyTorch: it runs once per image).
-Not yet (issue 19): the x4 upscaler as SR stage, text-encoder fine-tuning, SDXL.
+With --train-text-encoder (text_training.py) the CLIP text encoder trains with the UNet: the output holds the
+tuned text_encoder/, or its adapter in the LoRA file, which `load_sd_parts` folds into the loaded encoder.
+Not yet (issue 19): the x4 upscaler as SR stage, SDXL.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from . import lora
 from .errors import UserError
 from .weights import has_weights, prefer_safetensors, unloadable
 
@@ -171,10 +174,13 @@ def load_sd_parts(model_dir: Path, *, device: str, dtype: torch.dtype, with_text
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel
 
+    text_encoder = None
+    if with_text_encoder:  # a --train-text-encoder LoRA run's adapter is folded in (full runs wrote text_encoder/)
+        text_encoder = lora.load_saved_text_adapter(
+            _load_part(CLIPTextModel, model_dir / "text_encoder", device, dtype), model_dir)
     return {
         "tokenizer": load_tokenizer(model_dir),
-        "text_encoder": (_load_part(CLIPTextModel, model_dir / "text_encoder", device, dtype) if with_text_encoder
-                         else None),
+        "text_encoder": text_encoder,
         "base_scheduler": load_scheduler(model_dir),
         # The VAE decodes whatever UNet backend drew the latents (exported ones too: with_unets=False).
         "vae": _load_part(AutoencoderKL, model_dir / "vae", device, dtype),
