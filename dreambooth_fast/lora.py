@@ -25,18 +25,29 @@ def _config(rank: int, targets: list[str]):
     return LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=targets)
 
 
-def add_lora(unet: torch.nn.Module, rank: int) -> list[torch.nn.Parameter]:
-    """Freeze `unet`, attach a rank-`rank` adapter, return the adapter's (trainable) parameters."""
+def add_lora(unet: torch.nn.Module, rank: int, seed: int) -> list[torch.nn.Parameter]:
+    """Freeze `unet`, attach a rank-`rank` adapter (its random init drawn from `seed`), return the adapter's
+    (trainable) parameters."""
     unet.requires_grad_(False)
-    unet.add_adapter(_config(rank, TARGET_MODULES))
+    with torch.random.fork_rng(devices=[]):  # peft draws the init from torch's global generator
+        torch.manual_seed(seed)
+        unet.add_adapter(_config(rank, TARGET_MODULES))
     return [p for p in unet.parameters() if p.requires_grad]
 
 
-def add_text_lora(text_encoder: torch.nn.Module, rank: int) -> list[torch.nn.Parameter]:
-    """Freeze the CLIP text encoder, attach a rank-`rank` adapter to its attention projections, return its
-    (trainable) parameters."""
+def add_text_lora(text_encoder: torch.nn.Module, rank: int, seed: int) -> list[torch.nn.Parameter]:
+    """Freeze the CLIP text encoder, attach a rank-`rank` adapter to its attention projections (init drawn from
+    `seed`), return its (trainable) parameters."""
+    from peft import inject_adapter_in_model
+
     text_encoder.requires_grad_(False)
-    text_encoder.add_adapter(_config(rank, TEXT_TARGET_MODULES))
+    # peft itself, not transformers' add_adapter (which wants a newer peft than diffusers does); peft_config is
+    # what get_peft_model_state_dict reads, as add_adapter would set it.
+    config = _config(rank, TEXT_TARGET_MODULES)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        inject_adapter_in_model(config, text_encoder)
+    text_encoder.peft_config = {"default": config}
     return [p for p in text_encoder.parameters() if p.requires_grad]
 
 

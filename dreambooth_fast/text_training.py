@@ -106,7 +106,7 @@ def setup(cfg: TrainConfig, cascade, prompts, validation_prompt: str | None) -> 
     if cfg.gradient_checkpointing:
         encoder.gradient_checkpointing_enable()
     if cfg.lora_rank:
-        params = lora.add_text_lora(encoder, cfg.lora_rank)
+        params = lora.add_text_lora(encoder, cfg.lora_rank, cfg.seed)
     else:
         params = list(encoder.requires_grad_(True).parameters())
     encoder.train()

@@ -275,7 +275,7 @@ class StageTrainer:
         if cfg.compile:
             compile_unet(unet, stage)
         if cfg.lora_rank:
-            self.params = lora.add_lora(unet, cfg.lora_rank)
+            self.params = lora.add_lora(unet, cfg.lora_rank, cfg.seed)
         else:
             unet.requires_grad_(True)
             if cfg.fsdp:  # each rank keeps its shard of the weights (and of the frozen copy); params are DTensors
