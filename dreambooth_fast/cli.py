@@ -368,7 +368,9 @@ def identifier(model_dir: str, n_tokens: int, seed: int, limit: int, check_word:
 @click.option("--backend", default="torch", show_default=True, type=click.Choice(BACKENDS),
               help="UNet backend for generation, as in dbfast generate.")
 @click.option("--export-dir", type=click.Path(), help="Exports for onnx/trt [default: MODEL/export].")
-@click.option("--steps", type=click.IntRange(1), help="Stage I sampling steps [default: IF's 100].")
+@click.option("--steps", type=click.IntRange(1),
+              help="Stage I sampling steps [default: the model's pipeline: IF's 100 at guidance 7, Stable "
+                   "Diffusion's 50 at guidance 7.5].")
 @click.option("--sr-steps", type=click.IntRange(1), help="Stage II sampling steps [default: IF's 50].")
 @click.option("--seed", default=0, show_default=True, help="Image k of prompt i uses seed + i*n + k.")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1), help="Images per sampler call.")

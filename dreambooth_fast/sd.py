@@ -34,6 +34,9 @@ SD_PIPELINE = "StableDiffusionPipeline"
 PARTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # what ops.add_noise serves
 VAE_BATCH = 8  # images per VAE call: bounds the encoder's activation memory at SD's 512 px
+# StableDiffusionPipeline's own sampling defaults (num_inference_steps, guidance_scale): what dbfast eval draws with.
+PIPELINE_STEPS = 50
+PIPELINE_GUIDANCE = 7.5
 
 
 def _config(path: Path) -> dict:
