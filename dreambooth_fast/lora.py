@@ -113,17 +113,22 @@ def folded_text_encoder(text_encoder: torch.nn.Module) -> torch.nn.Module:
     return plain.to(device=text_encoder.device, dtype=text_encoder.dtype).eval().requires_grad_(False)
 
 
+def has_text_adapter(stage_dir: Path) -> bool:
+    """Whether `stage_dir` holds an adapter file with `text_encoder.` keys (a --train-text-encoder LoRA output)."""
+    from safetensors import safe_open
+
+    path = Path(stage_dir) / LORA_WEIGHTS
+    if not path.is_file():
+        return False
+    with safe_open(str(path), "pt") as f:
+        return any(k.startswith(TEXT_PREFIX) for k in f.keys())
+
+
 def load_saved_text_adapter(text_encoder: torch.nn.Module, stage_dir: Path) -> torch.nn.Module:
     """The text encoder with the adapter saved in `stage_dir` folded in, where that file has `text_encoder.` keys
     (a --train-text-encoder LoRA run's output); else `text_encoder` as it is."""
-    from safetensors import safe_open
-
-    path = stage_dir / LORA_WEIGHTS
-    if not path.is_file():
+    if not has_text_adapter(stage_dir):
         return text_encoder
-    with safe_open(str(path), "pt") as f:
-        if not any(k.startswith(TEXT_PREFIX) for k in f.keys()):
-            return text_encoder
     from diffusers import StableDiffusionPipeline
 
     state, alphas = StableDiffusionPipeline.lora_state_dict(stage_dir, weight_name=LORA_WEIGHTS)

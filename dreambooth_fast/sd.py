@@ -171,7 +171,8 @@ def load_scheduler(model_dir: str | Path):
     return scheduler
 
 
-def load_sd_parts(model_dir: Path, *, device: str, dtype: torch.dtype, with_text_encoder: bool) -> dict:
+def load_sd_parts(model_dir: Path, *, device: str, dtype: torch.dtype, with_text_encoder: bool,
+                  tokenizer=None) -> dict:
     """The parts of a Stable Diffusion directory models.load_cascade builds its one-stage Cascade from, besides
     the UNet: tokenizer, text encoder, scheduler, and the VAE with its scale factor."""
     from diffusers import AutoencoderKL
@@ -182,7 +183,7 @@ def load_sd_parts(model_dir: Path, *, device: str, dtype: torch.dtype, with_text
         text_encoder = lora.load_saved_text_adapter(
             _load_part(CLIPTextModel, model_dir / "text_encoder", device, dtype), model_dir)
     return {
-        "tokenizer": load_tokenizer(model_dir),
+        "tokenizer": tokenizer or load_tokenizer(model_dir),
         "text_encoder": text_encoder,
         "base_scheduler": load_scheduler(model_dir),
         # The VAE decodes whatever UNet backend drew the latents (exported ones too: with_unets=False).

@@ -44,6 +44,15 @@ def check_family(cfg: TrainConfig, family: str) -> None:
                         "(4.7B parameters) and the paper tunes only the UNets; drop the option")
 
 
+def check_input_adapter(model_dir: str | Path) -> None:
+    """A run from a --train-text-encoder LoRA output would train on its adapted encoder but write an output without
+    that adapter (a new run's adapter file replaces the old one, full fine-tuning deletes it): refused."""
+    if lora.has_text_adapter(Path(model_dir)):
+        raise UserError(f"--model {model_dir} holds a text-encoder LoRA adapter ({lora.LORA_WEIGHTS} with "
+                        "text_encoder. keys), which a new run's output would drop: train from a --merge output of "
+                        "that run, or from the original model")
+
+
 def check_processes(cfg: TrainConfig, world_size: int) -> None:
     """A run over several processes replicates the UNet in DDP; the text encoder is not: refused."""
     if cfg.train_text_encoder and world_size > 1:

@@ -218,14 +218,16 @@ def rank_rows(batch_size: int, dist: Dist, parts: int) -> torch.Tensor:
     return torch.cat([torch.arange(p * block + first, p * block + first + batch_size) for p in range(parts)])
 
 
-def _optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Adam over parameter groups ({"params": [...], "lr": ...}: the UNet's, and the text encoder's if it trains)."""
+def _optimizer(params: list, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    """Adam at `lr` over `params`: tensors, or parameter groups (dicts, as torch takes them; the text encoder's
+    group has its own lr)."""
     if cfg.use_8bit_adam:
         import bitsandbytes as bnb  # presence checked by TrainConfig.validate
 
-        return bnb.optim.Adam8bit(groups)
+        return bnb.optim.Adam8bit(params, lr=lr)
+    tensors = [p for group in params for p in (group["params"] if isinstance(group, dict) else [group])]
     # The paper trains with Adam (no weight decay); fused or foreach, whichever the device has (optim.py).
-    return torch.optim.Adam(groups, **adam_options([p for group in groups for p in group["params"]]))
+    return torch.optim.Adam(params, lr=lr, **adam_options(tensors))
 
 
 class StageTrainer:
@@ -289,11 +291,11 @@ class StageTrainer:
         self.model = unet
         if dist.is_distributed and not cfg.fsdp:
             self.model = DistributedDataParallel(unet, device_ids=[device.index] if device.type == "cuda" else None)
-        groups = [{"params": self.params, "lr": cfg.learning_rate}]
-        if text is not None:
-            groups.append({"params": text.params, "lr": text.lr})
-            self.params = self.params + text.params  # clipped, checked and counted together
-        self.optimizer = _optimizer(groups, cfg)
+        groups = self.params
+        if text is not None:  # one Adam, two groups; clipped, checked and counted together
+            groups = [{"params": self.params}, {"params": text.params, "lr": text.lr}]
+            self.params = self.params + text.params
+        self.optimizer = _optimizer(groups, cfg, cfg.learning_rate)
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(step, self.total_steps, cfg.lr_warmup_steps, cfg.lr_schedule)
         )
@@ -677,6 +679,7 @@ class RunInputs:
     sr_dir: Path | None
     images: list[data.SubjectImage]
     captions: list[str] | None
+    tokenizer: object  # the model's, loaded once: for these checks and the run
 
 
 def check_inputs(cfg: TrainConfig) -> RunInputs:
@@ -694,6 +697,7 @@ def check_inputs(cfg: TrainConfig) -> RunInputs:
     if family == "sd":
         sd.check_options(cfg)
     text_training.check_family(cfg, family)
+    text_training.check_input_adapter(cfg.model)
     sr_dir = find_sr_dir(Path(cfg.model), cfg.sr_model)
     if cfg.sr_model is not None:
         check_stage_dir(sr_dir, "sr")
@@ -719,7 +723,7 @@ def check_inputs(cfg: TrainConfig) -> RunInputs:
                  if f" {cfg.class_noun} " not in f" {c} "]
     for warning in warnings:
         tqdm.write(f"warning: {warning}")
-    return RunInputs(out, device, stages, sr_dir, images, captions)
+    return RunInputs(out, device, stages, sr_dir, images, captions, tokenizer)
 
 
 def estimated_write_bytes(cfg: TrainConfig, inputs: RunInputs, cascade: Cascade) -> int:
@@ -859,7 +863,8 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, dist: Dist) -> Path:
     out, stages = inputs.out, inputs.stages
     with contextlib.ExitStack() as stack:
         saved_run, latest = rank0_first(dist, lambda: open_output(stack, cfg, inputs, resume, overwrite, dist))
-        cascade = load_cascade(cfg.model, cfg.sr_model, device=str(inputs.device), stages=tuple(stages))
+        cascade = load_cascade(cfg.model, cfg.sr_model, device=str(inputs.device), stages=tuple(stages),
+                               tokenizer=inputs.tokenizer)
         for stage in stages:
             data.check_sizes(inputs.images, cascade.base_size if stage == "base" else cascade.sr_size)
         prompts = make_prompts(cascade, cfg, inputs.captions)

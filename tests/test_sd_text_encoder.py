@@ -138,6 +138,9 @@ def test_lora_saves_the_encoders_adapter_in_the_same_file_and_load_lora_weights_
     # What dbfast generate and eval load: the input's encoder with the adapter folded in.
     ours = load_cascade(out, with_unets=False).text_encoder
     torch.testing.assert_close(encode_prompts(pipe.tokenizer, ours, ["a dog"]), after, rtol=1e-5, atol=1e-5)
+    # A new run from it would drop the encoder's adapter from its output: refused.
+    again = tmp_path / "again"
+    assert_refused(train(out, subject_dir, again), "text-encoder LoRA adapter", "--merge", out=again)
 
     merged = tmp_path / "merged"
     result = train(tiny_sd, subject_dir, merged, "--lora-rank", "4", "--no-prior", "--lr", "1e-2", *TEXT, "--merge")
