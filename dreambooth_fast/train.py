@@ -1,7 +1,8 @@
 """DreamBooth fine-tuning of a cascade, stage by stage (base, then super-resolution).
 
 One run: validate every input before anything is written; pick or check the identifier; encode the prompts
-once and free the text encoder; make (or reuse) the class images with the frozen cascade; then per stage
+once and free the text encoder (Stable Diffusion with --train-text-encoder: it trains with the base UNet,
+text_training.py); make (or reuse) the class images with the frozen cascade; then per stage
 train the UNet on subject rows plus prior rows with the fused ops, checkpointing atomically, and write the
 tuned UNet into the output directory, which mirrors the input's IF layout plus dreambooth.json.
 
