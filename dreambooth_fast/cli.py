@@ -162,6 +162,14 @@ def _stages(value: str) -> tuple[str, ...]:
               help="Train a LoRA adapter of this rank instead of the whole UNet." + default("lora_rank"))
 @click.option("--merge", "merge_lora", is_flag=True, default=None,
               help="With --lora-rank: write merged weights, not the adapter.")
+@click.option("--train-text-encoder", is_flag=True, default=None,
+              help="Stable Diffusion: train the CLIP text encoder together with the UNet, as diffusers' "
+                   "train_dreambooth.py offers (the prompts are encoded inside each step); with --lora-rank a LoRA on "
+                   "its attention projections, saved in the same pytorch_lora_weights.safetensors. Off by default "
+                   "(the paper tunes the UNets alone); not for DeepFloyd IF (T5-XXL) nor a run over several "
+                   "processes.")
+@click.option("--text-encoder-lr", type=float,
+              help="Adam learning rate of the text encoder with --train-text-encoder.  [default: --learning-rate]")
 @click.option("--use-8bit-adam", is_flag=True, default=None, help="8-bit Adam (bitsandbytes, an optional extra).")
 @click.option("--sr-noise-level", type=int,
               help="SR conditioning noise augmentation, IF's 0-999 scale (paper: lowered to 1e-5 -> 0); for the x4 "
@@ -224,6 +232,7 @@ def train(config_file: str | None, subjects_file: str | None, summary: str | Non
     )
     from .models import resolve_device
     from .rundir import read_run
+    from .text_training import check_processes
     from .toy.default_model import DEFAULT_MODEL
     from .toy.world import SHAPES
     from .train import train as run_training
@@ -252,6 +261,7 @@ def train(config_file: str | None, subjects_file: str | None, summary: str | Non
             raise UserError("--summary is the summary of --subjects: pass both, or neither")
         cfg = TrainConfig(**values)
         device = process_device(resolve_device(cfg.validate().device))
+        check_processes(cfg, launched_world_size())
     except UserError as err:
         raise reported_once(err) from None
     dist = init_from_env(device, cfg.dist_timeout)
@@ -370,7 +380,9 @@ def identifier(model_dir: str, n_tokens: int, seed: int, limit: int, check_word:
 @click.option("--backend", default="torch", show_default=True, type=click.Choice(BACKENDS),
               help="UNet backend for generation, as in dbfast generate.")
 @click.option("--export-dir", type=click.Path(), help="Exports for onnx/trt [default: MODEL/export].")
-@click.option("--steps", type=click.IntRange(1), help="Stage I sampling steps [default: IF's 100].")
+@click.option("--steps", type=click.IntRange(1),
+              help="Stage I sampling steps [default: the model's pipeline: IF's 100 at guidance 7, Stable "
+                   "Diffusion's 50 at guidance 7.5].")
 @click.option("--sr-steps", type=click.IntRange(1), help="Stage II sampling steps [default: IF's 50].")
 @click.option("--seed", default=0, show_default=True, help="Image k of prompt i uses seed + i*n + k.")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1), help="Images per sampler call.")

@@ -68,6 +68,8 @@ class TrainConfig:
     min_snr_gamma: float | None = None
     lora_rank: int = 0
     merge_lora: bool = False
+    train_text_encoder: bool = False  # Stable Diffusion: train the CLIP text encoder with the base UNet
+    text_encoder_lr: float | None = None  # None: learning_rate
     use_8bit_adam: bool = False
     sr_noise_level: int = 0
     flip: bool = False
@@ -136,6 +138,13 @@ class TrainConfig:
             raise UserError(f"--lora-rank must be 0 (full fine-tuning) or positive, got {self.lora_rank}")
         if self.merge_lora and self.lora_rank == 0:
             raise UserError("--merge needs --lora-rank: there is no adapter to merge in full fine-tuning")
+        if self.text_encoder_lr is not None:
+            if not self.train_text_encoder:
+                raise UserError("--text-encoder-lr is the text encoder's learning rate: pass --train-text-encoder too")
+            _check_number("text_encoder_lr", self.text_encoder_lr, "a positive number (5e-6 is usual)", low=0)
+        if self.train_text_encoder and "base" not in self.stages:
+            raise UserError("--train-text-encoder trains the base stage's text encoder with its UNet: add base to "
+                            f"--stages (got {','.join(self.stages)})")
         if self.use_8bit_adam:
             _require("bitsandbytes", "--use-8bit-adam", "bnb")
         if self.lora_rank:

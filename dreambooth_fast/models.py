@@ -197,9 +197,10 @@ def load_cascade(
     stages: tuple[str, ...] = ("base", "sr"),
     with_text_encoder: bool = True,
     with_unets: bool = True,
+    tokenizer=None,
 ) -> Cascade:
     """Load the parts of a cascade that `stages` need. A stage II directory is optional unless "sr" is asked
-    for explicitly with `sr_model_dir`."""
+    for explicitly with `sr_model_dir`. `tokenizer`: the model's, when the caller has loaded it already."""
     base_dir = Path(model_dir)
     check_stage_dir(base_dir, "base")
     family = model_family(base_dir)
@@ -211,13 +212,14 @@ def load_cascade(
     if family == "sd":
         upscaler = (sd_upscale.load_upscaler_parts(sr_dir, device=device, dtype=dtype,
                                                    with_text_encoder=with_text_encoder) if sr_dir else {})
-        return Cascade(**sd.load_sd_parts(base_dir, device=device, dtype=dtype, with_text_encoder=with_text_encoder),
+        return Cascade(**sd.load_sd_parts(base_dir, device=device, dtype=dtype, with_text_encoder=with_text_encoder,
+                                          tokenizer=tokenizer),
                        **{"sr_scheduler": None, "sr_noising_scheduler": None, **upscaler},
                        base_unet=load_unet(base_dir, device, dtype) if "base" in stages and with_unets else None,
                        sr_unet=load_unet(sr_dir, device, dtype) if sr_dir is not None and with_unets else None,
                        base_dir=base_dir, sr_dir=sr_dir, family="sd")
     return Cascade(
-        tokenizer=load_tokenizer(base_dir),
+        tokenizer=tokenizer or load_tokenizer(base_dir),
         text_encoder=load_text_encoder(base_dir, device, dtype) if with_text_encoder else None,
         base_unet=load_unet(base_dir, device, dtype) if "base" in stages and with_unets else None,
         base_scheduler=load_scheduler(base_dir),

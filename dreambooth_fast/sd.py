@@ -17,7 +17,9 @@ The SR stage is the x4 upscaler (StableDiffusionUpscalePipeline, checked and loa
 high-res subject) pairs in its own VAE's latents, and written to the output's stage_2/.
 
 The UNets export through export/ like IF stages (the VAE decoders stay in PyTorch: they run once per image).
-Not yet (issue 19): text-encoder fine-tuning, SDXL.
+With --train-text-encoder (text_training.py) the CLIP text encoder trains with the base UNet: the output holds the
+tuned text_encoder/, or its adapter in the LoRA file, which `load_sd_parts` folds into the loaded encoder.
+Not yet (issue 19): SDXL.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from . import lora
 from .errors import UserError
 from .weights import has_weights, prefer_safetensors, unloadable
 
@@ -35,6 +38,9 @@ SD_PIPELINE = "StableDiffusionPipeline"
 PARTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # what ops.add_noise serves
 VAE_BATCH = 8  # images per VAE call: bounds the encoder's activation memory at SD's 512 px
+# StableDiffusionPipeline's own sampling defaults (num_inference_steps, guidance_scale): what dbfast eval draws with.
+PIPELINE_STEPS = 50
+PIPELINE_GUIDANCE = 7.5
 
 
 def _config(path: Path) -> dict:
@@ -157,16 +163,20 @@ def load_scheduler(model_dir: str | Path):
     return scheduler
 
 
-def load_sd_parts(model_dir: Path, *, device: str, dtype: torch.dtype, with_text_encoder: bool) -> dict:
+def load_sd_parts(model_dir: Path, *, device: str, dtype: torch.dtype, with_text_encoder: bool,
+                  tokenizer=None) -> dict:
     """The parts of a Stable Diffusion directory models.load_cascade builds its one-stage Cascade from, besides
     the UNet: tokenizer, text encoder, scheduler, and the VAE with its scale factor."""
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel
 
+    text_encoder = None
+    if with_text_encoder:  # a --train-text-encoder LoRA run's adapter is folded in (full runs wrote text_encoder/)
+        text_encoder = lora.load_saved_text_adapter(
+            _load_part(CLIPTextModel, model_dir / "text_encoder", device, dtype), model_dir)
     return {
-        "tokenizer": load_tokenizer(model_dir),
-        "text_encoder": (_load_part(CLIPTextModel, model_dir / "text_encoder", device, dtype) if with_text_encoder
-                         else None),
+        "tokenizer": tokenizer or load_tokenizer(model_dir),
+        "text_encoder": text_encoder,
         "base_scheduler": load_scheduler(model_dir),
         # The VAE decodes whatever UNet backend drew the latents (exported ones too: with_unets=False).
         "vae": _load_part(AutoencoderKL, model_dir / "vae", device, dtype),

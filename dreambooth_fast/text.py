@@ -51,17 +51,28 @@ def encode_clip(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
     it), padded to the tokenizer's model_max_length (77) and truncated, the attention mask passed only where the
     encoder's config asks for it (use_attention_mask), the last hidden state. Warns when a prompt is truncated.
     A tokenizer saved without model_max_length (transformers then says 1e30) is held to the encoder's positions."""
+    return encode_clip_tokens(text_encoder, clip_tokens(tokenizer, text_encoder, prompts, stacklevel=4))
+
+
+def clip_tokens(tokenizer, text_encoder, prompts: list[str], stacklevel: int = 3) -> torch.Tensor:
+    """The token ids and attention masks `encode_clip` feeds the encoder, as one tensor (len(prompts), 2, length):
+    [:, 0] the ids, [:, 1] the mask (training the text encoder encodes them again inside each step)."""
     max_length = min(tokenizer.model_max_length, text_encoder.config.max_position_embeddings)
     inputs = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
     for text, ids in zip(prompts, tokenizer(prompts).input_ids):
         if len(ids) > max_length:
             removed = tokenizer.decode(ids[max_length - 1:-1])
             warnings.warn(f"prompt {text!r} is longer than {max_length} tokens; this part was cut: {removed!r}",
-                          stacklevel=3)
+                          stacklevel=stacklevel)
+    return torch.stack([inputs.input_ids, inputs.attention_mask], dim=1)
+
+
+def encode_clip_tokens(text_encoder, tokens: torch.Tensor) -> torch.Tensor:
+    """The CLIP encoder's last hidden state for `clip_tokens`' rows (with gradient when the encoder trains)."""
     device = text_encoder.device
-    mask = inputs.attention_mask.to(device) if getattr(text_encoder.config, "use_attention_mask", False) else None
-    embeds = text_encoder(inputs.input_ids.to(device), attention_mask=mask)[0]
-    return embeds.to(dtype=text_encoder.dtype)
+    ids, mask = tokens[:, 0].to(device), tokens[:, 1].to(device)
+    mask = mask if getattr(text_encoder.config, "use_attention_mask", False) else None
+    return text_encoder(ids, attention_mask=mask)[0].to(dtype=text_encoder.dtype)
 
 
 def encode_negative(tokenizer, text_encoder, n: int = 1, max_length: int = MAX_LENGTH) -> torch.Tensor:

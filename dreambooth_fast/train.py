@@ -1,7 +1,8 @@
 """DreamBooth fine-tuning of a cascade, stage by stage (base, then super-resolution).
 
 One run: validate every input before anything is written; pick or check the identifier; encode the prompts
-once and free the text encoder; make (or reuse) the class images with the frozen cascade; then per stage
+once and free the text encoder (Stable Diffusion with --train-text-encoder: it trains with the base UNet,
+text_training.py); make (or reuse) the class images with the frozen cascade; then per stage
 train the UNet on subject rows plus prior rows with the fused ops, checkpointing atomically, and write the
 tuned UNet into the output directory, which mirrors the input's IF layout plus dreambooth.json.
 
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from . import __version__, data, identifier, lora, ops, sd, sd_upscale
+from . import __version__, data, identifier, lora, ops, sd, sd_upscale, text_training
 from .backends import TORCH_BACKENDS, unet_runner
 from .checkpoint import checkpoint_dir, load_checkpoint, mark_stage_done, read_latest, save_checkpoint
 from .compiled import compile_unet
@@ -101,6 +102,7 @@ from .sample import (
 )
 from .snr import min_snr_weights
 from .text import encode_negative, encode_prompts
+from .text_training import TextTraining
 from .toy.default_model import default_model_dir, default_model_notes
 
 VALIDATION_STEPS = 25
@@ -249,12 +251,15 @@ def rank_rows(batch_size: int, dist: Dist, parts: int) -> torch.Tensor:
 
 
 def _optimizer(params: list, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    """Adam at `lr` over `params`: tensors, or parameter groups (dicts, as torch takes them; the text encoder's
+    group has its own lr)."""
     if cfg.use_8bit_adam:
         import bitsandbytes as bnb  # presence checked by TrainConfig.validate
 
         return bnb.optim.Adam8bit(params, lr=lr)
+    tensors = [p for group in params for p in (group["params"] if isinstance(group, dict) else [group])]
     # The paper trains with Adam (no weight decay); fused or foreach, whichever the device has (optim.py).
-    return torch.optim.Adam(params, lr=lr, **adam_options(params))
+    return torch.optim.Adam(params, lr=lr, **adam_options(tensors))
 
 
 class StageTrainer:
@@ -274,10 +279,12 @@ class StageTrainer:
         completed: list[str],
         validation: Validation | None,
         dist: Dist = SINGLE,
+        text: TextTraining | None = None,
     ):
         self.stage, self.unet, self.cfg, self.device, self.out = stage, unet, cfg, device, out
         self.dist = dist
         self.rows, self.prompts, self.completed, self.validation = rows, prompts, completed, validation
+        self.text = text  # --train-text-encoder: the encoder trained with this (base) stage's UNet
         self.scheduler = scheduler
         self.alphas_cumprod = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
         self.prediction_type = scheduler.config.prediction_type
@@ -302,7 +309,7 @@ class StageTrainer:
         if cfg.compile:
             compile_unet(unet, stage)
         if cfg.lora_rank:
-            self.params = lora.add_lora(unet, cfg.lora_rank)
+            self.params = lora.add_lora(unet, cfg.lora_rank, cfg.seed)
         else:
             unet.requires_grad_(True)
             if cfg.fsdp:  # each rank keeps its shard of the weights (and of the frozen copy); params are DTensors
@@ -316,7 +323,11 @@ class StageTrainer:
         self.model = unet
         if dist.is_distributed and not cfg.fsdp:
             self.model = DistributedDataParallel(unet, device_ids=[device.index] if device.type == "cuda" else None)
-        self.optimizer = _optimizer(self.params, cfg, cfg.learning_rate)
+        groups = self.params
+        if text is not None:  # one Adam, two groups; clipped, checked and counted together
+            groups = [{"params": self.params}, {"params": text.params, "lr": text.lr}]
+            self.params = self.params + text.params
+        self.optimizer = _optimizer(groups, cfg, cfg.learning_rate)
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(step, self.total_steps, cfg.lr_warmup_steps, cfg.lr_schedule)
         )
@@ -327,7 +338,8 @@ class StageTrainer:
 
     # -- state ------------------------------------------------------------------------------------------
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        return lora.adapter_state(self.unet) if self.cfg.lora_rank else self.unet.state_dict()
+        state = lora.adapter_state(self.unet) if self.cfg.lora_rank else self.unet.state_dict()
+        return state | self.text.state() if self.text is not None else state
 
     def check_finite(self) -> None:
         """Never write weights that are not all finite. The loss of each step is checked before its update, so
@@ -376,6 +388,9 @@ class StageTrainer:
         """Continue from the checkpoint `latest` (checkpoint.read_latest) names under `root`."""
         weights, state = load_checkpoint(root, latest)  # every rank reads it
         self.last_checkpoint = str(root / latest["dir"])
+        if self.text is not None:
+            self.text.load_state(weights)
+            weights = text_training.split_weights(weights)
         if self.cfg.fsdp:
             load_full_state(self.unet, self.optimizer, weights, state["optimizer"])
         elif self.cfg.lora_rank:
@@ -396,14 +411,17 @@ class StageTrainer:
         g, bs, rows = self.generator, self.cfg.batch_size * self.dist.world_size, self.rows
         pick = torch.randint(len(rows.subject), (bs,), generator=g)
         x0, cond = [rows.subject[pick]], [rows.subject_cond[pick]] if rows.subject_cond is not None else None
-        # Row i of the subject (i + N: its mirror with --flip) has prompt i, or the one prompt for all.
-        embeds = [self.prompts.instance_embeds[pick % len(self.prompts.instance_embeds)]]
+        # Row i of the subject (i + N: its mirror with --flip) has prompt i, or the one prompt for all. With
+        # --train-text-encoder the rows are the prompts' tokens, encoded in the step (`loss`).
+        instance = self.text.instance if self.text is not None else self.prompts.instance_embeds
+        class_ = self.text.class_ if self.text is not None else self.prompts.class_embeds
+        embeds = [instance[pick % len(instance)]]
         if rows.prior is not None:
             pick = torch.randint(len(rows.prior), (bs,), generator=g)
             x0.append(rows.prior[pick])
             if cond is not None:
                 cond.append(rows.prior_cond[pick])
-            embeds.append(self.prompts.class_embeds.expand(bs, -1, -1))
+            embeds.append(class_.expand(bs, -1, -1))
         return torch.cat(x0), torch.cat(cond) if cond is not None else None, torch.cat(embeds), bs
 
     @torch.no_grad()
@@ -444,11 +462,16 @@ class StageTrainer:
             x_t = torch.cat([x_t, noisy_cond], dim=1)
         dtype = AUTOCAST[self.cfg.precision]
         with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            if self.text is not None:  # the prompts through the encoder being trained
+                embeds = self.text.encode(embeds)
             if self.predicted_prior:
                 # The prior rows: the subject rows' noisy input again, with the class prompt; their target is the
-                # frozen model's prediction there, so no class image is needed.
+                # frozen model's prediction there, so no class image is needed. The frozen target's class
+                # embeddings are the frozen text encoder's (computed before training).
                 class_embeds = self.prompts.class_embeds.to(self.device).expand(n, -1, -1)
                 prior_target = self.frozen_prediction(x_t, timesteps, class_embeds, class_labels, target.shape[1])
+                if self.text is not None:
+                    class_embeds = self.text.encode(self.text.class_.expand(n, -1, -1))
                 x_t, timesteps = torch.cat([x_t, x_t]), torch.cat([timesteps, timesteps])
                 target = torch.cat([target, prior_target.to(target.dtype)])
                 embeds = torch.cat([embeds, class_embeds])
@@ -561,6 +584,8 @@ class StageTrainer:
         generator = torch.Generator().manual_seed(self.cfg.seed)
         n = v.embeds.shape[0]
         embeds, negative = v.embeds.to(self.device), v.negative.to(self.device)
+        if self.text is not None:  # the prompt and the empty prompt through the encoder being trained
+            embeds, negative = self.text.validation_embeds(n)
         if self.stage == "base":
             channels = {"channels": v.vae.config.latent_channels} if v.vae is not None else {}
             images = sample_base(unet_fn, self.scheduler, embeds, negative, size=v.size, steps=v.steps,
@@ -595,8 +620,10 @@ def write_output_stage(out: Path, stage: str, trainer: StageTrainer, cfg: TrainC
     stage_dir = _stage_dir(out, stage)
     with stop_on_full_disk(f"the tuned {stage} UNet", out, trainer.trainable_bytes(), trainer.last_checkpoint):
         if cfg.lora_rank and not cfg.merge_lora:
-            lora.save_adapter(trainer.unet, stage_dir)
+            lora.save_adapter(trainer.unet, stage_dir, trainer.text.encoder if trainer.text is not None else None)
             return
+        if trainer.text is not None:
+            text_training.write_encoder(trainer.text, stage_dir)
         if weights is not None:
             atomic_write_dir(stage_dir / "unet", lambda tmp: save_unet_weights(weights, stage_dir / "unet", tmp))
         else:
@@ -697,6 +724,7 @@ class RunInputs:
     sr_dir: Path | None
     images: list[data.SubjectImage]
     captions: list[str] | None
+    tokenizer: object  # the model's, loaded once: for these checks and the run
 
 
 def check_inputs(cfg: TrainConfig) -> RunInputs:
@@ -713,6 +741,8 @@ def check_inputs(cfg: TrainConfig) -> RunInputs:
     family = model_family(Path(cfg.model))
     if family == "sd":
         sd.check_options(cfg)
+    text_training.check_family(cfg, family)
+    text_training.check_input_adapter(cfg.model)
     sr_dir = find_sr_dir(Path(cfg.model), cfg.sr_model)
     if cfg.sr_model is not None or (family == "sd" and sr_dir is not None):
         check_stage_dir(sr_dir, "sr")
@@ -743,7 +773,7 @@ def check_inputs(cfg: TrainConfig) -> RunInputs:
                  if f" {cfg.class_noun} " not in f" {c} "]
     for warning in warnings:
         tqdm.write(f"warning: {warning}")
-    return RunInputs(out, device, stages, sr_dir, images, captions)
+    return RunInputs(out, device, stages, sr_dir, images, captions, tokenizer)
 
 
 def estimated_write_bytes(cfg: TrainConfig, inputs: RunInputs, cascade: Cascade) -> int:
@@ -779,6 +809,7 @@ def start_run(cfg: TrainConfig, inputs: RunInputs, prompts: Prompts, saved_run: 
         "class_images": None,
         "source_model": str(cfg.model),
         "source_sr_model": str(inputs.sr_dir) if inputs.sr_dir else None,
+        "text_encoder": text_training.record(cfg),
         "stages": inputs.stages,
         "distributed": distributed_record(cfg, dist),
         "final_loss": saved_run.get("final_loss", {}) if saved_run else {},
@@ -880,11 +911,13 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, dist: Dist) -> Path:
     if cfg.fsdp and not dist.is_distributed:
         raise UserError("--fsdp shards the UNet over the processes of a distributed run: start it with torchrun "
                         "--nproc_per_node N -m dreambooth_fast train ... (see README, 'More than one GPU')")
+    text_training.check_processes(cfg, dist.world_size)
     inputs = rank0_first(dist, lambda: check_inputs(cfg))
     out, stages = inputs.out, inputs.stages
     with contextlib.ExitStack() as stack:
         saved_run, latest = rank0_first(dist, lambda: open_output(stack, cfg, inputs, resume, overwrite, dist))
-        cascade = load_cascade(cfg.model, cfg.sr_model, device=str(inputs.device), stages=tuple(stages))
+        cascade = load_cascade(cfg.model, cfg.sr_model, device=str(inputs.device), stages=tuple(stages),
+                               tokenizer=inputs.tokenizer)
         for stage in stages:
             data.check_sizes(inputs.images, cascade.base_size if stage == "base" else cascade.sr_size)
         prompts = make_prompts(cascade, cfg, inputs.captions)
@@ -892,13 +925,16 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, dist: Dist) -> Path:
         if saved_run and saved_run.get("instance_prompts", prompts.instance) != prompts.instance:
             raise UserError(f"--resume: the captions changed since the run started (it trained on "
                             f"{saved_run['instance_prompts']}); restore them or start a new run")
-        validation_embeds = {}
+        validation_embeds, validation_text = {}, None
         if cfg.validation_prompt and cfg.validation_every:
-            text = identifier.fill_placeholder(cfg.validation_prompt, prompts.identifier)
-            validation_embeds["base"] = encode_prompts(cascade.tokenizer, cascade.text_encoder, [text] * 2)
+            validation_text = identifier.fill_placeholder(cfg.validation_prompt, prompts.identifier)
+            validation_embeds["base"] = encode_prompts(cascade.tokenizer, cascade.text_encoder, [validation_text] * 2)
             validation_embeds["sr"] = (validation_embeds["base"] if cascade.sr_text_encoder is None else
-                                       encode_prompts(cascade.sr_tokenizer, cascade.sr_text_encoder, [text] * 2))
-        # embeddings are cached: the text encoders are not needed any more
+                                       encode_prompts(cascade.sr_tokenizer, cascade.sr_text_encoder,
+                                                      [validation_text] * 2))
+        # --train-text-encoder: the base's encoder trains with the base stage; else the embeddings are cached and
+        # the text encoders are not needed any more.
+        text = text_training.setup(cfg, cascade, prompts, validation_text)
         cascade.text_encoder = cascade.sr_text_encoder = None
         warning = check_free_space(out, estimated_write_bytes(cfg, inputs, cascade), "the run's output")
         if warning:
@@ -945,7 +981,7 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, dist: Dist) -> Path:
             if stage == "sr":
                 cascade.sr_vae = None
             trainer = StageTrainer(stage, unet, scheduler, noising, rows, per_stage[stage], cfg, inputs.device, out,
-                                   completed, validation, dist)
+                                   completed, validation, dist, text if stage == "base" else None)
             if latest and latest.get("stage") == stage:
                 trainer.restore(out / CHECKPOINTS, latest)
             final_loss = trainer.run()
@@ -959,6 +995,7 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, dist: Dist) -> Path:
                 run["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
                 atomic_write_json(out / RUN_FILE, run)
             del trainer, unet
+            text = None  # the tuned encoder went out with the base stage
             clock = _lap(timings, "write", clock)
         if dist.is_main:
             release_freed_memory()  # else the loss plot's matplotlib import adds ~22 MiB to the run's peak (memory.py)

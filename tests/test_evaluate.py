@@ -499,3 +499,40 @@ def test_identifier_and_class_come_from_the_run_file(tmp_path, tiny_cascade, enc
     assert subject_of(tiny_cascade) == (None, None)
     with pytest.raises(UserError, match="pass --identifier and --class"):
         run_eval(tiny_cascade, dog_photos, *encoder_dirs, out=tmp_path / "e.json", progress=False)
+
+
+def test_eval_on_a_stable_diffusion_model_draws_with_its_pipeline_defaults_beside_the_papers_sd_row(
+        tmp_path, tiny_sd, encoder_dirs, dog_photos, monkeypatch):
+    """StableDiffusionPipeline's 50 steps at guidance 7.5 (IF's are 100 at 7), and the paper's Stable Diffusion row
+    (Table 1) first among the paper's, marked."""
+    from dreambooth_fast import sample
+
+    drawn = []
+    sample_base = sample.sample_base
+    monkeypatch.setattr(sample, "sample_base", lambda *args, **kw: drawn.append((kw["steps"], kw["guidance_scale"]))
+                        or sample_base(*args, **kw))
+    out = tmp_path / "eval.json"
+    args = ["eval", "--model", str(tiny_sd), "--real-images", str(dog_photos), "--clip", str(encoder_dirs[0]),
+            "--dino", str(encoder_dirs[1]), "--n", "1", "--out", str(out), "--identifier", "dt", "--class", "dog",
+            "--batch-size", "26", "--device", "cpu"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert drawn == [(50, 7.5)]  # 25 prompts and the PRES prompt in one call
+    results = json.loads(out.read_text())
+    assert results["family"] == "sd" and results["sampling"]["base_steps"] == 50
+    assert results["counts"] == {"real": 5, "prompts": 25, "generated": 25, "class": 1}
+    lines = result.output.splitlines()
+    lines = lines[next(i for i, line in enumerate(lines) if line.startswith("this model")):]
+    assert lines[1].startswith("real images (this subject)")
+    assert lines[2].startswith("paper: DreamBooth (Stable Diffusion) <- same family")
+    assert "0.668" in lines[2] and "0.803" in lines[2] and "0.305" in lines[2]
+    assert lines[3].startswith("paper: real images") and "0.774" in lines[3] and "0.885" in lines[3]
+    with Image.open(tmp_path / "eval-images" / "00" / "0000.png") as im:
+        assert im.size == (32, 32)  # the base latents decoded by the VAE
+
+
+def test_the_paper_row_of_the_models_family_comes_first(tmp_path):
+    results = {"metrics": {}, "real_images": {}, "div_metric": DIV_LPIPS, "family": "if"}
+    lines = format_table(results).splitlines()
+    assert lines[3].startswith("paper: DreamBooth (Imagen) <- same family")
+    assert "same family" not in format_table({**results, "family": None})

@@ -299,3 +299,16 @@ def test_the_class_image_cache_key_names_the_vae(tiny_sd, tmp_path):
     save_file({**state, name: state[name] + 1}, weights)  # another VAE decodes other class images from the same latents
     changed = cache_key(load_cascade(model, with_text_encoder=False, with_unets=False), settings)
     assert key["base_unet"] == changed["base_unet"] and key["vae"] != changed["vae"]
+
+
+def test_a_run_loads_the_tokenizer_once(tiny_sd, subject_dir, tmp_path, monkeypatch):
+    """The checks before the run and the run itself share one tokenizer (it was loaded twice)."""
+    from transformers import CLIPTokenizer
+
+    loads = []
+    original = CLIPTokenizer.from_pretrained
+    monkeypatch.setattr(CLIPTokenizer, "from_pretrained",
+                        lambda *args, **kw: loads.append(args) or original(*args, **kw))
+    result = train(tiny_sd, subject_dir, tmp_path / "run", "--no-prior", "--steps", "1")
+    assert result.exit_code == 0, result.output
+    assert len(loads) == 1

@@ -38,6 +38,8 @@ PAPER_ROWS = [
     ("paper: Imagen, with prior preservation", {"PRES": 0.493, DIV_LPIPS: 0.391}),
     ("paper: Imagen, without prior preservation", {"PRES": 0.664, DIV_LPIPS: 0.371}),
 ]
+# The paper's DreamBooth row of each model family: IF is the public model of Imagen's shape.
+PAPER_DREAMBOOTH = {"if": "paper: DreamBooth (Imagen)", "sd": "paper: DreamBooth (Stable Diffusion)"}
 
 
 # ---- similarity maths -----------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ Generated-images layout (what `--generated DIR` reads): `DIR/manifest.json`, for
      "class": {"prompt": "a dog", "images": ["25/0000.png", ...]}}        # optional: PRES needs it
 
 Image paths are relative to DIR (any layout works; `generate_protocol` writes `{prompt:02d}/{image:04d}.png`,
-the class prompt last). Other keys (model, identifier, class_noun, live) are informational. `clip_text` is the
+the class prompt last). Other keys (model, family, sampling, identifier, class_noun, live) are informational;
+`family` (if or sd) marks the paper's DreamBooth row of that family in the table. `clip_text` is the
 text CLIP-T compares the images with (default: the prompt); the protocol uses the prompt without the
 identifier, which means nothing to CLIP's tokenizer.
 
@@ -32,7 +33,7 @@ from ..data import load_subject_images
 from ..errors import UserError
 from ..fileio import atomic_write_json
 from .encoders import ClipEncoder, ImageEncoder, Lpips, check_model_dir, load_clip, load_dino, load_lpips
-from .metrics import DIV_LPIPS, PAPER_ROWS, score
+from .metrics import DIV_LPIPS, PAPER_DREAMBOOTH, PAPER_ROWS, score
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "dbfast-eval/1"
@@ -85,7 +86,11 @@ def format_table(results: dict) -> str:
     div_name = results["div_metric"]
     # With the fallback, the paper's LPIPS DIV keeps its own column: the two are different quantities.
     columns = ["DINO", "CLIP-I", "CLIP-T", "PRES", DIV_LPIPS] + ([div_name] if div_name != DIV_LPIPS else [])
-    rows = [("this model", results["metrics"]), ("real images (this subject)", results["real_images"])] + PAPER_ROWS
+    # The paper's DreamBooth row of this model's family (Imagen for IF, Stable Diffusion) comes first, marked.
+    family = PAPER_DREAMBOOTH.get(results.get("family"))
+    paper = sorted(PAPER_ROWS, key=lambda row: row[0] != family)
+    paper = [(f"{name} <- same family" if name == family else name, row) for name, row in paper]
+    rows = [("this model", results["metrics"]), ("real images (this subject)", results["real_images"])] + paper
     width = max(len(name) for name, _ in rows)
     lines = [f"{'':<{width}}  " + "  ".join(f"{c:>12}" for c in columns)]
     lines += [f"{name:<{width}}  " + "  ".join(f"{_cell(row.get(c)):>12}" for c in columns) for name, row in rows]
@@ -109,14 +114,15 @@ def generate_eval_images(model_dir: str | Path, prompts: list[str], n_per_prompt
 
     Writes `out_dir/{prompt index:02d}/{image index:04d}.png` and returns those paths, per prompt. Image k of
     prompt i is drawn with its own CPU generator seeded `seed + i * n_per_prompt + k`, so it does not depend
-    on `batch_size` (images per sampler call) or the device. Steps default to IF's (100 base, 50 SR), guidance
-    to IF's. `backend` is any of `dbfast generate`'s; exported ones are read from `export_dir` (MODEL/export).
+    on `batch_size` (images per sampler call) or the device. Steps and guidance default to the model family's
+    pipeline (`sampling_settings`). `backend` is any of `dbfast generate`'s; exported ones are read from
+    `export_dir` (MODEL/export).
     """
     from ..backends import TORCH_BACKENDS, unet_runner
     from ..export import default_export_dir
     from ..images import save_png, to_pil
     from ..models import load_cascade, resolve_device
-    from ..sample import BASE_STEPS, SR_STEPS, generate_cascade
+    from ..sample import generate_cascade
 
     if n_per_prompt < 1:
         raise UserError(f"--n {n_per_prompt}: generate at least one image per prompt")
@@ -128,6 +134,7 @@ def generate_eval_images(model_dir: str | Path, prompts: list[str], n_per_prompt
     base_fn = unet_runner(backend, cascade.base_unet, cascade.base_dir, export_dir, "base", dev)
     sr_fn = unet_runner(backend, cascade.sr_unet, cascade.sr_dir, export_dir, "sr", dev) if cascade.sr_dir else None
     stages = ("base", "sr") if sr_fn is not None else ("base",)
+    sampling = sampling_settings(cascade.family, base_steps, sr_steps)
     out_dir = Path(out_dir)
     jobs = [(i, k) for i in range(len(prompts)) for k in range(n_per_prompt)]
     written: list[list[Path]] = [[] for _ in prompts]
@@ -135,12 +142,24 @@ def generate_eval_images(model_dir: str | Path, prompts: list[str], n_per_prompt
         batch = jobs[start:start + batch_size]
         generators = [torch.Generator().manual_seed(seed + i * n_per_prompt + k) for i, k in batch]
         images = generate_cascade(cascade, [prompts[i] for i, _ in batch], stages=stages, base_unet_fn=base_fn,
-                                  sr_unet_fn=sr_fn, base_steps=base_steps or BASE_STEPS, sr_steps=sr_steps or SR_STEPS,
-                                  generator=generators, progress=False)
+                                  sr_unet_fn=sr_fn, generator=generators, progress=False, **sampling)
         for (i, k), image in zip(batch, to_pil(images[stages[-1]])):
             (out_dir / f"{i:02d}").mkdir(parents=True, exist_ok=True)
             written[i].append(save_png(image, out_dir / f"{i:02d}" / f"{k:04d}.png"))
     return written
+
+
+def sampling_settings(family: str, base_steps: int | None = None, sr_steps: int | None = None) -> dict:
+    """The steps and guidance the protocol draws with: the model family's own pipeline defaults where not given.
+    DeepFloyd IF: 100 base steps at guidance 7, 50 SR steps at 4 (IFPipeline, IFSuperResolutionPipeline); Stable
+    Diffusion: StableDiffusionPipeline's 50 steps of the model's scheduler at guidance 7.5."""
+    from ..sample import BASE_GUIDANCE, BASE_STEPS, SR_GUIDANCE, SR_STEPS
+    from ..sd import PIPELINE_GUIDANCE, PIPELINE_STEPS
+
+    sd = family == "sd"
+    return {"base_steps": base_steps or (PIPELINE_STEPS if sd else BASE_STEPS),
+            "base_guidance": PIPELINE_GUIDANCE if sd else BASE_GUIDANCE,
+            "sr_steps": sr_steps or SR_STEPS, "sr_guidance": SR_GUIDANCE}
 
 
 def subject_of(model_dir: str | Path) -> tuple[str | None, str | None]:
@@ -158,18 +177,22 @@ def generate_protocol(model_dir: str | Path, out_dir: str | Path, *, identifier:
     The directory is built under a temporary name and swapped into place, so it is complete or absent.
     """
     from ..fileio import atomic_write_dir
+    from ..models import model_family
     from .prompts import eval_prompts, pres_prompt
 
     prompts = eval_prompts(identifier, class_noun, live)
     clip_texts = eval_prompts("", class_noun, live)
     pres = pres_prompt(class_noun)
+    family = model_family(Path(model_dir))
+    sampling = sampling_settings(family, generate_kwargs.get("base_steps"), generate_kwargs.get("sr_steps"))
 
     def write(tmp: Path) -> None:
         paths = generate_eval_images(model_dir, prompts + [pres], n, tmp, **generate_kwargs)
         relative = [[p.relative_to(tmp).as_posix() for p in group] for group in paths]
         atomic_write_json(tmp / MANIFEST, {
             "format": MANIFEST_FORMAT,
-            "model": str(model_dir), "identifier": identifier, "class_noun": class_noun, "live": live,
+            "model": str(model_dir), "family": family, "sampling": sampling, "identifier": identifier,
+            "class_noun": class_noun, "live": live,
             "subject": [{"prompt": p, "clip_text": t, "images": r} for p, t, r in zip(prompts, clip_texts, relative)],
             "class": {"prompt": pres, "images": relative[-1]},
         })
@@ -208,6 +231,9 @@ def run_eval(model: str | Path | None, real_images: str | Path, clip: str | Path
         generated = generate_protocol(model, out.with_name(out.stem + "-images"), identifier=identifier,
                                       class_noun=class_noun, live=live, n=n, device=device, progress=progress,
                                       **generate_kwargs)
-    results = score(read_manifest(generated), real, clip_encoder, dino_encoder, lpips_net, progress=progress)
+    manifest = read_manifest(generated)
+    results = score(manifest, real, clip_encoder, dino_encoder, lpips_net, progress=progress)
     results["generated"] = str(generated)
+    results["family"] = manifest.get("family")  # which paper row is this model's (format_table)
+    results["sampling"] = manifest.get("sampling")
     return results, write_results(results, out)
