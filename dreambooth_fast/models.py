@@ -3,7 +3,8 @@
 A cascade directory is an IF stage I directory (model_index.json, unet/, text_encoder/, tokenizer/,
 scheduler/) that may hold an IF stage II directory in `stage_2/`. Real IF ships the stages as separate
 directories (IF-I-XL-v1.0, IF-II-L-v1.0): pass the second as `sr_model_dir`. A Stable Diffusion directory
-(model_index.json naming StableDiffusionPipeline) is detected here and checked and loaded by sd.py.
+(model_index.json naming StableDiffusionPipeline) is detected here and checked and loaded by sd.py, an SDXL base
+directory (StableDiffusionXLPipeline) by sdxl.py.
 """
 
 from __future__ import annotations
@@ -15,13 +16,15 @@ from pathlib import Path
 
 import torch
 
-from . import lora, sd
+from . import lora, sd, sdxl
 from .errors import UserError
 from .weights import has_weights, prefer_safetensors, unloadable
 
 STAGE_2_DIR = "stage_2"
 BASE_PARTS = ("unet", "scheduler", "tokenizer")
 SR_PARTS = ("unet", "scheduler", "image_noising_scheduler")
+FAMILIES = {sd.SD_PIPELINE: "sd", sd.SDXL_PIPELINE: "sdxl"}  # model_index.json's _class_name -> family; else "if"
+LATENT_FAMILIES = ("sd", "sdxl")  # a base UNet on a VAE's latents
 
 
 @dataclass
@@ -35,9 +38,13 @@ class Cascade:
     sr_noising_scheduler: object | None
     base_dir: Path
     sr_dir: Path | None
-    family: str = "if"  # "sd": a Stable Diffusion model (sd.py), its base UNet on the VAE's latents
+    family: str = "if"  # "sd" or "sdxl": a Stable Diffusion model (sd.py, sdxl.py), its base UNet on the VAE's latents
     vae: torch.nn.Module | None = None
     vae_scale_factor: int = 1  # pixels per latent along a side (1: pixel space)
+
+    @property
+    def latent(self) -> bool:
+        return self.family in LATENT_FAMILIES
 
     @property
     def base_size(self) -> int:
@@ -71,8 +78,9 @@ def _read_json(path: Path) -> dict:
 
 
 def model_family(path: Path) -> str:
-    """The model family: sd when `path`'s model_index.json names StableDiffusionPipeline, else if (DeepFloyd IF)."""
-    return "sd" if _read_json(Path(path) / "model_index.json").get("_class_name") == sd.SD_PIPELINE else "if"
+    """The model family: sd when `path`'s model_index.json names StableDiffusionPipeline, sdxl for
+    StableDiffusionXLPipeline, else if (DeepFloyd IF)."""
+    return FAMILIES.get(_read_json(Path(path) / "model_index.json").get("_class_name"), "if")
 
 
 def check_stage_dir(path: Path, stage: str) -> None:
@@ -91,6 +99,11 @@ def check_stage_dir(path: Path, stage: str) -> None:
             raise UserError(f"{path} is a Stable Diffusion model, not an IF stage II (IFSuperResolutionPipeline) "
                             "directory")
         sd.check_sd_dir(path, index)
+        return
+    if index.get("_class_name") == sd.SDXL_PIPELINE:
+        if stage != "base":
+            raise UserError(f"{path} is an SDXL model, not an IF stage II (IFSuperResolutionPipeline) directory")
+        sdxl.check_sdxl_dir(path, index)
         return
     parts = BASE_PARTS if stage == "base" else SR_PARTS
     missing = [p for p in parts if not (path / p).is_dir() or index.get(p) in (None, [None, None])]
@@ -113,7 +126,7 @@ def find_sr_dir(model_dir: Path, sr_model_dir: str | Path | None) -> Path | None
 
 
 def load_tokenizer(model_dir: str | Path):
-    if model_family(model_dir) == "sd":
+    if model_family(model_dir) in LATENT_FAMILIES:  # SDXL: tokenizer/ (tokenizer_2/ is sdxl.py's)
         return sd.load_tokenizer(model_dir)
     from transformers import T5Tokenizer
 
@@ -171,12 +184,14 @@ def load_cascade(
     for explicitly with `sr_model_dir`."""
     base_dir = Path(model_dir)
     check_stage_dir(base_dir, "base")
-    if model_family(base_dir) == "sd":
+    family = model_family(base_dir)
+    if family in LATENT_FAMILIES:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        return Cascade(**sd.load_sd_parts(base_dir, device=device, dtype=dtype, with_text_encoder=with_text_encoder),
+        load_parts = sd.load_sd_parts if family == "sd" else sdxl.load_sdxl_parts
+        return Cascade(**load_parts(base_dir, device=device, dtype=dtype, with_text_encoder=with_text_encoder),
                        base_unet=load_unet(base_dir, device, dtype) if "base" in stages and with_unets else None,
                        sr_unet=None, sr_scheduler=None, sr_noising_scheduler=None, base_dir=base_dir, sr_dir=None,
-                       family="sd")
+                       family=family)
     sr_dir = find_sr_dir(base_dir, sr_model_dir) if "sr" in stages else None
     if sr_dir is not None:
         check_stage_dir(sr_dir, "sr")

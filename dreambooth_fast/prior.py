@@ -51,8 +51,9 @@ def default_cache_root() -> Path:
 def cache_key(cascade: Cascade, settings: PriorSettings) -> dict:
     """Everything that decides the class images. The dtype and the batch size are left out on purpose: they
     change the images only by rounding, not in distribution. A Stable Diffusion model's VAE decodes them, so its
-    files are in the key too (and its scheduler's config, which picks the sampler)."""
-    parts = ("vae", "scheduler") if cascade.family == "sd" else ()
+    files are in the key too (and its scheduler's config, which picks the sampler); SDXL's second text encoder too."""
+    parts = ("vae", "scheduler") if cascade.latent else ()
+    parts += ("text_encoder_2",) if cascade.family == "sdxl" else ()
     return {
         "base_unet": sha256_files(weights_files(cascade.base_dir)),
         "sr_unet": sha256_files(weights_files(cascade.sr_dir)) if settings.with_sr else None,

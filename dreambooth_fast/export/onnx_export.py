@@ -36,6 +36,7 @@ import torch
 from ..errors import UserError
 from ..models import check_stage_dir, find_sr_dir, model_family
 from ..sd import prompt_length
+from ..sdxl import NO_EXPORT
 
 DEFAULT_OPSET = 18
 EXTERNAL_DATA_THRESHOLD = 2**31  # protobuf cannot hold a model of 2 GiB or more in one file
@@ -60,6 +61,8 @@ def cascade_stages(model_dir: str | Path, sr_model_dir: str | Path | None = None
     base_dir = Path(model_dir)
     check_stage_dir(base_dir, "base")
     stages = [("base", base_dir)]
+    if model_family(base_dir) == "sdxl":
+        raise UserError(f"{base_dir}: {NO_EXPORT}")
     if model_family(base_dir) == "sd":
         if sr_model_dir is not None:
             raise UserError("--sr-model: the Stable Diffusion x4 upscaler is not supported as a stage yet; export "
