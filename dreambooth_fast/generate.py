@@ -15,7 +15,6 @@ from .models import find_sr_dir, load_cascade, model_family, resolve_device
 from .rundir import RUN_FILE, run_identifier
 from .sample import sample_cascade
 from .sd import sd_stages
-from .sdxl import check_backend
 from .text import encode_negative, encode_prompts
 
 
@@ -57,11 +56,8 @@ def generate_images(
     unknown = set(stages) - {"base", "sr"}
     if unknown or "base" not in stages:
         raise UserError(f"--stages must be base or base,sr, got {','.join(stages)}")
-    family = model_family(model)
-    if family in ("sd", "sdxl"):
+    if model_family(model) in ("sd", "sdxl"):
         stages = sd_stages(sr_model, sampler)
-    if family == "sdxl":
-        check_backend(backend)
     if "sr" in stages and find_sr_dir(model, sr_model) is None:
         raise UserError(f"{model} has no stage II (stage_2/): pass --sr-model DIR or --stages base")
     text = expand_prompt(prompt, model)

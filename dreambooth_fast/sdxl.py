@@ -16,12 +16,14 @@ The engine passes one embedding tensor per prompt around (prompts, class images,
 predictions); SDXL's pooled embedding and time ids ride in it as one extra token row: `pack` makes
 (N, L + 1, D) from the (N, L, D) tokens, with the pooled embedding in the first P columns of the last row and the
 time ids in the next 6 (P + 6 <= D: 1286 <= 2048 for SDXL). `unet_kwargs` unpacks it at the UNet call into
-`encoder_hidden_states` and `added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}`.
+`encoder_hidden_states` and `added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}`. The exported UNet
+(export/) takes the packed embedding too and unpacks it inside its graph, so its inputs are SD's three
+(sample, timestep, encoder_hidden_states of 78 rows) and the ONNX/TensorRT runners serve SDXL unchanged.
 
 The VAE is loaded in float32 whatever the run's dtype, and runs outside autocast (sd.py): SDXL's VAE overflows in
 float16 (the pipeline upcasts it too: `force_upcast`).
-Not yet: the refiner (StableDiffusionXLImg2ImgPipeline), ONNX/TensorRT export of the SDXL UNet (its extra inputs),
-text-encoder fine-tuning.
+Not yet: the refiner (StableDiffusionXLImg2ImgPipeline), text-encoder fine-tuning, micro-conditioning other than the
+defaults (other original sizes or crops per image).
 """
 
 from __future__ import annotations
@@ -41,8 +43,6 @@ SDXL_PIPELINE = "StableDiffusionXLPipeline"
 PARTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "scheduler")
 N_TIME_IDS = 6  # original (h, w), crop top-left (y, x), target (h, w)
 ENCODER_CLASSES = {"text_encoder": "CLIPTextModel", "text_encoder_2": "CLIPTextModelWithProjection"}
-NO_EXPORT = ("ONNX/TensorRT export of the SDXL UNet is not supported yet (its added inputs, the pooled text "
-             "embedding and the time ids, are not in the exported graph); use --backend torch or compile")
 
 
 def check_sdxl_dir(path: Path, index: dict) -> None:
@@ -100,14 +100,7 @@ def check_options(cfg) -> None:
         option = "--sr-model" if cfg.sr_model is not None else "--stages sr"
         raise UserError(f"{option}: an SDXL model has no SR stage here (its refiner, StableDiffusionXLImg2ImgPipeline, "
                         "is not supported); train the base stage (--stages base)")
-    if cfg.class_backend in ("onnx", "trt"):
-        raise UserError(f"--class-backend {cfg.class_backend}: {NO_EXPORT}")
     sd.check_sampler(cfg.class_sampler, "--class-sampler")
-
-
-def check_backend(backend: str, option: str = "--backend") -> None:
-    if backend in ("onnx", "trt"):
-        raise UserError(f"{option} {backend}: {NO_EXPORT}")
 
 
 def time_ids(size: int) -> list[int]:

@@ -1,7 +1,7 @@
 """SDXL base (issue 19, item 8) on a tiny random SDXL model built here (toy/tiny_sdxl.py): the layout detected and
 checked, both encoders' prompts with the pooled embedding and time ids as StableDiffusionXLPipeline makes them, our
-sampler against the pipeline's, DreamBooth on VAE latents with and without prior, LoRA, resume, generate, and the
-output loaded by diffusers."""
+sampler against the pipeline's, DreamBooth on VAE latents with and without prior, LoRA, resume, generate, the
+output loaded by diffusers, and the UNet through ONNX."""
 
 import json
 import shutil
@@ -100,9 +100,8 @@ def test_every_bad_layout_is_one_line_before_anything_is_written(tiny_sdxl, subj
         (["--sr-model", "."], ["--sr-model", "no SR stage", "refiner"]),
         (["--stages", "sr"], ["--stages sr", "no SR stage", "--stages base"]),
         (["--class-sampler", "smart27"], ["--class-sampler smart27", "IF timestep preset"]),
-        (["--class-backend", "onnx"], ["--class-backend onnx", "export of the SDXL UNet is not supported"]),
     ],
-    ids=["sr-model", "stages-sr", "if-preset", "class-backend-onnx"],
+    ids=["sr-model", "stages-sr", "if-preset"],
 )
 def test_options_that_do_not_apply_to_sdxl_are_refused(tiny_sdxl, subject_dir, tmp_path, options, words):
     out = tmp_path / "run"
@@ -227,10 +226,6 @@ def test_train_without_prior_and_generate(tiny_sdxl, subject_dir, tmp_path):
     result = dbfast("generate", "a [V] dog", "--model", out, "-n", "1", "--steps", "2", "--sampler", "dpm++",
                     "--device", "cpu", "--out", samples)
     assert result.exit_code == 0, result.output
-    for backend in ("onnx", "trt"):
-        assert_refused(dbfast("generate", "a [V] dog", "--model", out, "--backend", backend),
-                       f"--backend {backend}", "export of the SDXL UNet is not supported")
-    assert_refused(dbfast("export", "--model", out, "--onnx"), "export of the SDXL UNet is not supported")
 
 
 def test_lora_writes_an_adapter_that_load_lora_weights_loads(tiny_sdxl, subject_dir, tmp_path, pipe):
@@ -258,6 +253,34 @@ def test_prior_mode_predictions_with_lora(tiny_sdxl, subject_dir, tmp_path):
     result = train(tiny_sdxl, subject_dir, out, "--prior-mode", "predictions", "--lora-rank", "4")
     assert result.exit_code == 0, result.output
     assert json.loads((out / "dreambooth.json").read_text())["class_images"] is None
+
+
+@pytest.mark.slow
+def test_onnx_export_takes_the_packed_embedding_and_generates_what_torch_generates(tiny_sdxl, subject_dir, tmp_path):
+    """The exported graph unpacks the pooled embedding and time ids itself: SD's three inputs, 78 text rows."""
+    import numpy as np
+    import onnx
+    from PIL import Image
+
+    from dreambooth_fast.export.manifest import manifest_path, read_manifest
+
+    out = tmp_path / "run"
+    assert train(tiny_sdxl, subject_dir, out, "--no-prior").exit_code == 0
+    result = dbfast("export", "--model", out, "--onnx")
+    assert result.exit_code == 0, result.output
+    assert "base: ONNX fp32 (ONNX Runtime, CPU) parity vs PyTorch fp32: batch 1" in result.output
+    path = out / "export" / "base" / "unet.fp32.onnx"
+    graph = onnx.load(str(path)).graph
+    dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in graph.input}
+    assert dims == {"sample": ["batch", 4, 8, 8], "timestep": ["batch"], "encoder_hidden_states": ["batch", 78, 64]}
+    assert read_manifest(manifest_path(path))["family"] == "sdxl"
+    args = ["a [V] dog", "--model", out, "-n", "2", "--steps", "3", "--device", "cpu"]
+    for backend in ("torch", "onnx"):
+        result = dbfast("generate", *args, "--backend", backend, "--out", tmp_path / backend)
+        assert result.exit_code == 0, result.output
+    for name in ("image-0000.png", "image-0001.png"):
+        a, b = (np.asarray(Image.open(tmp_path / d / name), int) for d in ("torch", "onnx"))
+        assert a.shape == (32, 32, 3) and np.abs(a - b).max() <= 1  # one grey level: rounding
 
 
 def test_ctrl_c_then_resume_is_bitwise_identical(tiny_sdxl, subject_dir, tmp_path, monkeypatch):
