@@ -54,12 +54,15 @@ def cache_key(cascade: Cascade, settings: PriorSettings) -> dict:
     files are in the key too (and its scheduler's config, which picks the sampler); SDXL's second text encoder too."""
     parts = ("vae", "scheduler") if cascade.latent else ()
     parts += ("text_encoder_2",) if cascade.family == "sdxl" else ()
+    # SDXL: model_index.json's force_zeros_for_empty_prompt decides the negative embedding.
+    index = {"model_index": sha256_files([cascade.base_dir / "model_index.json"])} if cascade.family == "sdxl" else {}
     return {
         "base_unet": sha256_files(weights_files(cascade.base_dir)),
         "sr_unet": sha256_files(weights_files(cascade.sr_dir)) if settings.with_sr else None,
         "text_encoder": sha256_files(sorted((cascade.base_dir / "text_encoder").iterdir())),
         **asdict(settings),
         **{part: sha256_files(sorted((cascade.base_dir / part).iterdir())) for part in parts},
+        **index,
     }
 
 

@@ -35,7 +35,7 @@ import torch
 
 from . import sd
 from .errors import UserError
-from .identifier import check_identifier
+from .identifier import check_identifier, describe
 from .text import clip_tokens
 from .weights import has_weights
 
@@ -171,13 +171,18 @@ class TextEncoders:
         return self.encoders[1].config.projection_dim
 
 
-def check_second_tokenizer(text_encoders: TextEncoders, word: str) -> None:
-    """The identifier, picked or checked on tokenizer/, must also round-trip in tokenizer_2 (SDXL's two share a
-    vocabulary; a model whose second one does not know the word is refused in one line)."""
+def check_second_tokenizer(text_encoders: TextEncoders, word: str) -> list[str]:
+    """The identifier, picked or checked on tokenizer/, must also round-trip in tokenizer_2 as 1-3 pieces (raise a
+    UserError if not); a warning when it is other pieces there (SDXL's two tokenizers share one vocabulary)."""
+    first, second = text_encoders.tokenizers
     try:
-        check_identifier(text_encoders.tokenizers[1], word)
+        check_identifier(second, word)
     except UserError as err:
         raise UserError(f"tokenizer_2: {err}") from None
+    if describe(first, word) != describe(second, word):
+        return [f"identifier {word!r} is {describe(first, word)} in tokenizer/ but {describe(second, word)} in "
+                "tokenizer_2: the two encoders see different tokens"]
+    return []
 
 
 def load_sdxl_parts(model_dir: Path, *, device: str, dtype: torch.dtype, with_text_encoder: bool) -> dict:

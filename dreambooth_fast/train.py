@@ -145,7 +145,8 @@ def make_prompts(cascade: Cascade, cfg: TrainConfig, captions: list[str] | None 
         tqdm.write(f"{cfg.model} was tuned with identifier {ident!r}: keeping it")
     ident = ident or identifier.choose_identifier(tok, n_tokens=cfg.identifier_tokens, seed=cfg.seed)
     if cascade.family == "sdxl":
-        sdxl.check_second_tokenizer(cascade.text_encoder, ident)
+        for warning in sdxl.check_second_tokenizer(cascade.text_encoder, ident):
+            tqdm.write(f"warning: {warning}")
     if captions:
         instance = [identifier.fill_placeholder(c, ident) for c in captions]
     else:

@@ -149,6 +149,27 @@ def test_the_identifier_round_trips_in_both_tokenizers(tiny_sdxl):
             assert len(ids) <= n and tokenizer.decode(ids) == word
 
 
+def test_an_identifier_tokenizer_2_splits_otherwise_is_a_warning_or_refused(tiny_sdxl, tmp_path):
+    """A tokenizer_2 with another (coarser) vocabulary: one rare token of tokenizer/ is other pieces there (a
+    warning); three of them split into more than 3 pieces (refused in one line)."""
+    from transformers import CLIPTokenizer
+
+    from dreambooth_fast.errors import UserError
+    from dreambooth_fast.sdxl import check_second_tokenizer
+    from dreambooth_fast.toy.if_layout import tokenizer_text
+    from dreambooth_fast.toy.tiny_sd import train_clip_bpe
+
+    cascade = load_cascade(tiny_sdxl, device="cpu", with_unets=False)
+    coarse = train_clip_bpe(tmp_path / "bpe", tokenizer_text(1), 30)
+    first, _ = cascade.text_encoder.tokenizers
+    cascade.text_encoder.tokenizers = (first, CLIPTokenizer(str(coarse / "vocab.json"), str(coarse / "merges.txt")))
+    assert check_second_tokenizer(cascade.text_encoder, "a") == []  # a byte character: the same in both
+    one = choose_identifier(first, n_tokens=1)
+    assert [w for w in check_second_tokenizer(cascade.text_encoder, one) if "in tokenizer_2" in w]
+    with pytest.raises(UserError, match="tokenizer_2: --identifier .* splits into"):
+        check_second_tokenizer(cascade.text_encoder, choose_identifier(first, n_tokens=3))
+
+
 def test_our_sampler_draws_what_stable_diffusion_xl_pipeline_draws(tiny_sdxl, pipe):
     from dreambooth_fast.sample import generate_cascade
 
@@ -213,11 +234,17 @@ def test_train_with_prior_writes_a_model_stable_diffusion_xl_pipeline_loads(tiny
     assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
 
 
-def test_train_without_prior_and_generate(tiny_sdxl, subject_dir, tmp_path):
+def test_train_without_prior_validate_and_generate(tiny_sdxl, subject_dir, tmp_path):
+    from PIL import Image
+
+    from dreambooth_fast.evaluate.protocol import generate_eval_images
+
     out = tmp_path / "run"
-    result = train(tiny_sdxl, subject_dir, out, "--no-prior", "--min-snr-gamma", "5", "--precision", "bf16")
+    result = train(tiny_sdxl, subject_dir, out, "--no-prior", "--min-snr-gamma", "5", "--precision", "bf16",
+                   "--validation-prompt", "a [V] dog", "--validation-every", "2")
     assert result.exit_code == 0, result.output
     assert json.loads((out / "dreambooth.json").read_text())["class_images"] is None
+    assert sorted(p.name for p in (out / "validation").iterdir()) == ["base-sheet.png", "base-step-000002.png"]
     samples = tmp_path / "samples"
     result = dbfast("generate", "a [V] dog", "--model", out, "-n", "2", "--steps", "2", "--device", "cpu",
                     "--out", samples)
@@ -226,6 +253,8 @@ def test_train_without_prior_and_generate(tiny_sdxl, subject_dir, tmp_path):
     result = dbfast("generate", "a [V] dog", "--model", out, "-n", "1", "--steps", "2", "--sampler", "dpm++",
                     "--device", "cpu", "--out", samples)
     assert result.exit_code == 0, result.output
+    paths = generate_eval_images(out, ["a dog"], 1, tmp_path / "eval", device="cpu", base_steps=2, progress=False)
+    assert Image.open(paths[0][0]).size == (32, 32)  # dbfast eval's generation
 
 
 def test_lora_writes_an_adapter_that_load_lora_weights_loads(tiny_sdxl, subject_dir, tmp_path, pipe):
