@@ -58,8 +58,12 @@ def generate_images(
     (Stable Diffusion: base, and the x4 upscaler where there is one). `sr_guidance` and `noise_level` default to the
     SR stage's pipeline's (sample.sample_cascade)."""
     model = Path(model)
-    sd = model_family(model) == "sd"
-    sr_dir = find_sr_dir(model, sr_model)
+    family = model_family(model)
+    sd = family in ("sd", "sdxl")  # latent models; SDXL has no SR stage here (its refiner is not supported)
+    if family == "sdxl" and sr_model is not None:
+        raise UserError("--sr-model: SDXL has no SR stage here (its refiner is not supported); generate with the "
+                        "base alone")
+    sr_dir = find_sr_dir(model, sr_model) if family != "sdxl" else None
     if stages is None:
         stages = ("base",) if sd and sr_dir is None else ("base", "sr")
     unknown = set(stages) - {"base", "sr"}
@@ -67,12 +71,14 @@ def generate_images(
         raise UserError(f"--stages must be base or base,sr, got {','.join(stages)}")
     if sd:
         check_sampler(sampler, "--sampler")
+    if "sr" in stages and family == "sdxl":
+        raise UserError("--stages sr: SDXL has no SR stage here (its refiner is not supported); use --stages base")
     if "sr" in stages and sr_dir is None:
         sr = "x4 upscaler (StableDiffusionUpscalePipeline)" if sd else "stage II"
         raise UserError(f"{model} has no {sr} in stage_2/: pass --sr-model DIR or --stages base")
-    if sd and "sr" in stages and noise_level is not None:
+    if family == "sd" and "sr" in stages and noise_level is not None:
         check_noise_level(noise_level, sr_dir, "--noise-level")
-    if sd and "sr" in stages and backend == "trt":
+    if family == "sd" and "sr" in stages and backend == "trt":
         raise UserError(f"--backend trt: {NO_TENSORRT}; use --backend onnx, or --stages base")
     text = expand_prompt(prompt, model)
     dev = resolve_device(device)

@@ -4,7 +4,8 @@ A cascade directory is an IF stage I directory (model_index.json, unet/, text_en
 scheduler/) that may hold an IF stage II directory in `stage_2/`. Real IF ships the stages as separate
 directories (IF-I-XL-v1.0, IF-II-L-v1.0): pass the second as `sr_model_dir`. A Stable Diffusion directory
 (model_index.json naming StableDiffusionPipeline) is detected here and checked and loaded by sd.py; its SR stage,
-the x4 upscaler (StableDiffusionUpscalePipeline, in stage_2/ or given as `sr_model_dir`), by sd_upscale.py.
+the x4 upscaler (StableDiffusionUpscalePipeline, in stage_2/ or given as `sr_model_dir`), by sd_upscale.py; an SDXL
+base directory (StableDiffusionXLPipeline) by sdxl.py.
 """
 
 from __future__ import annotations
@@ -16,13 +17,16 @@ from pathlib import Path
 
 import torch
 
-from . import lora, sd, sd_upscale
+from . import lora, sd, sd_upscale, sdxl
 from .errors import UserError
 from .weights import has_weights, prefer_safetensors, unloadable
 
 STAGE_2_DIR = "stage_2"
 BASE_PARTS = ("unet", "scheduler", "tokenizer")
 SR_PARTS = ("unet", "scheduler", "image_noising_scheduler")
+# model_index.json's _class_name -> family; anything else is "if"
+FAMILIES = {sd.SD_PIPELINE: "sd", sd_upscale.UPSCALE_PIPELINE: "sd", sd.SDXL_PIPELINE: "sdxl"}
+LATENT_FAMILIES = ("sd", "sdxl")  # a base UNet on a VAE's latents
 
 
 @dataclass
@@ -36,7 +40,7 @@ class Cascade:
     sr_noising_scheduler: object | None
     base_dir: Path
     sr_dir: Path | None
-    family: str = "if"  # "sd": a Stable Diffusion model (sd.py), its base UNet on the VAE's latents
+    family: str = "if"  # "sd" or "sdxl": a Stable Diffusion model (sd.py, sdxl.py), its base UNet on the VAE's latents
     vae: torch.nn.Module | None = None
     vae_scale_factor: int = 1  # pixels per latent along a side (1: pixel space)
     # Stable Diffusion's SR stage, the x4 upscaler, has a VAE and a text encoder of its own (sd_upscale.py).
@@ -44,6 +48,10 @@ class Cascade:
     sr_vae_scale_factor: int = 1
     sr_tokenizer: object | None = None
     sr_text_encoder: torch.nn.Module | None = None
+
+    @property
+    def latent(self) -> bool:
+        return self.family in LATENT_FAMILIES
 
     @property
     def base_size(self) -> int:
@@ -86,10 +94,9 @@ def _read_json(path: Path) -> dict:
 
 
 def model_family(path: Path) -> str:
-    """The model family: sd when `path`'s model_index.json names StableDiffusionPipeline (or its x4 upscaler),
-    else if (DeepFloyd IF)."""
-    name = _read_json(Path(path) / "model_index.json").get("_class_name")
-    return "sd" if name in (sd.SD_PIPELINE, sd_upscale.UPSCALE_PIPELINE) else "if"
+    """The model family: sd when `path`'s model_index.json names StableDiffusionPipeline (or its x4 upscaler), sdxl
+    for StableDiffusionXLPipeline, else if (DeepFloyd IF)."""
+    return FAMILIES.get(_read_json(Path(path) / "model_index.json").get("_class_name"), "if")
 
 
 def check_stage_dir(path: Path, stage: str) -> None:
@@ -111,6 +118,11 @@ def check_stage_dir(path: Path, stage: str) -> None:
             raise UserError(f"{path} is a Stable Diffusion text-to-image model, not an SR stage (IF stage II: "
                             f"IFSuperResolutionPipeline; the x4 upscaler: {sd_upscale.UPSCALE_PIPELINE})")
         sd.check_sd_dir(path, index)
+        return
+    if index.get("_class_name") == sd.SDXL_PIPELINE:
+        if stage != "base":
+            raise UserError(f"{path} is an SDXL model, not an IF stage II (IFSuperResolutionPipeline) directory")
+        sdxl.check_sdxl_dir(path, index)
         return
     parts = BASE_PARTS if stage == "base" else SR_PARTS
     missing = [p for p in parts if not (path / p).is_dir() or index.get(p) in (None, [None, None])]
@@ -144,7 +156,7 @@ def find_sr_dir(model_dir: Path, sr_model_dir: str | Path | None) -> Path | None
 
 
 def load_tokenizer(model_dir: str | Path):
-    if model_family(model_dir) == "sd":
+    if model_family(model_dir) in LATENT_FAMILIES:  # SDXL: tokenizer/ (tokenizer_2/ is sdxl.py's)
         return sd.load_tokenizer(model_dir)
     from transformers import T5Tokenizer
 
@@ -204,6 +216,15 @@ def load_cascade(
     base_dir = Path(model_dir)
     check_stage_dir(base_dir, "base")
     family = model_family(base_dir)
+    if family == "sdxl":
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        if sr_model_dir is not None:
+            raise UserError("--sr-model: SDXL has no SR stage here (its refiner is not supported)")
+        parts = sdxl.load_sdxl_parts(base_dir, device=device, dtype=dtype, with_text_encoder=with_text_encoder)
+        return Cascade(**parts,
+                       base_unet=load_unet(base_dir, device, dtype) if "base" in stages and with_unets else None,
+                       sr_unet=None, sr_scheduler=None, sr_noising_scheduler=None, base_dir=base_dir, sr_dir=None,
+                       family=family)
     sr_dir = find_sr_dir(base_dir, sr_model_dir) if "sr" in stages else None
     if sr_dir is not None:
         check_stage_dir(sr_dir, "sr")

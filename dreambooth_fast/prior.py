@@ -54,15 +54,18 @@ def default_cache_root() -> Path:
 def cache_key(cascade: Cascade, settings: PriorSettings, memo: Path | None = None) -> dict:
     """Everything that decides the class images. The dtype and the batch size are left out on purpose: they
     change the images only by rounding, not in distribution. A Stable Diffusion model's VAE decodes them, so its
-    files are in the key too (and its scheduler's config, which picks the sampler), and so are the x4 upscaler's own
-    VAE, text encoder and schedulers when it draws the SR stage's. `memo`: where the weights' digests are remembered
-    between runs (fileio.sha256_files)."""
-    parts = ("vae", "scheduler") if cascade.family == "sd" else ()
+    files are in the key too (and its scheduler's config, which picks the sampler), SDXL's second text encoder and
+    model_index.json (its force_zeros_for_empty_prompt decides the negative embedding), and the x4 upscaler's own
+    VAE, text encoder and schedulers when it draws the SR stage's. `memo`: where the weights' digests are
+    remembered between runs (fileio.sha256_files)."""
+    parts = ("vae", "scheduler") if cascade.latent else ()
+    parts += ("text_encoder_2",) if cascade.family == "sdxl" else ()
     sr_parts = ("vae", "text_encoder", "scheduler", "low_res_scheduler") if cascade.family == "sd" else ()
 
     def digest(paths: list[Path]) -> str:
         return sha256_files(paths, memo)
 
+    index = {"model_index": digest([cascade.base_dir / "model_index.json"])} if cascade.family == "sdxl" else {}
     return {
         "base_unet": digest(weights_files(cascade.base_dir)),
         "sr_unet": digest(weights_files(cascade.sr_dir)) if settings.with_sr else None,
@@ -70,6 +73,7 @@ def cache_key(cascade: Cascade, settings: PriorSettings, memo: Path | None = Non
         **asdict(settings),
         **{part: digest(sorted((cascade.base_dir / part).iterdir())) for part in parts},
         **{f"sr_{part}": digest(sorted((cascade.sr_dir / part).iterdir())) for part in sr_parts if settings.with_sr},
+        **index,
     }
 
 

@@ -29,6 +29,7 @@ from .errors import UserError
 from .ops import add_noise
 from .samplers import sampler_schedule
 from .sd import decode_latents
+from .sdxl import unet_kwargs
 from .text import encode_negative, encode_prompts
 
 UnetFn = Callable[..., torch.Tensor]
@@ -44,10 +45,10 @@ SR_NOISE_LEVEL = 250
 
 
 def torch_unet_fn(unet: torch.nn.Module) -> UnetFn:
-    """The runner for a diffusers UNet2DConditionModel."""
+    """The runner for a diffusers UNet2DConditionModel (for SDXL's, the packed embedding unpacked: sdxl.py)."""
 
     def run(sample, timestep, encoder_hidden_states, class_labels=None):
-        return unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, class_labels=class_labels,
+        return unet(sample, timestep, **unet_kwargs(unet.config, encoder_hidden_states, class_labels),
                     return_dict=False)[0]
 
     return run
@@ -212,7 +213,7 @@ def sample_cascade(cascade, runners: dict[str, UnetFn], cond: torch.Tensor, unco
     scheduler, timesteps = sampler_schedule(cascade.base_scheduler, sampler)
     # Stable Diffusion: the base stage draws latents (the UNet's channels at 1/vae_scale_factor the size), then
     # the VAE decodes them.
-    latent = cascade.family == "sd"
+    latent = cascade.latent
     channels = cascade.vae.config.latent_channels if latent else CHANNELS
     out["base"] = sample_base(runners["base"], scheduler, cond.to(**to), uncond.to(**to),
                               size=cascade.base_size // cascade.vae_scale_factor, steps=base_steps,

@@ -19,7 +19,7 @@ high-res subject) pairs in its own VAE's latents, and written to the output's st
 The UNets export through export/ like IF stages (the VAE decoders stay in PyTorch: they run once per image).
 With --train-text-encoder (text_training.py) the CLIP text encoder trains with the base UNet: the output holds the
 tuned text_encoder/, or its adapter in the LoRA file, which `load_sd_parts` folds into the loaded encoder.
-Not yet (issue 19): SDXL.
+SDXL base: sdxl.py.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from .errors import UserError
 from .weights import has_weights, prefer_safetensors, unloadable
 
 SD_PIPELINE = "StableDiffusionPipeline"
+SDXL_PIPELINE = "StableDiffusionXLPipeline"  # checked and loaded by sdxl.py
 PARTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # what ops.add_noise serves
 VAE_BATCH = 8  # images per VAE call: bounds the encoder's activation memory at SD's 512 px
@@ -55,11 +56,13 @@ def _config(path: Path) -> dict:
 
 
 def unsupported_pipeline(name: str) -> str | None:
-    """Why a Stable Diffusion pipeline other than SD 1.x/2.x's text-to-image one cannot be used yet (None: it can)."""
-    if name == SD_PIPELINE or not name.startswith("StableDiffusion"):
+    """Why a Stable Diffusion pipeline other than SD 1.x/2.x's or SDXL's text-to-image one cannot be used yet (None:
+    it can)."""
+    if name in (SD_PIPELINE, SDXL_PIPELINE) or not name.startswith("StableDiffusion"):
         return None
     if name.startswith("StableDiffusionXL"):
-        return f"{name} (SDXL) is not supported yet; Stable Diffusion 1.x/2.x ({SD_PIPELINE}) is"
+        return (f"{name} is not supported (the SDXL refiner and other SDXL pipelines); SDXL base "
+                f"({SDXL_PIPELINE}) and Stable Diffusion 1.x/2.x ({SD_PIPELINE}) are")
     if name == "StableDiffusionUpscalePipeline":
         return (f"{name} is the x4 upscaler: pass it as --sr-model (the SR stage) beside a {SD_PIPELINE} "
                 "directory as --model")
@@ -189,7 +192,8 @@ def encode_latents(vae, images: torch.Tensor) -> torch.Tensor:
     """Images (N, 3, H, W) in [-1, 1] -> the VAE posterior's mean times its scaling_factor, (N, C, H/f, W/f),
     float32 on the CPU (the training rows; the trainer moves its batches to the device)."""
     place = {"device": vae.device, "dtype": vae.dtype}
-    means = [vae.encode(chunk.to(**place)).latent_dist.mean for chunk in images.split(VAE_BATCH)]
+    with _own_dtype(vae):
+        means = [vae.encode(chunk.to(**place)).latent_dist.mean for chunk in images.split(VAE_BATCH)]
     return (torch.cat(means) * vae.config.scaling_factor).float().cpu()
 
 
@@ -197,7 +201,13 @@ def encode_latents(vae, images: torch.Tensor) -> torch.Tensor:
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     """Latents as the UNet makes them -> images (N, 3, H, W) in [-1, 1], as StableDiffusionPipeline decodes."""
     latents = latents.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor
-    return torch.cat([vae.decode(chunk).sample for chunk in latents.split(VAE_BATCH)]).clamp(-1, 1)
+    with _own_dtype(vae):
+        return torch.cat([vae.decode(chunk).sample for chunk in latents.split(VAE_BATCH)]).clamp(-1, 1)
+
+
+def _own_dtype(vae) -> torch.autocast:
+    # The VAE runs in the dtype it was loaded in, not under the run's autocast: SDXL's VAE overflows in float16.
+    return torch.autocast(vae.device.type, enabled=False)
 
 
 def latent_rows(vae, rows):

@@ -1,5 +1,6 @@
 """Prompt embeddings exactly as diffusers' `IFPipeline.encode_prompt` computes them (with clean_caption=False),
-and for a CLIP tokenizer (Stable Diffusion) as `StableDiffusionPipeline.encode_prompt` does (`encode_clip`).
+and for a CLIP tokenizer (Stable Diffusion) as `StableDiffusionPipeline.encode_prompt` does (`encode_clip`); SDXL's
+pair of encoders is sdxl.py's.
 
 That means: each prompt lower-cased and stripped (diffusers does this even without caption cleaning, so an
 identifier must survive lower-casing), tokenised with padding to `max_length` (77, what IF's T5 was trained
@@ -24,7 +25,10 @@ def preprocess_prompt(prompt: str) -> str:
 @torch.no_grad()
 def encode_prompts(tokenizer, text_encoder, prompts: list[str], max_length: int = MAX_LENGTH) -> torch.Tensor:
     """T5 embeddings of `prompts`, shape (len(prompts), max_length, dim); warns when a prompt is truncated.
-    A CLIP tokenizer's prompts go to `encode_clip` (its own length: the tokenizer's model_max_length)."""
+    A CLIP tokenizer's prompts go to `encode_clip` (its own length: the tokenizer's model_max_length); SDXL's two
+    text encoders (sdxl.TextEncoders) encode their own."""
+    if hasattr(text_encoder, "encode_prompts"):
+        return text_encoder.encode_prompts(prompts)
     if is_clip_tokenizer(tokenizer):
         return encode_clip(tokenizer, text_encoder, prompts)
     texts = [preprocess_prompt(p) for p in prompts]
@@ -58,12 +62,7 @@ def clip_tokens(tokenizer, text_encoder, prompts: list[str], stacklevel: int = 3
     """The token ids and attention masks `encode_clip` feeds the encoder, as one tensor (len(prompts), 2, length):
     [:, 0] the ids, [:, 1] the mask (training the text encoder encodes them again inside each step)."""
     max_length = min(tokenizer.model_max_length, text_encoder.config.max_position_embeddings)
-    inputs = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
-    for text, ids in zip(prompts, tokenizer(prompts).input_ids):
-        if len(ids) > max_length:
-            removed = tokenizer.decode(ids[max_length - 1:-1])
-            warnings.warn(f"prompt {text!r} is longer than {max_length} tokens; this part was cut: {removed!r}",
-                          stacklevel=stacklevel)
+    inputs = tokenize_clip(tokenizer, prompts, max_length, stacklevel=stacklevel + 1)
     return torch.stack([inputs.input_ids, inputs.attention_mask], dim=1)
 
 
@@ -75,6 +74,21 @@ def encode_clip_tokens(text_encoder, tokens: torch.Tensor) -> torch.Tensor:
     return text_encoder(ids, attention_mask=mask)[0].to(dtype=text_encoder.dtype)
 
 
+def tokenize_clip(tokenizer, prompts: list[str], max_length: int, stacklevel: int = 4):
+    """`prompts` through a CLIP tokenizer as the Stable Diffusion pipelines call it: padded to `max_length` and
+    truncated (input_ids and attention_mask); warns when a prompt is truncated."""
+    inputs = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+    for text, ids in zip(prompts, tokenizer(prompts).input_ids):
+        if len(ids) > max_length:
+            removed = tokenizer.decode(ids[max_length - 1:-1])
+            warnings.warn(f"prompt {text!r} is longer than {max_length} tokens; this part was cut: {removed!r}",
+                          stacklevel=stacklevel)
+    return inputs
+
+
 def encode_negative(tokenizer, text_encoder, n: int = 1, max_length: int = MAX_LENGTH) -> torch.Tensor:
-    """The unconditional (empty prompt) embedding IF uses for classifier-free guidance, repeated `n` times."""
+    """The unconditional (empty prompt) embedding IF uses for classifier-free guidance, repeated `n` times (SDXL's
+    text encoders, sdxl.TextEncoders, make their own)."""
+    if hasattr(text_encoder, "encode_negative"):
+        return text_encoder.encode_negative(n)
     return encode_prompts(tokenizer, text_encoder, [""] * n, max_length)

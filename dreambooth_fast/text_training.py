@@ -39,6 +39,9 @@ PREFIX = lora.TEXT_PREFIX  # the encoder's keys in a checkpoint's weights, as in
 
 def check_family(cfg: TrainConfig, family: str) -> None:
     """DeepFloyd IF's text encoder is not trained: refused before anything is written."""
+    if cfg.train_text_encoder and family == "sdxl":
+        raise UserError("--train-text-encoder is not supported on SDXL yet (its two text encoders' packed embedding "
+                        "is computed once before the loop); drop the option")
     if cfg.train_text_encoder and family != "sd":
         raise UserError("--train-text-encoder is for Stable Diffusion models: DeepFloyd IF's text encoder is T5-XXL "
                         "(4.7B parameters) and the paper tunes only the UNets; drop the option")

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from . import __version__, data, identifier, lora, ops, sd, sd_upscale, text_training
+from . import __version__, data, identifier, lora, ops, sd, sd_upscale, sdxl, text_training
 from .backends import TORCH_BACKENDS, unet_runner
 from .checkpoint import checkpoint_dir, load_checkpoint, mark_stage_done, read_latest, save_checkpoint
 from .compiled import compile_unet
@@ -160,6 +160,9 @@ def make_prompts(cascade: Cascade, cfg: TrainConfig, captions: list[str] | None 
     if ident and not cfg.identifier:
         tqdm.write(f"{cfg.model} was tuned with identifier {ident!r}: keeping it")
     ident = ident or identifier.choose_identifier(tok, n_tokens=cfg.identifier_tokens, seed=cfg.seed)
+    if cascade.family == "sdxl":
+        for warning in sdxl.check_second_tokenizer(cascade.text_encoder, ident):
+            tqdm.write(f"warning: {warning}")
     if captions:
         instance = [identifier.fill_placeholder(c, ident) for c in captions]
     else:
@@ -209,7 +212,7 @@ def stage_data(
     if stage == "base":
         prior = _load_class_images(class_dir, "base", base_size) if class_dir else None
         rows = StageData(data.prepare(images, base_size, flip=flip), None, prior, None)
-        return sd.latent_rows(cascade.vae, rows) if cascade.family == "sd" else rows  # SD trains on VAE latents
+        return sd.latent_rows(cascade.vae, rows) if cascade.latent else rows  # SD, SDXL train on VAE latents
     sr_size, low_size = cascade.sr_size, cascade.sr_input_size
     # IF's stage II is conditioned on the low-res image upscaled to its size; the x4 upscaler (Stable Diffusion)
     # on the low-res image as it is, beside latents of the same size.
@@ -424,17 +427,21 @@ class StageTrainer:
             embeds.append(class_.expand(bs, -1, -1))
         return torch.cat(x0), torch.cat(cond) if cond is not None else None, torch.cat(embeds), bs
 
+    def conditioning(self, embeds: torch.Tensor, class_labels: torch.Tensor | None) -> dict:
+        """The UNet's conditioning keywords (SDXL's: the tokens, pooled embedding and time ids: sdxl.unet_kwargs)."""
+        return sdxl.unet_kwargs(self.unet.config, embeds, class_labels)
+
     @torch.no_grad()
     def frozen_prediction(self, model_input: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor,
                           class_labels: torch.Tensor | None, channels: int) -> torch.Tensor:
         """The frozen model's prediction (epsilon or v half) for --prior-mode predictions."""
         if self.frozen is not None:
-            out = self.frozen(model_input, timesteps, encoder_hidden_states=embeds, class_labels=class_labels).sample
+            out = self.frozen(model_input, timesteps, **self.conditioning(embeds, class_labels)).sample
         else:
             self.unet.eval()
             self.unet.disable_adapters()
             try:
-                out = self.unet(model_input, timesteps, encoder_hidden_states=embeds, class_labels=class_labels).sample
+                out = self.unet(model_input, timesteps, **self.conditioning(embeds, class_labels)).sample
             finally:
                 self.unet.enable_adapters()
                 self.unet.train()
@@ -476,7 +483,7 @@ class StageTrainer:
                 target = torch.cat([target, prior_target.to(target.dtype)])
                 embeds = torch.cat([embeds, class_embeds])
                 class_labels = None if class_labels is None else torch.cat([class_labels, class_labels])
-            out = self.model(x_t, timesteps, encoder_hidden_states=embeds, class_labels=class_labels).sample
+            out = self.model(x_t, timesteps, **self.conditioning(embeds, class_labels)).sample
         pred = out[:, : target.shape[1]]  # the epsilon half; the other half is the learned variance
         if pred.dtype != target.dtype:
             pred = pred.float()
@@ -741,6 +748,8 @@ def check_inputs(cfg: TrainConfig) -> RunInputs:
     family = model_family(Path(cfg.model))
     if family == "sd":
         sd.check_options(cfg)
+    elif family == "sdxl":
+        sdxl.check_options(cfg)
     text_training.check_family(cfg, family)
     text_training.check_input_adapter(cfg.model)
     sr_dir = find_sr_dir(Path(cfg.model), cfg.sr_model)

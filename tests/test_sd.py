@@ -70,8 +70,8 @@ BAD_LAYOUTS = {
                                     ["768", "different models"]),
     "unknown scheduler": (lambda m: _edit_json(m / "scheduler" / "scheduler_config.json", _class_name="Nope"),
                           ["'Nope'", "not a diffusers scheduler"]),
-    "sdxl": (lambda m: _edit_json(m / "model_index.json", _class_name="StableDiffusionXLPipeline"),
-             ["SDXL", "not supported yet"]),
+    "sd named sdxl": (lambda m: _edit_json(m / "model_index.json", _class_name="StableDiffusionXLPipeline"),
+                      ["not an SDXL", "missing text_encoder_2, tokenizer_2"]),  # SDXL's own: tests/test_sdxl.py
     "upscaler as the model": (
         lambda m: _edit_json(m / "model_index.json", _class_name="StableDiffusionUpscalePipeline"), ["x4 upscaler"]),
     "broken model_index": (lambda m: (m / "model_index.json").write_text("{"), ["model_index.json is not valid JSON"]),

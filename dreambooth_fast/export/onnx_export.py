@@ -40,6 +40,7 @@ import torch
 from ..errors import UserError
 from ..models import check_sr_family, check_stage_dir, find_sr_dir, model_family
 from ..sd import prompt_length
+from ..sdxl import unet_kwargs
 
 DEFAULT_OPSET = 18
 EXTERNAL_DATA_THRESHOLD = 2**31  # protobuf cannot hold a model of 2 GiB or more in one file
@@ -65,6 +66,11 @@ def cascade_stages(model_dir: str | Path, sr_model_dir: str | Path | None = None
     base_dir = Path(model_dir)
     check_stage_dir(base_dir, "base")
     stages = [("base", base_dir)]
+    if model_family(base_dir) == "sdxl":
+        if sr_model_dir is not None:
+            raise UserError("--sr-model: SDXL has no SR stage here (its refiner is not supported); export the base "
+                            "model alone")
+        return stages
     sr_dir = find_sr_dir(base_dir, sr_model_dir)
     if sr_dir is not None:
         check_stage_dir(sr_dir, "sr")
@@ -114,8 +120,12 @@ class UNetSpec:
 
 
 def stage_text_length(stage_dir: str | Path) -> int:
-    """The prompt length a stage's UNet is fed: IF's 77 tokens, or what the Stable Diffusion tokenizer pads to."""
-    return prompt_length(stage_dir) if model_family(Path(stage_dir)) == "sd" else TEXT_LENGTH
+    """The prompt length a stage's UNet is fed: IF's 77 tokens, or what the Stable Diffusion tokenizer pads to (for
+    SDXL one more: the row that carries the pooled embedding and the time ids, sdxl.pack)."""
+    family = model_family(Path(stage_dir))
+    if family == "if":
+        return TEXT_LENGTH
+    return prompt_length(stage_dir) + (family == "sdxl")
 
 
 def unet_spec(unet, text_length: int = TEXT_LENGTH) -> UNetSpec:
@@ -139,7 +149,8 @@ def onnx_file_name(precision: str) -> str:
 class UNetGraph(torch.nn.Module):
     """The UNet with positional tensor inputs and one tensor output, as the exported graph has them: class labels
     come in as float32 and index the class embedding as int64 where the UNet has one (the x4 upscaler's noise level;
-    IF's stage II embeds its level like a timestep)."""
+    IF's stage II embeds its level like a timestep). An SDXL UNet's graph takes the packed embedding and unpacks it,
+    so its inputs are the same three (sdxl.unet_kwargs)."""
 
     def __init__(self, unet):
         super().__init__()
@@ -149,7 +160,8 @@ class UNetGraph(torch.nn.Module):
     def forward(self, sample, timestep, encoder_hidden_states, class_labels=None):
         if class_labels is not None and self.indexed_labels:
             class_labels = class_labels.long()
-        return self.unet(sample, timestep, encoder_hidden_states, class_labels=class_labels, return_dict=False)[0]
+        return self.unet(sample, timestep, **unet_kwargs(self.unet.config, encoder_hidden_states, class_labels),
+                         return_dict=False)[0]
 
 
 def _model_bytes(module: torch.nn.Module) -> int:
