@@ -142,7 +142,7 @@ class TrainConfig:
             if not self.train_text_encoder:
                 raise UserError("--text-encoder-lr is the text encoder's learning rate: pass --train-text-encoder too")
             _check_number("text_encoder_lr", self.text_encoder_lr, "a positive number (5e-6 is usual)", low=0)
-        if self.train_text_encoder and "base" not in self.stages:
+        if self.train_text_encoder and self.stages is not None and "base" not in self.stages:
             raise UserError("--train-text-encoder trains the base stage's text encoder with its UNet: add base to "
                             f"--stages (got {','.join(self.stages)})")
         if self.use_8bit_adam:

@@ -42,6 +42,7 @@ VAE_BATCH = 8  # images per VAE call: bounds the encoder's activation memory at 
 # StableDiffusionPipeline's own sampling defaults (num_inference_steps, guidance_scale): what dbfast eval draws with.
 PIPELINE_STEPS = 50
 PIPELINE_GUIDANCE = 7.5
+SDXL_PIPELINE_GUIDANCE = 5.0  # StableDiffusionXLPipeline's default guidance_scale
 
 
 def _config(path: Path) -> dict:

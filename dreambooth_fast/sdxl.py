@@ -96,8 +96,8 @@ def check_sdxl_dir(path: Path, index: dict) -> None:
 
 def check_options(cfg) -> None:
     """The training options that do not apply to an SDXL model, refused before anything is written."""
-    if cfg.sr_model is not None or tuple(cfg.stages) == ("sr",):
-        option = "--sr-model" if cfg.sr_model is not None else "--stages sr"
+    if cfg.sr_model is not None or "sr" in (cfg.stages or ()):  # stages None: every stage the model has
+        option = "--sr-model" if cfg.sr_model is not None else f"--stages {','.join(cfg.stages)}"
         raise UserError(f"{option}: an SDXL model has no SR stage here (its refiner, StableDiffusionXLImg2ImgPipeline, "
                         "is not supported); train the base stage (--stages base)")
     sd.check_sampler(cfg.class_sampler, "--class-sampler")

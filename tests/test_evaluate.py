@@ -536,3 +536,15 @@ def test_the_paper_row_of_the_models_family_comes_first(tmp_path):
     lines = format_table(results).splitlines()
     assert lines[3].startswith("paper: DreamBooth (Imagen) <- same family")
     assert "same family" not in format_table({**results, "family": None})
+
+
+@pytest.mark.parametrize("family, expected", [
+    ("if", {"base_steps": 100, "base_guidance": 7.0, "sr_steps": 50, "sr_guidance": 4.0}),  # IFPipeline, stage II
+    ("sd", {"base_steps": 50, "base_guidance": 7.5, "sr_steps": 50, "sr_guidance": 9.0}),  # SD, its x4 upscaler
+    ("sdxl", {"base_steps": 50, "base_guidance": 5.0, "sr_steps": 50, "sr_guidance": 4.0}),  # no SR stage
+])
+def test_each_family_is_drawn_at_its_own_pipelines_defaults(family, expected):
+    from dreambooth_fast.evaluate.protocol import sampling_settings
+
+    assert sampling_settings(family) == expected
+    assert sampling_settings(family, base_steps=7)["base_steps"] == 7

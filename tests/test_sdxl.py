@@ -100,8 +100,9 @@ def test_every_bad_layout_is_one_line_before_anything_is_written(tiny_sdxl, subj
         (["--sr-model", "."], ["--sr-model", "no SR stage", "refiner"]),
         (["--stages", "sr"], ["--stages sr", "no SR stage", "--stages base"]),
         (["--class-sampler", "smart27"], ["--class-sampler smart27", "IF timestep preset"]),
+        (["--train-text-encoder"], ["--train-text-encoder", "not supported on SDXL"]),
     ],
-    ids=["sr-model", "stages-sr", "if-preset"],
+    ids=["sr-model", "stages-sr", "if-preset", "train-text-encoder"],
 )
 def test_options_that_do_not_apply_to_sdxl_are_refused(tiny_sdxl, subject_dir, tmp_path, options, words):
     out = tmp_path / "run"

@@ -152,14 +152,17 @@ def generate_eval_images(model_dir: str | Path, prompts: list[str], n_per_prompt
 def sampling_settings(family: str, base_steps: int | None = None, sr_steps: int | None = None) -> dict:
     """The steps and guidance the protocol draws with: the model family's own pipeline defaults where not given.
     DeepFloyd IF: 100 base steps at guidance 7, 50 SR steps at 4 (IFPipeline, IFSuperResolutionPipeline); Stable
-    Diffusion: StableDiffusionPipeline's 50 steps of the model's scheduler at guidance 7.5."""
+    Diffusion: StableDiffusionPipeline's 50 steps of the model's scheduler at guidance 7.5, its x4 upscaler at 9
+    (StableDiffusionUpscalePipeline); SDXL: StableDiffusionXLPipeline's 50 steps at guidance 5."""
     from ..sample import BASE_GUIDANCE, BASE_STEPS, SR_GUIDANCE, SR_STEPS
-    from ..sd import PIPELINE_GUIDANCE, PIPELINE_STEPS
+    from ..sd import PIPELINE_GUIDANCE, PIPELINE_STEPS, SDXL_PIPELINE_GUIDANCE
+    from ..sd_upscale import GUIDANCE as UPSCALE_GUIDANCE
 
-    sd = family == "sd"
-    return {"base_steps": base_steps or (PIPELINE_STEPS if sd else BASE_STEPS),
-            "base_guidance": PIPELINE_GUIDANCE if sd else BASE_GUIDANCE,
-            "sr_steps": sr_steps or SR_STEPS, "sr_guidance": SR_GUIDANCE}
+    latent = family in ("sd", "sdxl")
+    base_guidance = {"sd": PIPELINE_GUIDANCE, "sdxl": SDXL_PIPELINE_GUIDANCE}.get(family, BASE_GUIDANCE)
+    return {"base_steps": base_steps or (PIPELINE_STEPS if latent else BASE_STEPS),
+            "base_guidance": base_guidance,
+            "sr_steps": sr_steps or SR_STEPS, "sr_guidance": UPSCALE_GUIDANCE if family == "sd" else SR_GUIDANCE}
 
 
 def subject_of(model_dir: str | Path) -> tuple[str | None, str | None]:
