@@ -1,5 +1,7 @@
 """Helpers for tests that run `dbfast` end to end in-process."""
 
+import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -44,6 +46,24 @@ def assert_refused(result, *words: str, out: Path | None = None) -> None:
         assert word in message, message
     if out is not None:
         assert not out.exists()
+
+
+def remove(path: Path) -> None:
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def edit_json(path: Path, **changes) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def assert_bad_layout_refused(model, breaks, words: list[str], images, tmp_path: Path) -> None:
+    """A copy of `model` broken by `breaks(copy)`: training and `dbfast identifier` on it are each refused in one
+    line naming `words`, before anything is written."""
+    broken = Path(shutil.copytree(model, tmp_path / "model"))
+    breaks(broken)
+    out = tmp_path / "run"
+    assert_refused(train(broken, images, out), *words, out=out)
+    assert_refused(dbfast("identifier", "--model", broken), *words)
 
 
 def interrupted_then_resumed(model, images, tmp_path: Path, monkeypatch, options: list[str], stop_after: int) -> None:

@@ -79,39 +79,46 @@ def test_the_ranks_rows_split_the_global_batch_without_overlap(world_size, parts
 
 
 # -- DDP against one process ---------------------------------------------------------------------------------------
-def test_two_ranks_train_what_one_process_trains_on_the_same_global_batch(tiny_cascade, subject_dir, tmp_path):
-    """2 ranks x batch 1 give the weights 1 process x batch 2 gives (up to fp32 reduction order); the class
-    images are the single process's, byte for byte, each drawn once; only rank 0 writes."""
-    one = run_dbfast(0, *train_args(tiny_cascade, subject_dir, tmp_path / "one", "--batch-size", "2",
-                                    *CLASS_IMAGES), cache=tmp_path / "cache-one")
+def one_process_and_two_ranks(model, subject_dir, tmp_path):
+    """The same run as 1 process x batch 2 (tmp_path/one) and as 2 ranks x batch 1 (tmp_path/two), checked to
+    train the same: each step's losses and gradient norm agree to fp32 rounding, the weights to well under one
+    learning-rate step, and the 2 ranks draw the single process's class images byte for byte, each once. Returns
+    the 2-rank process and its dreambooth.json."""
+    one = run_dbfast(0, *train_args(model, subject_dir, tmp_path / "one", "--batch-size", "2", *CLASS_IMAGES),
+                     cache=tmp_path / "cache-one")
     assert one.returncode == 0, one.stderr[-3000:]
-    two = run_dbfast(2, *train_args(tiny_cascade, subject_dir, tmp_path / "two", "--batch-size", "1",
-                                    *CLASS_IMAGES), cache=tmp_path / "cache-two")
+    two = run_dbfast(2, *train_args(model, subject_dir, tmp_path / "two", "--batch-size", "1", *CLASS_IMAGES),
+                     cache=tmp_path / "cache-two")
     assert two.returncode == 0, two.stderr[-3000:]
 
-    # Each step's losses and gradient norm agree to fp32 rounding. Adam turns a near-zero gradient into a step of
-    # up to the learning rate, so a rounding difference there can move a weight by a share of it: the weights
-    # agree to well under one learning-rate step (1e-5), not bit for bit.
+    # Adam turns a near-zero gradient into a step of up to the learning rate, so a rounding difference there can
+    # move a weight by a share of it: the weights agree to well under one learning-rate step (1e-5), not bit for bit.
     logs = [_metrics(tmp_path / run) for run in ("one", "two")]
     assert len(logs[0]) == len(logs[1]) == 2
     for row_one, row_two in zip(*logs):
         for column in ("loss", "subject_loss", "prior_loss", "grad_norm"):
             assert row_two[column] == pytest.approx(row_one[column], rel=1e-5)
     a, b = unet_weights(tmp_path / "one"), unet_weights(tmp_path / "two")
-    assert any(not torch.equal(a[k], w) for k, w in unet_weights(tiny_cascade).items())  # it trained
+    assert any(not torch.equal(a[k], w) for k, w in unet_weights(model).items())  # it trained
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
 
     run = json.loads((tmp_path / "two" / "dreambooth.json").read_text())
-    assert run["distributed"] | {} == {"world_size": 2, "backend": "gloo", "sharding": "ddp", "batch_per_process": 1,
-                                       "gradient_accumulation": 1, "global_batch": 2}
     assert sum(run["class_images_drawn"]) == 4 and len(run["class_images_drawn"]) == 2
-    assert len(run["class_images_cpu_s"]) == 2 and min(run["class_images_cpu_s"]) > 0
     folders = [Path(json.loads((tmp_path / r / "dreambooth.json").read_text())["class_images"]) / "base"
                for r in ("one", "two")]
     assert sorted(p.name for p in folders[1].glob("*.png")) == [f"{i:04d}.png" for i in range(4)]
     for i in range(4):
         assert (folders[0] / f"{i:04d}.png").read_bytes() == (folders[1] / f"{i:04d}.png").read_bytes()
+    return two, run
 
+
+def test_two_ranks_train_what_one_process_trains_on_the_same_global_batch(tiny_cascade, subject_dir, tmp_path):
+    """2 ranks x batch 1 give the weights 1 process x batch 2 gives (up to fp32 reduction order); the class
+    images are the single process's, byte for byte, each drawn once; only rank 0 writes."""
+    two, run = one_process_and_two_ranks(tiny_cascade, subject_dir, tmp_path)
+    assert run["distributed"] | {} == {"world_size": 2, "backend": "gloo", "sharding": "ddp", "batch_per_process": 1,
+                                       "gradient_accumulation": 1, "global_batch": 2}
+    assert len(run["class_images_cpu_s"]) == 2 and min(run["class_images_cpu_s"]) > 0
     # Rank 0 alone wrote: one row per step in the log (above), no other process's temporary files, one "done".
     assert not [p for p in (tmp_path / "two").rglob(".*tmp*")]
     assert two.stdout.count("done: ") == 1 and "global batch 2 = 1 per process x 2 processes" in two.stdout
@@ -119,33 +126,9 @@ def test_two_ranks_train_what_one_process_trains_on_the_same_global_batch(tiny_c
 
 @pytest.mark.slow
 def test_two_ranks_train_what_one_process_trains_on_stable_diffusion(tiny_sd, subject_dir, tmp_path):
-    """The same on the tiny Stable Diffusion model (latents behind a VAE, CLIP text, PNDM): 2 ranks x batch 1 give
-    the losses and weights of 1 process x batch 2, and the class images the 2 ranks draw are the single process's.
-    About 2 minutes on the shared CPU (the IF test above keeps the path in the fast suite)."""
-    one = run_dbfast(0, *train_args(tiny_sd, subject_dir, tmp_path / "one", "--batch-size", "2", *CLASS_IMAGES),
-                     cache=tmp_path / "cache-one")
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = run_dbfast(2, *train_args(tiny_sd, subject_dir, tmp_path / "two", "--batch-size", "1", *CLASS_IMAGES),
-                     cache=tmp_path / "cache-two")
-    assert two.returncode == 0, two.stderr[-3000:]
-
-    logs = [_metrics(tmp_path / run) for run in ("one", "two")]
-    assert len(logs[0]) == len(logs[1]) == 2
-    for row_one, row_two in zip(*logs):
-        for column in ("loss", "subject_loss", "prior_loss", "grad_norm"):
-            assert row_two[column] == pytest.approx(row_one[column], rel=1e-5)
-    a, b = unet_weights(tmp_path / "one"), unet_weights(tmp_path / "two")
-    assert any(not torch.equal(a[k], w) for k, w in unet_weights(tiny_sd).items())  # it trained
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5  # see the IF test above
-
-    run = json.loads((tmp_path / "two" / "dreambooth.json").read_text())
-    assert run["distributed"]["world_size"] == 2 and run["distributed"]["global_batch"] == 2
-    assert sum(run["class_images_drawn"]) == 4 and len(run["class_images_drawn"]) == 2
-    folders = [Path(json.loads((tmp_path / r / "dreambooth.json").read_text())["class_images"]) / "base"
-               for r in ("one", "two")]
-    assert sorted(p.name for p in folders[1].glob("*.png")) == [f"{i:04d}.png" for i in range(4)]
-    for i in range(4):
-        assert (folders[0] / f"{i:04d}.png").read_bytes() == (folders[1] / f"{i:04d}.png").read_bytes()
+    """The same on the tiny Stable Diffusion model (latents behind a VAE, CLIP text, PNDM). About 2 minutes on the
+    shared CPU (the IF test above keeps the path in the fast suite)."""
+    two, run = one_process_and_two_ranks(tiny_sd, subject_dir, tmp_path)
     assert two.stdout.count("done: ") == 1
 
 

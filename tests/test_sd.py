@@ -8,7 +8,16 @@ import shutil
 
 import pytest
 import torch
-from runs import assert_refused, dbfast, interrupted_then_resumed, train, unet_weights
+from runs import (
+    assert_bad_layout_refused,
+    assert_refused,
+    dbfast,
+    edit_json,
+    interrupted_then_resumed,
+    remove,
+    train,
+    unet_weights,
+)
 from safetensors.torch import load_file, save_file
 
 from dreambooth_fast.identifier import (
@@ -29,10 +38,6 @@ def tokenizer(tiny_sd):
     return load_tokenizer(tiny_sd)
 
 
-def copy_of(model, tmp_path):
-    return shutil.copytree(model, tmp_path / "model")
-
-
 # -- the layout ----------------------------------------------------------------------------------------------
 
 
@@ -49,43 +54,30 @@ def test_the_family_is_read_from_model_index_and_the_model_loads(tiny_sd):
     assert cascade.sr_unet is None and cascade.sr_dir is None
 
 
-def _remove(path):
-    shutil.rmtree(path) if path.is_dir() else path.unlink()
-
-
-def _edit_json(path, **changes):
-    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
-
-
 BAD_LAYOUTS = {
-    "no vae": (lambda m: _remove(m / "vae"), ["missing vae"]),
-    "no unet weights": (lambda m: _remove(m / "unet" / "diffusion_pytorch_model.safetensors"),
+    "no vae": (lambda m: remove(m / "vae"), ["missing vae"]),
+    "no unet weights": (lambda m: remove(m / "unet" / "diffusion_pytorch_model.safetensors"),
                         ["no weight files", "unet"]),
-    "no text encoder config": (lambda m: _remove(m / "text_encoder" / "config.json"),
+    "no text encoder config": (lambda m: remove(m / "text_encoder" / "config.json"),
                                ["text_encoder/config.json is missing", "Stable Diffusion"]),
-    "no vocabulary": (lambda m: [_remove(m / "tokenizer" / "tokenizer.json")], ["no CLIP BPE vocabulary"]),
-    "unet of another model": (lambda m: _edit_json(m / "unet" / "config.json", in_channels=9),
+    "no vocabulary": (lambda m: [remove(m / "tokenizer" / "tokenizer.json")], ["no CLIP BPE vocabulary"]),
+    "unet of another model": (lambda m: edit_json(m / "unet" / "config.json", in_channels=9),
                               ["9 input channels", "different models"]),
-    "text width of another model": (lambda m: _edit_json(m / "unet" / "config.json", cross_attention_dim=768),
+    "text width of another model": (lambda m: edit_json(m / "unet" / "config.json", cross_attention_dim=768),
                                     ["768", "different models"]),
-    "unknown scheduler": (lambda m: _edit_json(m / "scheduler" / "scheduler_config.json", _class_name="Nope"),
+    "unknown scheduler": (lambda m: edit_json(m / "scheduler" / "scheduler_config.json", _class_name="Nope"),
                           ["'Nope'", "not a diffusers scheduler"]),
-    "sd named sdxl": (lambda m: _edit_json(m / "model_index.json", _class_name="StableDiffusionXLPipeline"),
+    "sd named sdxl": (lambda m: edit_json(m / "model_index.json", _class_name="StableDiffusionXLPipeline"),
                       ["not an SDXL", "missing text_encoder_2, tokenizer_2"]),  # SDXL's own: tests/test_sdxl.py
     "upscaler as the model": (
-        lambda m: _edit_json(m / "model_index.json", _class_name="StableDiffusionUpscalePipeline"), ["x4 upscaler"]),
+        lambda m: edit_json(m / "model_index.json", _class_name="StableDiffusionUpscalePipeline"), ["x4 upscaler"]),
     "broken model_index": (lambda m: (m / "model_index.json").write_text("{"), ["model_index.json is not valid JSON"]),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_LAYOUTS))
 def test_every_bad_layout_is_one_line_before_anything_is_written(tiny_sd, subject_dir, tmp_path, case):
-    model = copy_of(tiny_sd, tmp_path)
-    breaks, words = BAD_LAYOUTS[case]
-    breaks(model)
-    out = tmp_path / "run"
-    assert_refused(train(model, subject_dir, out), *words, out=out)
-    assert_refused(dbfast("identifier", "--model", model), *words)
+    assert_bad_layout_refused(tiny_sd, *BAD_LAYOUTS[case], subject_dir, tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -291,7 +283,7 @@ def test_the_class_image_cache_key_names_the_vae(tiny_sd, tmp_path):
     from dreambooth_fast.prior import PriorSettings, cache_key
 
     settings = PriorSettings("a dog", "ddpm", 2, 7.5, 2, 4.0, 250, False, 0)
-    model = copy_of(tiny_sd, tmp_path)
+    model = shutil.copytree(tiny_sd, tmp_path / "model")
     key = cache_key(load_cascade(model, with_text_encoder=False, with_unets=False), settings)
     weights = model / "vae" / "diffusion_pytorch_model.safetensors"
     state = load_file(weights)

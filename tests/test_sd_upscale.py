@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from runs import assert_refused, dbfast, train, unet_weights
+from runs import assert_refused, dbfast, edit_json, train, unet_weights
 
 from dreambooth_fast import data
 from dreambooth_fast.lora import LORA_WEIGHTS
@@ -25,10 +25,6 @@ from dreambooth_fast.train import StageTrainer
 @pytest.fixture(scope="module")
 def upscaler(tmp_path_factory):
     return build_tiny_upscaler(tmp_path_factory.mktemp("upscaler") / "x4")
-
-
-def _edit_json(path, **changes):
-    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
 
 
 def test_the_upscaler_is_checked_and_loaded_as_the_sd_sr_stage(tiny_sd, upscaler):
@@ -209,13 +205,13 @@ def _copy(model, tmp_path, name="model"):
 
 BAD_UPSCALERS = {
     "no low_res_scheduler": (lambda m: shutil.rmtree(m / "low_res_scheduler"), ["missing low_res_scheduler"]),
-    "unet without the image channels": (lambda m: _edit_json(m / "unet" / "config.json", in_channels=4),
+    "unet without the image channels": (lambda m: edit_json(m / "unet" / "config.json", in_channels=4),
                                         ["4 input channels", "plus 3 of the low-res image"]),
-    "unet without noise-level classes": (lambda m: _edit_json(m / "unet" / "config.json", num_class_embeds=None),
+    "unet without noise-level classes": (lambda m: edit_json(m / "unet" / "config.json", num_class_embeds=None),
                                          ["num_class_embeds", "not an x4 upscaler"]),
-    "text encoder of another model": (lambda m: _edit_json(m / "unet" / "config.json", cross_attention_dim=32),
+    "text encoder of another model": (lambda m: edit_json(m / "unet" / "config.json", cross_attention_dim=32),
                                       ["32-wide text embeddings", "different models"]),
-    "max_noise_level past the classes": (lambda m: _edit_json(m / "model_index.json", max_noise_level=1000),
+    "max_noise_level past the classes": (lambda m: edit_json(m / "model_index.json", max_noise_level=1000),
                                          ["max_noise_level 1000"]),
 }
 

@@ -4,11 +4,19 @@ sampler against the pipeline's, DreamBooth on VAE latents with and without prior
 output loaded by diffusers, and the UNet through ONNX."""
 
 import json
-import shutil
 
 import pytest
 import torch
-from runs import assert_refused, dbfast, interrupted_then_resumed, train, unet_weights
+from runs import (
+    assert_bad_layout_refused,
+    assert_refused,
+    dbfast,
+    edit_json,
+    interrupted_then_resumed,
+    remove,
+    train,
+    unet_weights,
+)
 
 from dreambooth_fast.identifier import choose_identifier
 from dreambooth_fast.lora import LORA_WEIGHTS
@@ -31,10 +39,6 @@ def pipe(tiny_sdxl):
     return StableDiffusionXLPipeline.from_pretrained(tiny_sdxl, local_files_only=True)
 
 
-def copy_of(model, tmp_path):
-    return shutil.copytree(model, tmp_path / "model")
-
-
 # -- the layout ----------------------------------------------------------------------------------------------
 
 
@@ -52,46 +56,33 @@ def test_the_family_is_read_from_model_index_and_the_model_loads(tiny_sdxl):
     assert cascade.sr_unet is None and cascade.sr_dir is None
 
 
-def _remove(path):
-    shutil.rmtree(path) if path.is_dir() else path.unlink()
-
-
-def _edit_json(path, **changes):
-    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
-
-
 BAD_LAYOUTS = {
-    "no text_encoder_2": (lambda m: _remove(m / "text_encoder_2"), ["missing text_encoder_2", "SDXL"]),
-    "no tokenizer_2": (lambda m: _remove(m / "tokenizer_2"), ["missing tokenizer_2"]),
-    "no text_encoder_2 weights": (lambda m: _remove(m / "text_encoder_2" / "model.safetensors"),
+    "no text_encoder_2": (lambda m: remove(m / "text_encoder_2"), ["missing text_encoder_2", "SDXL"]),
+    "no tokenizer_2": (lambda m: remove(m / "tokenizer_2"), ["missing tokenizer_2"]),
+    "no text_encoder_2 weights": (lambda m: remove(m / "text_encoder_2" / "model.safetensors"),
                                   ["no weight files", "text_encoder_2"]),
-    "no second vocabulary": (lambda m: _remove(m / "tokenizer_2" / "tokenizer.json"),
+    "no second vocabulary": (lambda m: remove(m / "tokenizer_2" / "tokenizer.json"),
                              ["tokenizer_2 has no CLIP BPE vocabulary"]),
     "encoder 2 without projection": (
-        lambda m: _edit_json(m / "model_index.json", text_encoder_2=["transformers", "CLIPTextModel"]),
+        lambda m: edit_json(m / "model_index.json", text_encoder_2=["transformers", "CLIPTextModel"]),
         ["CLIPTextModel as text_encoder_2", "CLIPTextModelWithProjection"]),
-    "an SD unet": (lambda m: _edit_json(m / "unet" / "config.json", addition_embed_type=None),
+    "an SD unet": (lambda m: edit_json(m / "unet" / "config.json", addition_embed_type=None),
                    ["addition_embed_type None", "'text_time'"]),
-    "text widths of another model": (lambda m: _edit_json(m / "unet" / "config.json", cross_attention_dim=2048),
+    "text widths of another model": (lambda m: edit_json(m / "unet" / "config.json", cross_attention_dim=2048),
                                      ["2048", "32 + 32", "different models"]),
     "pooled width of another model": (
-        lambda m: _edit_json(m / "unet" / "config.json", projection_class_embeddings_input_dim=2816),
+        lambda m: edit_json(m / "unet" / "config.json", projection_class_embeddings_input_dim=2816),
         ["takes 2816", "pooled 32 plus 6 time ids x 8 make 80", "different models"]),
-    "vae of another model": (lambda m: _edit_json(m / "vae" / "config.json", latent_channels=16),
+    "vae of another model": (lambda m: edit_json(m / "vae" / "config.json", latent_channels=16),
                              ["16 latent channels"]),
-    "the refiner": (lambda m: _edit_json(m / "model_index.json", _class_name="StableDiffusionXLImg2ImgPipeline"),
+    "the refiner": (lambda m: edit_json(m / "model_index.json", _class_name="StableDiffusionXLImg2ImgPipeline"),
                     ["StableDiffusionXLImg2ImgPipeline is not supported", "refiner"]),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_LAYOUTS))
 def test_every_bad_layout_is_one_line_before_anything_is_written(tiny_sdxl, subject_dir, tmp_path, case):
-    model = copy_of(tiny_sdxl, tmp_path)
-    breaks, words = BAD_LAYOUTS[case]
-    breaks(model)
-    out = tmp_path / "run"
-    assert_refused(train(model, subject_dir, out), *words, out=out)
-    assert_refused(dbfast("identifier", "--model", model), *words)
+    assert_bad_layout_refused(tiny_sdxl, *BAD_LAYOUTS[case], subject_dir, tmp_path)
 
 
 @pytest.mark.parametrize(
