@@ -16,8 +16,9 @@ What changes in a run that trains it:
   rows see the class prompt through the encoder being trained.
 - Validation grids encode their prompt and the empty prompt with the encoder being trained.
 
-Refused, one line each: DeepFloyd IF (its T5-XXL is 4.7B parameters; the paper tunes only the UNets) and a run over
-several processes (the encoder is not wrapped in DDP). Only the base stage's text encoder trains: an SR stage
+Refused, one line each: DeepFloyd IF (its T5-XXL is 4.7B parameters; the paper tunes only the UNets), SDXL (its two
+encoders' packed embedding is computed once before the loop) and a run over several processes (the encoder is not
+wrapped in DDP). Only the base stage's text encoder trains: an SR stage
 keeps its own, frozen.
 """
 
@@ -38,7 +39,7 @@ PREFIX = lora.TEXT_PREFIX  # the encoder's keys in a checkpoint's weights, as in
 
 
 def check_family(cfg: TrainConfig, family: str) -> None:
-    """DeepFloyd IF's text encoder is not trained: refused before anything is written."""
+    """Only Stable Diffusion 1.x/2.x trains its text encoder: IF and SDXL are refused before anything is written."""
     if cfg.train_text_encoder and family == "sdxl":
         raise UserError("--train-text-encoder is not supported on SDXL yet (its two text encoders' packed embedding "
                         "is computed once before the loop); drop the option")
